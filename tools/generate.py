@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Generate with an exported model: text -> image, image -> caption, or a prompt grid.
+
+    python tools/generate.py --export runs/shapes_tiny/export --prompt "a red circle on the left" --out samples/
+    python tools/generate.py --export runs/shapes_tiny/export --caption-image samples/000.png
+    python tools/generate.py --export runs/shapes_tiny/export --grid runs/shapes_tiny/samples/grid.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from transfusion.cli import fail_cleanly
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--export", required=True, help="export directory (model.safetensors + config.json)")
+    p.add_argument("--prompt", action="append", default=[], help="text -> image prompt (repeatable)")
+    p.add_argument("--caption-image", action="append", default=[], metavar="PNG", help="image -> text (repeatable)")
+    p.add_argument("--grid", metavar="PNG", help="write a captioned grid for the prompts (default: 16 shapes prompts)")
+    p.add_argument("--out", default="samples", help="directory for text -> image PNGs (default: samples/)")
+    p.add_argument("--num-per-prompt", type=int, default=1)
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the export's sample.sampler")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the export's sample.steps)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale, 1 = off (default: export's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=48, help="caption length limit")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    if not (args.prompt or args.caption_image or args.grid):
+        p.error("nothing to do: give --prompt, --caption-image or --grid")
+    if args.num_per_prompt < 1 or (args.steps is not None and args.steps < 1):
+        p.error("--num-per-prompt and --steps must be positive")
+    return args
+
+
+@fail_cleanly
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from transfusion.generation.engine import Engine
+    from transfusion.generation.grid import make_grid, to_uint8
+
+    engine = Engine.from_export(args.export, device=args.device)
+    sample_cfg = engine.cfg.sample
+    opts = dict(steps=args.steps or sample_cfg.steps, sampler=args.sampler or sample_cfg.sampler,
+                guidance=sample_cfg.guidance if args.guidance is None else args.guidance, seed=args.seed)
+
+    if args.prompt:
+        prompts = [p for p in args.prompt for _ in range(args.num_per_prompt)]
+        images = engine.text_to_image(prompts, **opts)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, (prompt, img) in enumerate(zip(prompts, to_uint8(images))):
+            path = out / f"{i:03d}.png"
+            Image.fromarray(img).save(path)
+            print(f"{path}\t{prompt}")
+
+    if args.grid:
+        from transfusion.training.trainer import default_prompts
+
+        prompts = args.prompt or sample_cfg.prompts or default_prompts()
+        images = engine.text_to_image(prompts, **opts)
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+        make_grid(images, prompts).save(args.grid)
+        print(f"wrote {args.grid} ({len(prompts)} prompts)")
+
+    if args.caption_image:
+        size = engine.cfg.data.image_size
+        batch = []
+        for path in args.caption_image:
+            try:
+                img = Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC)
+            except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+                raise FileNotFoundError(f"cannot read image {path}: {e}") from None
+            batch.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+        for path, text in zip(args.caption_image, engine.caption(torch.stack(batch), args.max_tokens)):
+            print(f"{path}\t{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""The generation engine: text with a KV cache; on BOI the image block is denoised against the frozen prefix cache.
+
+    engine = Engine.from_export("runs/shapes_tiny/export")
+    images = engine.text_to_image(["a red circle on the left"], steps=50, guidance=3.0)   # [N, C, H, W] in [-1, 1]
+    texts  = engine.caption(images)
+
+Prompts of different lengths are left-padded into one batch (padding keys are masked, positions restart per prompt),
+and classifier-free guidance runs the conditional and the unconditional prefix (``[BOS][BOI]``, the layout caption
+dropout trains) as one batch of 2N.
+
+Legend: N requests, S cached key length, P patches per image, D model dim, C/H/W image channels/height/width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from transfusion.attention.masks import dense_mask
+from transfusion.model.layers import KV
+
+
+@dataclass
+class Prefix:
+    """A batch of prefixes that went through the model: their cache and where the next token goes."""
+
+    kv: list[KV]  # per layer ([N, H, S, Dh], [N, H, S, Dh])
+    key_valid: Tensor  # [N, S] bool: False on left padding
+    next_pos: Tensor  # [N] long: RoPE position of the next token
+    last_h: Tensor  # [N, D] hidden state of the last prefix token (predicts the next token)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, schedule, codec, patch_grid: tuple[int, int], device: torch.device,
+                 autocast: bool = True, cfg=None) -> None:
+        self.model, self.tok, self.schedule, self.codec = model.eval(), tokenizer, schedule, codec
+        self.cfg = cfg  # the run config (Config) when built from an export
+        self.patch_grid, self.device = patch_grid, torch.device(device)
+        self.num_patches = patch_grid[0] * patch_grid[1]
+        self.autocast = autocast
+
+    # -- construction ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_export(cls, export_dir: str, device: str | torch.device = "cpu", autocast: bool = True) -> "Engine":
+        from transfusion.checkpoint.export import load_export
+        from transfusion.runtime import build_inference_parts
+
+        state, cfg_dict = load_export(export_dir)
+        model, tokenizer, schedule, codec, grid, cfg = build_inference_parts(cfg_dict, device, export_dir)
+        model.load_state_dict(state)
+        return cls(model, tokenizer, schedule, codec, grid, torch.device(device), autocast, cfg)
+
+    def _ctx(self):
+        if self.autocast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- prefix / cache --------------------------------------------------------------------------------------
+    def prefill(self, seqs: list[list[int]], images: Tensor | None = None,
+                image_spans: list[tuple[int, int]] | None = None) -> Prefix:
+        """Run left-padded token lists through the model. ``images`` [M, C, H, W] are clean images placed at
+        ``image_spans`` (row, start of the P slots, in unpadded coordinates)."""
+        n, s = len(seqs), max(len(x) for x in seqs)
+        dev = self.device
+        tokens = torch.full((n, s), self.tok.pad_id, dtype=torch.long)
+        doc_ids = torch.full((n, s), -1, dtype=torch.long)
+        image_ids = torch.full((n, s), -1, dtype=torch.long)
+        positions = torch.zeros((n, s), dtype=torch.long)
+        pads = [s - len(x) for x in seqs]
+        for i, (x, pad) in enumerate(zip(seqs, pads)):
+            tokens[i, pad:] = torch.tensor(x)
+            doc_ids[i, pad:] = 0
+            positions[i, pad:] = torch.arange(len(x))
+        img_tokens = rows = starts = None
+        if images is not None and len(images):
+            rows = torch.tensor([r for r, _ in image_spans])
+            starts = torch.tensor([st + pads[r] for r, st in image_spans])
+            for j, (r, st) in enumerate(zip(rows.tolist(), starts.tolist())):
+                image_ids[r, st:st + self.num_patches] = j
+            rows, starts = rows.to(dev), starts.to(dev)
+            t0 = torch.zeros(len(images), dtype=torch.long, device=dev)
+        mask = dense_mask(doc_ids.to(dev), image_ids.to(dev))[:, None]
+        with torch.no_grad(), self._ctx():
+            if images is not None and len(images):
+                img_tokens = self.model.embed_images(images.to(dev), t0)
+            h = self.model.embed(tokens.to(dev), img_tokens, rows, starts)
+            h, kv = self.model.trunk(h, positions.to(dev), mask)
+        lengths = torch.tensor([len(x) for x in seqs], device=dev)
+        return Prefix(kv, doc_ids.to(dev) >= 0, lengths, h[:, -1])
+
+    def _step_tokens(self, prefix: Prefix, tokens_N: Tensor) -> Prefix:
+        """Append one token per sequence to the cache."""
+        dev = self.device
+        valid = torch.cat((prefix.key_valid, torch.ones_like(prefix.key_valid[:, :1])), dim=1)
+        mask = valid[:, None, None, :]
+        with torch.no_grad(), self._ctx():
+            h = self.model.embed(tokens_N.to(dev)[:, None])
+            h, kv = self.model.trunk(h, prefix.next_pos[:, None], mask, past_kv=prefix.kv)
+        return Prefix(kv, valid, prefix.next_pos + 1, h[:, -1])
+
+    # -- images ----------------------------------------------------------------------------------------------
+    def denoise(self, prefix: Prefix, *, uncond: Prefix | None, guidance: float, sampler: str, steps: int,
+                generator: torch.Generator) -> Tensor:
+        """Sample one image per prefix (each ending in BOI) -> latents [N, C, h, w]."""
+        n = prefix.next_pos.shape[0]
+        gh, gw = self.patch_grid
+        p = self.model.cfg.patch_size
+        shape = (n, self.model.image_channels, gh * p, gw * p)
+        x = torch.randn(shape, generator=generator).to(self.device)
+        both = uncond is not None and guidance != 1.0
+        pre = _concat_prefixes(prefix, uncond) if both else prefix
+        m = pre.next_pos.shape[0]
+        pos = pre.next_pos[:, None] + torch.arange(self.num_patches, device=self.device)[None]
+        mask = torch.cat((pre.key_valid[:, None, None, :].expand(m, 1, self.num_patches, -1),
+                          torch.ones(m, 1, self.num_patches, self.num_patches, dtype=torch.bool,
+                                     device=self.device)), dim=-1)
+        sched = self.schedule.sampler(sampler, steps)
+        for t in sched.timesteps:
+            xin = torch.cat((x, x)) if both else x
+            t_m = torch.full((m,), int(t), device=self.device)
+            with torch.no_grad(), self._ctx():
+                h = self.model.embed_images(xin, t_m)
+                h, _ = self.model.trunk(h, pos, mask, past_kv=pre.kv)
+                out = self.model.image_prediction(h, self.patch_grid)
+            if both:
+                cond, unc = out.chunk(2)
+                out = unc + guidance * (cond - unc)
+            x = sched.step(out.cpu(), t, x.cpu(), generator=generator).prev_sample.to(self.device)
+        return x
+
+    def text_to_image(self, prompts: list[str], *, steps: int = 50, guidance: float = 3.0, sampler: str = "ddim",
+                      seed: int = 0) -> Tensor:
+        """Prompts -> decoded images [N, C, H, W] in [-1, 1] (pixels), on the CPU."""
+        from data_pipelines.samples import caption_prompt_tokens, t2i_prompt_tokens
+
+        gen = torch.Generator().manual_seed(seed)
+        cond = self.prefill([t2i_prompt_tokens(self.tok, p) for p in prompts])
+        uncond = self.prefill([caption_prompt_tokens(self.tok)] * len(prompts)) if guidance != 1.0 else None
+        z = self.denoise(cond, uncond=uncond, guidance=guidance, sampler=sampler, steps=steps, generator=gen)
+        with torch.no_grad():
+            return self.codec.decode(z).clamp(-1, 1).float().cpu()
+
+    # -- text ------------------------------------------------------------------------------------------------
+    def caption(self, images: Tensor, max_tokens: int = 48) -> list[str]:
+        """Greedy captions for pixel images [N, C, H, W] in [-1, 1]."""
+        from data_pipelines.samples import caption_prompt_tokens
+
+        with torch.no_grad():
+            z = self.codec.encode(images.to(self.device))
+        head = caption_prompt_tokens(self.tok)  # [BOS][BOI]
+        seq = head + [self.tok.image_id] * self.num_patches + [self.tok.eoi_id]
+        n = len(images)
+        prefix = self.prefill([seq] * n, z, [(i, len(head)) for i in range(n)])
+        out = self.decode_text(prefix, max_tokens)
+        return [self.tok.decode(ids) for ids in out]
+
+    def decode_text(self, prefix: Prefix, max_tokens: int, temperature: float = 0.0,
+                    generator: torch.Generator | None = None) -> list[list[int]]:
+        """Sample (greedy at temperature 0) until EOS for every sequence; returns the ids before EOS."""
+        n = prefix.next_pos.shape[0]
+        done = torch.zeros(n, dtype=torch.bool)
+        out: list[list[int]] = [[] for _ in range(n)]
+        for _ in range(max_tokens):
+            nxt = self._next_token(prefix.last_h, temperature, generator)
+            for i, tok in enumerate(nxt.tolist()):
+                if not done[i]:
+                    if tok == self.tok.eos_id:
+                        done[i] = True
+                    else:
+                        out[i].append(tok)
+            if bool(done.all()):
+                break
+            prefix = self._step_tokens(prefix, nxt)
+        return out
+
+    def _next_token(self, h_ND: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+        with torch.no_grad():
+            logits = self.model.text_logits(h_ND).float().cpu()
+        if temperature <= 0:
+            return logits.argmax(-1)
+        return torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
+
+    # -- interleaved -----------------------------------------------------------------------------------------
+    def generate(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, steps: int = 50,
+                 guidance: float = 3.0, sampler: str = "ddim", seed: int = 0,
+                 max_images: int = 4) -> Iterator[tuple[str, object]]:
+        """Stream an interleaved continuation of ``prompt``: yields ("text", str) pieces and ("image", [C,H,W])
+        whenever the model emits BOI; the clean image is appended to the cache, then EOI, and text goes on."""
+        from data_pipelines.samples import caption_prompt_tokens
+
+        gen = torch.Generator().manual_seed(seed)
+        tok = self.tok
+        ids = [tok.bos_id] + tok.encode(prompt)
+        prefix = self.prefill([ids])
+        uncond = self.prefill([caption_prompt_tokens(tok)]) if guidance != 1.0 else None
+        images = 0
+        for _ in range(max_tokens):
+            nxt = self._next_token(prefix.last_h, temperature, gen)
+            token = int(nxt[0])
+            if token == tok.eos_id:
+                return
+            prefix = self._step_tokens(prefix, nxt)
+            if token != tok.boi_id:
+                yield "text", tok.decode([token])
+                continue
+            if images >= max_images:
+                return
+            images += 1
+            z = self.denoise(prefix, uncond=uncond, guidance=guidance, sampler=sampler, steps=steps, generator=gen)
+            with torch.no_grad():
+                yield "image", self.codec.decode(z)[0].clamp(-1, 1).float().cpu()
+            prefix = self._append_image(prefix, z)
+            prefix = self._step_tokens(prefix, torch.tensor([tok.eoi_id]))
+
+    def _append_image(self, prefix: Prefix, z: Tensor) -> Prefix:
+        """Append clean image tokens (t = 0) to the cache; the block attends to the prefix and to itself."""
+        n, P = z.shape[0], self.num_patches
+        pos = prefix.next_pos[:, None] + torch.arange(P, device=self.device)[None]
+        mask = torch.cat((prefix.key_valid[:, None, None, :].expand(n, 1, P, -1),
+                          torch.ones(n, 1, P, P, dtype=torch.bool, device=self.device)), dim=-1)
+        with torch.no_grad(), self._ctx():
+            h = self.model.embed_images(z.to(self.device), torch.zeros(n, dtype=torch.long, device=self.device))
+            h, kv = self.model.trunk(h, pos, mask, past_kv=prefix.kv)
+        valid = torch.cat((prefix.key_valid, torch.ones(n, P, dtype=torch.bool, device=self.device)), dim=1)
+        return Prefix(kv, valid, prefix.next_pos + P, h[:, -1])
+
+
+def _concat_prefixes(a: Prefix, b: Prefix) -> Prefix:
+    """Stack two prefix batches into one, left-padding the shorter cache."""
+    sa, sb = a.key_valid.shape[1], b.key_valid.shape[1]
+    s = max(sa, sb)
+
+    def pad_kv(t: Tensor, cur: int) -> Tensor:
+        return torch.nn.functional.pad(t, (0, 0, s - cur, 0))
+
+    def pad_valid(v: Tensor, cur: int) -> Tensor:
+        return torch.nn.functional.pad(v, (s - cur, 0), value=False)
+
+    kv = [(torch.cat((pad_kv(ka, sa), pad_kv(kb, sb))), torch.cat((pad_kv(va, sa), pad_kv(vb, sb))))
+          for (ka, va), (kb, vb) in zip(a.kv, b.kv)]
+    return Prefix(kv, torch.cat((pad_valid(a.key_valid, sa), pad_valid(b.key_valid, sb))),
+                  torch.cat((a.next_pos, b.next_pos)), torch.cat((a.last_h, b.last_h)))

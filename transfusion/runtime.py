@@ -1,0 +1,68 @@
+"""Build the parts a run needs from a config: device, tokenizer, codec, model, noise schedule, patch grid.
+
+Training, generation, evaluation and export all go through here, so they can never disagree on how a config maps
+onto objects.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from transfusion.config import Config, ConfigError, from_dict, validate
+from transfusion.diffusion.schedule import NoiseSchedule
+from transfusion.model import TransfusionModel, build_model
+from transfusion.tokenizer import build_tokenizer
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device = {name!r} but CUDA is not available on this machine")
+    return dev
+
+
+def patch_grid(cfg: Config, downsample: int) -> tuple[int, int]:
+    side = cfg.data.image_size // downsample
+    if cfg.data.image_size % downsample or side % cfg.model.patch_size:
+        raise ConfigError(f"data.image_size {cfg.data.image_size} is not divisible by codec downsample "
+                          f"{downsample} x model.patch_size {cfg.model.patch_size}")
+    return side // cfg.model.patch_size, side // cfg.model.patch_size
+
+
+@dataclass
+class Parts:
+    model: TransfusionModel
+    tokenizer: object
+    schedule: NoiseSchedule
+    codec: object
+    patch_grid: tuple[int, int]
+    cfg: Config
+
+
+def build_parts(cfg: Config, device: torch.device, *, model_device: torch.device | str | None = None) -> Parts:
+    """``model_device`` = "meta" builds the model without allocating it (for sharded materialisation)."""
+    from transfusion.latents.vae import build_codec
+
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    codec = build_codec(cfg.latents, device=device)
+    grid = patch_grid(cfg, codec.downsample)
+    with torch.device(model_device or device):
+        model = build_model(cfg.model, tokenizer.vocab_size, codec.channels)
+    return Parts(model, tokenizer, NoiseSchedule(cfg.diffusion), codec, grid, cfg)
+
+
+def build_inference_parts(cfg_dict: dict, device: str | torch.device, base_dir: str | Path | None = None):
+    """From an export's config dict: (model, tokenizer, schedule, codec, patch_grid, cfg). A tokenizer path stored
+    relative to the export directory is resolved against ``base_dir``."""
+    cfg = from_dict(Config, cfg_dict)
+    validate(cfg)
+    if base_dir is not None and cfg.data.tokenizer != "bytes" and not os.path.isabs(cfg.data.tokenizer):
+        cfg.data.tokenizer = str(Path(base_dir) / cfg.data.tokenizer)
+    parts = build_parts(cfg, torch.device(device))
+    return parts.model, parts.tokenizer, parts.schedule, parts.codec, parts.patch_grid, cfg
