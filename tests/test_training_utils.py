@@ -66,7 +66,8 @@ def test_optimizer_groups():
     assert isinstance(opt, torch.optim.AdamW)
     by_wd = {g["weight_decay"]: {id(p) for p in g["params"]} for g in opt.param_groups}
     assert by_wd[0.1] == {id(model.proj.weight), id(model.head.weight)}
-    assert by_wd[0.0] == {id(p) for p in (model.emb.weight, model.proj.bias, model.norm.weight, model.norm.bias, model.gain)}
+    no_decay = (model.emb.weight, model.proj.bias, model.norm.weight, model.norm.bias, model.gain)
+    assert by_wd[0.0] == {id(p) for p in no_decay}
     assert all(g["betas"] == (0.8, 0.9) for g in opt.param_groups)
     assert id(model.frozen) not in by_wd[0.0] | by_wd[0.1]
 
@@ -141,3 +142,10 @@ def test_ema_state_dict_round_trip_and_wrapper_names():
     with pytest.raises(KeyError):
         ema_b.load_state_dict({"nope": torch.zeros(1)})
     assert math.isfinite(float(ema_b.shadow["proj.weight"].sum()))
+
+
+def test_ema_refuses_meta_weights():
+    with torch.device("meta"):
+        model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="materialised"):
+        EMA(model, 0.9)

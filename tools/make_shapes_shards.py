@@ -69,7 +69,7 @@ def write_split(out: Path, split: str, n: int, args: argparse.Namespace, progres
     for shard_idx, count in enumerate(counts):
         name = f"{split}-{shard_idx:06d}.tar"
         tmp = out / f"{name}.tmp"
-        with wds.TarWriter(str(tmp), mtime=0.0, encoder=False) as sink:
+        with wds.TarWriter(str(tmp), mtime=0, encoder=False) as sink:
             for _ in range(count):
                 key, image, text, record = make_sample(split, index, args.seed, args.image_size)
                 sink.write({"__key__": key, "png": png_bytes(image), "txt": text.encode(),

@@ -20,10 +20,13 @@ initialised process group (single process) the same code runs with world size 1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +113,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns on every call without a process group; single-process use is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def _one_line(e: BaseException) -> str:
     if isinstance(e, CheckpointException) and e.failures:  # per-rank failures with tracebacks: keep the first cause
         e = next(iter(e.failures.values()))[0]
@@ -179,7 +190,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     else:
         ckpt = latest_checkpoint(path)
         if ckpt is None:
-            raise CheckpointError(f"no complete checkpoint under {path} (looked for step_*/{MARKER})")
+            root = _ckpt_root(path)
+            partial = [p.name for _, p in _step_dirs(root)]
+            seen = f"; found only incomplete: {', '.join(partial[-3:])}" if partial else ""
+            raise CheckpointError(f"no complete checkpoint under {path} (looked for {root}/step_*/{MARKER}{seen})")
     _check_metadata(ckpt)
     return ckpt
 
@@ -215,7 +229,8 @@ def _write_state(state: dict[str, Any], path: Path) -> None:
     """The blocking DCP write. Seam for async checkpointing: an async variant would call ``dcp.async_save`` here
     and move the rank-extras write, marker and pruning (everything after this call in save_checkpoint) into the
     returned future's completion, one save in flight at a time."""
-    dcp.save(state, checkpoint_id=str(path))
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=str(path), no_dist=not _dist_on())
 
 
 def save_checkpoint(root: Path, step: int, state: dict[str, Any], rank_extras: dict[str, Any], *, keep: int) -> Path:
@@ -260,7 +275,8 @@ def load_checkpoint(path: Path, state: dict[str, Any], rank: int | None = None) 
             f"per-rank state (RNG, data position) cannot be restored for rank {rank}"
         )
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"failed to load checkpoint {path}: {_one_line(e)}") from None
     try:

@@ -113,24 +113,27 @@ class Engine:
         x = torch.randn(shape, generator=generator).to(self.device)
         both = uncond is not None and guidance != 1.0
         pre = _concat_prefixes(prefix, uncond) if both else prefix
-        m = pre.next_pos.shape[0]
-        pos = pre.next_pos[:, None] + torch.arange(self.num_patches, device=self.device)[None]
-        mask = torch.cat((pre.key_valid[:, None, None, :].expand(m, 1, self.num_patches, -1),
-                          torch.ones(m, 1, self.num_patches, self.num_patches, dtype=torch.bool,
-                                     device=self.device)), dim=-1)
         sched = self.schedule.sampler(sampler, steps)
         for t in sched.timesteps:
-            xin = torch.cat((x, x)) if both else x
-            t_m = torch.full((m,), int(t), device=self.device)
-            with torch.no_grad(), self._ctx():
-                h = self.model.embed_images(xin, t_m)
-                h, _ = self.model.trunk(h, pos, mask, past_kv=pre.kv)
-                out = self.model.image_prediction(h, self.patch_grid)
+            out = self.image_block_prediction(pre, torch.cat((x, x)) if both else x, int(t))
             if both:
                 cond, unc = out.chunk(2)
                 out = unc + guidance * (cond - unc)
             x = sched.step(out.cpu(), t, x.cpu(), generator=generator).prev_sample.to(self.device)
         return x
+
+    def image_block_prediction(self, pre: Prefix, x_t: Tensor, t: int) -> Tensor:
+        """The image head's output for noisy images ``x_t`` [N, C, H, W] at timestep ``t``, placed right after each
+        prefix; image tokens attend to the (frozen) prefix cache and bidirectionally to each other."""
+        m, P = x_t.shape[0], self.num_patches
+        pos = pre.next_pos[:, None] + torch.arange(P, device=self.device)[None]
+        mask = torch.cat((pre.key_valid[:, None, None, :].expand(m, 1, P, -1),
+                          torch.ones(m, 1, P, P, dtype=torch.bool, device=self.device)), dim=-1)
+        t_m = torch.full((m,), t, device=self.device)
+        with torch.no_grad(), self._ctx():
+            h = self.model.embed_images(x_t.to(self.device), t_m)
+            h, _ = self.model.trunk(h, pos, mask, past_kv=pre.kv)
+            return self.model.image_prediction(h, self.patch_grid)
 
     def text_to_image(self, prompts: list[str], *, steps: int = 50, guidance: float = 3.0, sampler: str = "ddim",
                       seed: int = 0) -> Tensor:

@@ -111,8 +111,8 @@ class TransfusionModel(nn.Module):
 def image_slot_index(rows_N: Tensor, starts_N: Tensor, num_patches: int) -> tuple[Tensor, Tensor]:
     """Flat (row, column) indices of every image slot, image-major then patch order: two [N*P] tensors."""
     offs = torch.arange(num_patches, device=rows_N.device)
-    cols = (starts_N[:, None] + offs[None]).reshape(-1)
-    rows = rows_N[:, None].expand(-1, num_patches).reshape(-1)
+    cols = (starts_N.long()[:, None] + offs[None]).reshape(-1)
+    rows = rows_N.long()[:, None].expand(-1, num_patches).reshape(-1)
     return rows, cols
 
 

@@ -7,6 +7,8 @@ FQNs (wrapper prefixes such as ``_checkpoint_wrapped_module.`` or ``_orig_mod.``
 
 Decay at update ``step`` (0-based):  d = min(decay, (1 + step) / (10 + step))  -- a warmup that lets the average
 follow the fast-moving early weights; then  shadow <- d * shadow + (1 - d) * param.
+
+Build the EMA after parallelisation and weight init (not on the meta device), and before loading a checkpoint.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class EMA:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
         self.decay = decay
+        if any(p.is_meta for p in model.parameters()):
+            raise ValueError("EMA needs materialised weights: build it after the model's parameters are initialised")
         with torch.no_grad():
             self.shadow: dict[str, Tensor] = {n: p.detach().clone().float() for n, p in _floating_params(model).items()}
 
@@ -68,7 +72,8 @@ class EMA:
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
         if state_dict.keys() != self.shadow.keys():
-            missing, extra = sorted(self.shadow.keys() - state_dict.keys()), sorted(state_dict.keys() - self.shadow.keys())
+            missing = sorted(self.shadow.keys() - state_dict.keys())
+            extra = sorted(state_dict.keys() - self.shadow.keys())
             raise KeyError(f"EMA state mismatch: missing {missing[:5]}, unexpected {extra[:5]}")
         for name, src in state_dict.items():
             if src is not self.shadow[name]:

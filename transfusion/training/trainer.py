@@ -271,10 +271,9 @@ class Trainer:
 
 
 def default_prompts() -> list[str]:
-    from data_pipelines.shapes import COLORS, POSITIONS, SHAPES
+    """16 shapes-world prompts that cycle through every color, shape and position."""
+    from data_pipelines.shapes import COLORS, POSITION_PHRASES, POSITIONS, SHAPES
 
-    phrase = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-              "center": "in the center"}
     colors, shapes, positions = list(COLORS), list(SHAPES), list(POSITIONS)
-    return [f"a {colors[i % len(colors)]} {shapes[i % len(shapes)]} {phrase[positions[i % len(positions)]]}"
+    return [f"a {colors[i % len(colors)]} {shapes[i % len(shapes)]} {POSITION_PHRASES[positions[i % len(positions)]]}"
             for i in range(16)]

@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Evaluate an exported model on held-out shards and write <run>/eval/report.json.
+
+    python tools/evaluate.py --run runs/shapes_tiny
+    python tools/evaluate.py --run runs/shapes_tiny --num-t2i 50 --steps 25 --guidance 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from transfusion.cli import fail_cleanly
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run directory (reads <run>/export, writes <run>/eval/)")
+    p.add_argument("--export", help="export directory (default: <run>/export)")
+    p.add_argument("--shards", help="held-out shard spec (default: the run's data.eval_shards)")
+    p.add_argument("--num-t2i", type=int, help="prompts to generate and judge (default: eval.num_t2i)")
+    p.add_argument("--num-caption", type=int, help="images to caption (default: eval.num_caption)")
+    p.add_argument("--batch-size", type=int, help="generation batch size (default: eval.batch_size)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), help="default: sample.sampler")
+    p.add_argument("--steps", type=int, help="denoising steps (default: sample.steps)")
+    p.add_argument("--guidance", type=float, help="CFG scale (default: sample.guidance)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("num_t2i", "num_caption", "batch_size", "steps"):
+        v = getattr(args, name)
+        if v is not None and v < (1 if name in ("batch_size", "steps") else 0):
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+@fail_cleanly
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from transfusion.eval.metrics import evaluate
+    from transfusion.generation.engine import Engine
+
+    run = Path(args.run)
+    engine = Engine.from_export(args.export or str(run / "export"), device=args.device)
+    cfg = engine.cfg
+    pick = lambda v, d: d if v is None else v  # noqa: E731
+    report = evaluate(
+        engine,
+        shards=args.shards or cfg.data.eval_shards,
+        num_t2i=pick(args.num_t2i, cfg.eval.num_t2i),
+        num_caption=pick(args.num_caption, cfg.eval.num_caption),
+        batch_size=pick(args.batch_size, cfg.eval.batch_size),
+        steps=pick(args.steps, cfg.sample.steps),
+        guidance=pick(args.guidance, cfg.sample.guidance),
+        sampler=pick(args.sampler, cfg.sample.sampler),
+        seed=args.seed,
+        max_caption_tokens=cfg.eval.max_caption_tokens,
+        out_dir=run / "eval",
+        progress=not args.no_progress,
+    )
+    out = run / "eval" / "report.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    flat = {f"{sec}.{k}": v for sec, d in report.items() if isinstance(d, dict) and sec != "settings"
+            for k, v in d.items() if isinstance(v, float)}
+    for k, v in flat.items():
+        print(f"{k:38s} {v:.4f}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
