@@ -216,15 +216,25 @@ def iter_tar(url: str, *, start: int = 0, keep: Callable[[int], bool] | None = N
         if sample is not None:
             yield index, sample
     except Exception as exc:  # noqa: BLE001 - a broken shard must never stop the stream
-        missing = isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError) and members_read == 0
+        source_failed = stream is None or (isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError))
+        source_failed |= _close_failed(stream)
+        stream = None
         if on_error is not None:
-            on_error("missing_shard" if missing else "corrupt_shard", url, exc)
+            on_error("missing_shard" if source_failed and members_read == 0 else "corrupt_shard", url, exc)
     finally:
-        if stream is not None:
-            try:
-                stream.close()
-            except Exception:  # noqa: BLE001 - a pipe killed by SIGPIPE reports an exit status on close
-                pass
+        _close_failed(stream)
+
+
+def _close_failed(stream: Any) -> bool:
+    """Close a shard stream; True when it was a pipe whose command exited with an error status."""
+    if stream is None:
+        return False
+    try:
+        stream.close()
+    except Exception:  # noqa: BLE001 - webdataset's Pipe raises on a non-zero exit status
+        pass
+    status = getattr(stream, "status", None)  # a pipe killed by our closing it (SIGPIPE) has a negative status
+    return status is not None and status > 0 and status != 141
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
@@ -29,6 +30,8 @@ def fail_cleanly(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        # torchdata's StatefulDataLoader calls a deprecated torch API on construction; it is noise to our users.
+        warnings.filterwarnings("ignore", message=".*set_vital.*is deprecated")
         try:
             return main(*args, **kwargs)
         except KeyboardInterrupt:

@@ -91,13 +91,13 @@ def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size:
 def scoring_metrics(engine, samples: list, *, batch_size: int, seed: int) -> dict:
     """Teacher-forced scores on packed text -> image sequences (no caption dropout)."""
     from data_pipelines.packing import pack_sequences
-    from data_pipelines.samples import build_sequence
+    from data_pipelines.samples import T2I, build_sequence
 
     from transfusion.attention.backends import build_attention_mask
     from transfusion.training.losses import compute_loss_parts
 
     cfg, tok = engine.cfg, engine.tok
-    seqs = [build_sequence(tok, image, caption, engine.patch_grid, t2i=True, drop_caption=False, key=key)
+    seqs = [build_sequence(tok, key, image, tok.encode(caption), patch_grid=engine.patch_grid, layout=T2I)
             for key, image, caption, _ in samples]
     per_row = max(1, cfg.data.seq_len // len(seqs[0].tokens))
     gen = torch.Generator().manual_seed(seed)

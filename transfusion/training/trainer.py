@@ -88,6 +88,7 @@ class Trainer:
         if cfg.train.num_threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.train.num_threads)
         torch.manual_seed(cfg.run.seed)
+        ckpt = self.find_checkpoint(resume)  # fail fast on a bad --resume, before building anything heavy
 
         parts = build_parts(cfg, self.device)
         self.model, self.tokenizer, self.schedule, self.codec = parts.model, parts.tokenizer, parts.schedule, parts.codec
@@ -104,8 +105,8 @@ class Trainer:
         self.loader = build_loader(cfg.data, self.tokenizer, self.patch_grid, seed=cfg.run.seed)
         self.writer: SummaryWriter | None = None
 
-        if resume:
-            self.restore(None if resume is True else resume)
+        if ckpt is not None:
+            self.restore(ckpt)
         self._write_run_files()
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("model: %.2fM parameters, attention=%s, device=%s, patch grid %s, start step %d",
@@ -128,15 +129,19 @@ class Trainer:
         log.info("saved checkpoint %s", path)
         return path
 
-    def restore(self, path: str | None) -> None:
-        """Resume from ``path`` (a step dir or a run dir) or, with None, from this run's latest checkpoint."""
-        if path is None:
+    def find_checkpoint(self, resume: str | bool | None) -> Path | None:
+        """``True``: this run's latest complete checkpoint (None when there is none yet); a path: that run or step
+        directory, which must hold a complete checkpoint."""
+        if not resume:
+            return None
+        if resume is True:
             found = latest_checkpoint(self.run_dir / "checkpoints")
             if found is None:
                 log.info("no complete checkpoint under %s: starting from scratch", self.run_dir / "checkpoints")
-                return
-            path = found
-        ckpt = resolve_checkpoint(path)
+            return found
+        return resolve_checkpoint(resume)
+
+    def restore(self, ckpt: Path) -> None:
         extras = load_checkpoint(ckpt, self.checkpoint_state())
         self.step = int(extras["step"])
         self.noise_rng.set_state(extras["noise_rng"])
@@ -173,7 +178,9 @@ class Trainer:
                 "lr": self.lr_scheduler.get_last_lr()[0]}
 
     # -- the loop --------------------------------------------------------------------------------------------
-    def fit(self) -> None:
+    def fit(self, stop_after: int | None = None) -> None:
+        """Train to ``train.steps``; then save, sample and export. ``stop_after`` ends the loop early at that step
+        without the final outputs, like a job that is killed there (tests use it to check exact resume)."""
         cfg = self.cfg.train
         self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None)
         it = iter(self.loader)
@@ -208,6 +215,10 @@ class Trainer:
                 self.save()
             if cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.step < cfg.steps:
                 self.sample_grid()
+            if stop_after is not None and self.step >= stop_after:
+                bar.close()
+                self.writer.close()
+                return
         bar.close()
         self.save()
         self.sample_grid()
@@ -235,9 +246,10 @@ class Trainer:
                  else "")
 
     def skip_counts(self) -> dict[str, int]:
-        from data_pipelines.loader import skip_counts
+        from data_pipelines.loader import data_counts
 
-        return skip_counts(self.loader)
+        counts = data_counts(self.loader.state_dict())
+        return {k: v for k, v in counts.items() if k != "seen"}
 
     # -- outputs ---------------------------------------------------------------------------------------------
     def sample_grid(self) -> Path:

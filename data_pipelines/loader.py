@@ -1,0 +1,204 @@
+"""The training data loader: shards -> decoded samples -> Sequences -> packed Batches, exactly resumable.
+
+    loader = build_loader(cfg.data, tokenizer, patch_grid, seed=cfg.run.seed, rank=rank, world_size=world)
+    for batch in loader: ...                       # one Batch per micro-step (DataLoader batch_size=None)
+    state = loader.state_dict()                    # save with the checkpoint
+    loader.load_state_dict(state)                  # on a freshly built loader: the next batches are identical
+    data_counts(state)                             # {"seen": ..., "bad_image": ..., "skipped": ...} for logging
+
+Exactness with packing: a batch is emitted when the next document does not fit, so that document is carried into
+the following batch. The state saved with a batch therefore points at the stream position *before* the carried
+document (the first sample not yet emitted in a batch); nothing buffered is stored, the carried document is simply
+read again after a resume.
+
+Skip accounting: every worker keeps cumulative per-reason counts (``shards.COUNT_KEYS``) inside its dataset state,
+so they travel with ``loader.state_dict()`` (and survive resumes); ``data_counts(loader.state_dict())`` sums them over
+this rank's workers. A worker raises ``DataError`` once it has seen ``MIN_SAMPLES_FOR_SKIP_RATE`` samples and more
+than ``cfg.max_skip_rate`` of them were skipped (1.0 disables the check).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from data_pipelines.packing import Packer
+from data_pipelines.samples import Sequence, SequenceBuilder
+from data_pipelines.shards import (COUNT_KEYS, SAMPLE_SKIP_REASONS, DataError, RawSample, ShardSpecError,
+                                   ShardStream, SkipSample, check_caption_field, decode_image,
+                                   expand_shard_spec, image_bytes, iter_decoded_samples, read_caption)
+from transfusion.batch import Batch
+from transfusion.config import DataConfig
+from transfusion.tokenizer import Tokenizer
+
+__all__ = ["PackedDataset", "build_loader", "data_counts", "DataError", "ShardSpecError", "iter_decoded_samples"]
+
+STATE_FORMAT = "transfusion.packed_dataset/1"
+MIN_SAMPLES_FOR_SKIP_RATE = 100
+
+
+class PackedDataset(IterableDataset):
+    """Iterable of packed ``Batch``es for one rank; each DataLoader worker streams its own share of the shards.
+
+    ``state_dict()`` (per worker, collected by StatefulDataLoader)::
+
+        {"format", "rank", "world_size", "worker", "num_workers",
+         "stream": {"epoch", "shard_cursor", "sample_offset", "block", "index", "exhausted", "empty_epochs",
+                    "counts": {"seen": int, "<reason>": int, ...}}}
+
+    ``shard_cursor`` indexes this consumer's shard list for ``epoch``, ``sample_offset`` is the raw sample (inside
+    that shard) where the current shuffle block starts, ``block`` its number in the epoch and ``index`` how many of
+    its permuted samples were consumed. A finite pass (``repeat=False``) that has ended starts over when iterated
+    again (same order, counts kept)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, patch_grid: tuple[int, int], *, seed: int,
+                 rank: int = 0, world_size: int = 1, shards: str | None = None, repeat: bool | None = None) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        check_caption_field(cfg.caption_field)
+        self.cfg = cfg
+        self.urls = expand_shard_spec(cfg.shards if shards is None else shards)
+        self.repeat = cfg.repeat if repeat is None else repeat
+        self.tokenizer = tokenizer
+        self.patch_grid = (int(patch_grid[0]), int(patch_grid[1]))
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.builder = SequenceBuilder(tokenizer, self.patch_grid, seed, cfg.t2i_ratio, cfg.caption_dropout)
+        if self.builder.min_length > cfg.seq_len:
+            raise ValueError(f"data.seq_len={cfg.seq_len} cannot hold one image document "
+                             f"({self.builder.min_length} tokens for a {self.patch_grid} patch grid)")
+        self._state: dict[str, Any] | None = None  # position of the next batch; None = start
+
+    # -- consumer identity and state -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _worker() -> tuple[int, int]:
+        info = get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    def _new_stream(self) -> ShardStream:
+        worker, num_workers = self._worker()
+        return ShardStream(self.urls, seed=self.seed, rank=self.rank, world_size=self.world_size, worker=worker,
+                           num_workers=num_workers, shuffle_buffer=self.cfg.shuffle_buffer, repeat=self.repeat)
+
+    def _wrap(self, stream_state: dict[str, Any]) -> dict[str, Any]:
+        worker, num_workers = self._worker()
+        return {"format": STATE_FORMAT, "rank": self.rank, "world_size": self.world_size, "worker": worker,
+                "num_workers": num_workers, "stream": stream_state}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._state is None:
+            self._state = self._wrap(self._new_stream().state_dict())
+        return copy.deepcopy(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise DataError(f"data state has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        worker, num_workers = self._worker()
+        saved = (state["rank"], state["world_size"], state["worker"], state["num_workers"])
+        if saved != (self.rank, self.world_size, worker, num_workers):
+            raise DataError(f"data state of rank {saved[0]}/{saved[1]} worker {saved[2]}/{saved[3]} cannot resume "
+                            f"rank {self.rank}/{self.world_size} worker {worker}/{num_workers}: exact resume needs "
+                            f"the same world size and data.num_workers")
+        self._state = copy.deepcopy(state)
+
+    # -- samples -> sequences -> batches -------------------------------------------------------------------------
+
+    def _sequence(self, raw: RawSample, counts: dict[str, int]) -> Sequence | None:
+        """Decode one raw sample into a Sequence, or count why it is skipped and return None."""
+        cfg = self.cfg
+        counts["seen"] += 1
+        try:
+            data = image_bytes(raw)
+            ids = self.tokenizer.encode(read_caption(raw, cfg.caption_field))
+            if len(ids) > cfg.max_text_tokens:
+                raise SkipSample("caption_too_long")
+            seq = self.builder(raw["__key__"], decode_image(data, cfg.image_size), ids, raw["__epoch__"])
+            if len(seq) > cfg.seq_len:
+                raise SkipSample("too_long_for_row")
+            return seq
+        except SkipSample as skip:
+            counts[skip.reason] += 1
+            self._check_skip_rate(counts)
+            return None
+
+    def _check_skip_rate(self, counts: dict[str, int]) -> None:
+        seen = counts["seen"]
+        skipped = sum(counts[r] for r in SAMPLE_SKIP_REASONS)
+        if seen >= MIN_SAMPLES_FOR_SKIP_RATE and skipped > self.cfg.max_skip_rate * seen:
+            worker, _ = self._worker()
+            detail = ", ".join(f"{r}={counts[r]}" for r in SAMPLE_SKIP_REASONS if counts[r])
+            raise DataError(f"data skip rate {skipped / seen:.1%} exceeds data.max_skip_rate="
+                            f"{self.cfg.max_skip_rate:.1%} after {seen} samples on rank {self.rank} worker {worker} "
+                            f"({detail}); check data.shards, data.caption_field and data.max_text_tokens")
+
+    def __iter__(self) -> Iterator[Batch]:
+        stream = self._new_stream()
+        if self._state is not None:
+            self.load_state_dict(self._state)  # validates the consumer identity
+            stream.load_state_dict(self._state["stream"])
+            if stream.exhausted:  # a finished finite pass: replay it, keep the tallies
+                counts, stream = stream.counts, self._new_stream()
+                stream.counts = counts
+        cfg = self.cfg
+        packer = Packer(cfg.seq_len, cfg.batch_rows, self.tokenizer.pad_id, self.patch_grid,
+                        (3, cfg.image_size, cfg.image_size))
+        try:
+            while True:
+                position = stream.state_dict()  # before the sample: where a batch that carries it must resume
+                try:
+                    raw = next(stream)
+                except StopIteration:
+                    break
+                seq = self._sequence(raw, stream.counts)
+                if seq is None:
+                    continue
+                if not packer.add(seq):
+                    batch = packer.emit()
+                    self._state = self._wrap(position)
+                    yield batch
+                    packer.add(seq)
+            final = self._wrap(stream.state_dict())
+            if len(packer):
+                batch = packer.emit()
+                self._state = final
+                yield batch
+            self._state = final
+        finally:
+            stream.close()
+
+
+def build_loader(cfg: DataConfig, tokenizer: Tokenizer, patch_grid: tuple[int, int], *, seed: int, rank: int = 0,
+                 world_size: int = 1, shards: str | None = None, repeat: bool | None = None) -> StatefulDataLoader:
+    """A StatefulDataLoader over ``PackedDataset`` yielding one ``Batch`` per step (``batch_size=None``) from
+    ``cfg.num_workers`` workers. ``shards`` / ``repeat`` override ``cfg.shards`` / ``cfg.repeat``."""
+    dataset = PackedDataset(cfg, tokenizer, patch_grid, seed=seed, rank=rank, world_size=world_size, shards=shards,
+                            repeat=repeat)
+    workers = cfg.num_workers
+    return StatefulDataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                              prefetch_factor=2 if workers > 0 else None, snapshot_every_n_steps=1)
+
+
+def _dataset_states(state: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(state, dict):
+        if state.get("format") == STATE_FORMAT:
+            yield state
+            return
+        for value in state.values():
+            yield from _dataset_states(value)
+
+
+def data_counts(state: dict[str, Any]) -> dict[str, int]:
+    """Cumulative sample / skip counts of this rank, summed over its workers, from ``loader.state_dict()`` (or one
+    dataset state): ``COUNT_KEYS`` plus ``skipped`` (all per-sample skips). Sum over ranks for global totals."""
+    total = dict.fromkeys(COUNT_KEYS, 0)
+    for ds_state in _dataset_states(state):
+        for key, value in ds_state["stream"]["counts"].items():
+            total[key] = total.get(key, 0) + int(value)
+    total["skipped"] = sum(total[r] for r in SAMPLE_SKIP_REASONS)
+    return total

@@ -1,0 +1,385 @@
+"""Data pipeline: shard specs, rank x worker split, decoding, sequence layout, packing, exact resume, error accounting."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from data_pipelines.loader import MIN_SAMPLES_FOR_SKIP_RATE, PackedDataset, build_loader, data_counts
+from data_pipelines.packing import Packer, pack_sequences
+from data_pipelines.samples import (CAPTION, T2I, build_sequence, caption_prompt_tokens, choose_layout,
+                                    t2i_prompt_tokens)
+from data_pipelines.shards import (DataError, ShardSpecError, ShardStream, assign_shards, decode_image,
+                                   expand_shard_spec, iter_decoded_samples, iter_tar)
+from transfusion.batch import IGNORE_INDEX as IGN
+from transfusion.batch import Batch
+from transfusion.config import DataConfig
+from transfusion.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+PAD, BOS, EOS, BOI, EOI, IMG = TOK.pad_id, TOK.bos_id, TOK.eos_id, TOK.boi_id, TOK.eoi_id, TOK.image_id
+A, B, C = ord("a"), ord("b"), ord("c")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _png(color: tuple[int, int, int], size: tuple[int, int] = (10, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _sample(k: int, **extra) -> dict:
+    rng = np.random.default_rng(k)
+    color = tuple(int(c) for c in rng.integers(0, 256, 3))
+    return {"__key__": f"k{k:04d}", "png": _png(color), "txt": f"color {k}", **extra}
+
+
+def _write(path: Path, samples: list[dict]) -> str:
+    with wds.TarWriter(str(path)) as w:
+        for s in samples:
+            w.write(s)
+    return str(path)
+
+
+def _make_shards(root: Path, n_shards: int = 4, per_shard: int = 10, prefix: str = "train") -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        _write(root / f"{prefix}-{s:02d}.tar", [_sample(s * per_shard + i) for i in range(per_shard)])
+    return str(root / f"{prefix}-{{00..{n_shards - 1:02d}}}.tar")
+
+
+def _cfg(shards: str, **kw) -> DataConfig:
+    base = dict(shards=shards, image_size=8, seq_len=64, batch_rows=2, num_workers=0, shuffle_buffer=4,
+                repeat=True, t2i_ratio=0.7, caption_dropout=0.2, max_text_tokens=16)
+    return DataConfig(**(base | kw))
+
+
+def _take(loader, n: int) -> tuple[list[Batch], dict]:
+    it = iter(loader)
+    batches = [next(it) for _ in range(n)]
+    state = loader.state_dict()
+    del it
+    return batches, state
+
+
+def _assert_same(a: Batch, b: Batch) -> None:
+    for f in fields(Batch):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, f.name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shard specs and splitting
+
+
+def test_expand_shard_spec(tmp_path: Path) -> None:
+    for name in ("a-0.tar", "a-1.tar", "a-2.tar", "a-3.tar", "b.tar"):
+        (tmp_path / name).write_bytes(b"")
+    d = str(tmp_path)
+    spec = f"{d}/a-{{0..1}}.tar, {d}/a-[23].tar,{d}/a-{{3,0}}.tar,{d}/b.tar,pipe:cat {d}/a-{{0..1}}.tar,https://h/x-{{0..1}}.tar"
+    assert expand_shard_spec(spec) == [
+        f"{d}/a-0.tar", f"{d}/a-1.tar", f"{d}/a-2.tar", f"{d}/a-3.tar", f"{d}/a-3.tar", f"{d}/a-0.tar", f"{d}/b.tar",
+        f"pipe:cat {d}/a-0.tar", f"pipe:cat {d}/a-1.tar", "https://h/x-0.tar", "https://h/x-1.tar"]
+    assert expand_shard_spec(f"{d}/*.tar") == sorted(str(p) for p in tmp_path.glob("*.tar"))
+    # a brace list that matches some files keeps the missing names (counted as missing_shard when read)
+    assert expand_shard_spec(f"{d}/a-{{3..4}}.tar") == [f"{d}/a-3.tar", f"{d}/a-4.tar"]
+    for bad in (f"{d}/nope-*.tar", f"{d}/c-{{0..2}}.tar", f"{d}/missing.tar"):
+        with pytest.raises(ShardSpecError) as err:
+            expand_shard_spec(f"{d}/b.tar,{bad}")
+        assert str(err.value) == f"shard pattern {bad!r} matches no files"
+
+
+@pytest.mark.parametrize("n_shards", [5, 3])  # 3 < 2 ranks x 2 workers: the sample-split fallback
+def test_rank_worker_split_covers_every_key_once(tmp_path: Path, n_shards: int) -> None:
+    spec = _make_shards(tmp_path, n_shards=n_shards, per_shard=7)
+    keys: list[str] = []
+    per_consumer = []
+    for rank in range(2):
+        loader = build_loader(_cfg(spec, num_workers=2, repeat=False), TOK, (2, 2), seed=3, rank=rank, world_size=2)
+        rank_keys = [k for b in loader for k in b.keys]
+        per_consumer.append(len(rank_keys))
+        keys += rank_keys
+    assert sorted(keys) == [f"k{i:04d}" for i in range(n_shards * 7)]
+    assert min(per_consumer) > 0
+
+
+def test_shard_order_differs_per_epoch_and_is_reproducible(tmp_path: Path) -> None:
+    urls = expand_shard_spec(_make_shards(tmp_path, n_shards=6, per_shard=2))
+
+    def order(epoch: int) -> list[str]:
+        return list(assign_shards(urls, seed=0, epoch=epoch, rank=0, world_size=1, worker=0, num_workers=1).urls)
+
+    assert order(0) == order(0) and sorted(order(0)) == urls and order(0) != order(1)
+    stream = ShardStream(urls, seed=0, shuffle_buffer=1, repeat=True)  # the stream follows that order, epoch by epoch
+    seen = [raw["__url__"] for raw in itertools.islice(stream, 24)][::2]
+    assert seen == order(0) + order(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decoding
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "I;16"])
+def test_decode_image_modes(mode: str) -> None:
+    w, h = 12, 6
+    if mode == "I;16":
+        img = Image.fromarray(np.full((h, w), 65535, dtype=np.uint16))  # mode I;16
+        expect = torch.ones(3)
+    elif mode == "RGBA":  # fully transparent: composited onto white
+        img = Image.new("RGBA", (w, h), (10, 20, 30, 0))
+        expect = torch.ones(3)
+    else:
+        img = Image.new("RGB", (w, h), (255, 0, 0)).convert(mode)
+        expect = torch.tensor(img.convert("RGB").getpixel((0, 0)), dtype=torch.float) / 127.5 - 1
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    out = decode_image(buf.getvalue(), 4)
+    assert out.shape == (3, 4, 4) and out.dtype == torch.float32
+    assert torch.allclose(out, expect[:, None, None].expand(3, 4, 4), atol=1e-6)
+
+
+def test_decode_image_center_crops_short_side() -> None:
+    arr = np.zeros((8, 40, 3), dtype=np.uint8)  # wide: red margins, green centre well beyond the crop + filter
+    arr[:, :4, 0] = arr[:, 36:, 0] = arr[:, 4:36, 1] = 255
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    out = decode_image(buf.getvalue(), 4)
+    assert torch.allclose(out, torch.tensor([-1.0, 1.0, -1.0])[:, None, None].expand(3, 4, 4), atol=1e-6)
+
+
+def test_iter_decoded_samples_file_order_and_json_caption(tmp_path: Path) -> None:
+    samples = [_sample(i, json=f'{{"caption": "json {i}", "n": {i}}}') for i in range(5)]
+    path = _write(tmp_path / "eval.tar", samples)
+    out = list(iter_decoded_samples(path, 8, caption_field="json:caption", limit=3))
+    assert [(k, c, r["n"]) for k, _, c, r in out] == [(f"k{i:04d}", f"json {i}", i) for i in range(3)]
+    assert out[0][1].shape == (3, 8, 8)
+    key, _, caption, record = next(iter_decoded_samples(path, 8))
+    assert (key, caption, record["n"]) == ("k0000", "color 0", 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sequences and packing
+
+
+def test_text_targets_both_layouts() -> None:
+    img = torch.zeros(3, 8, 8)
+    t2i = build_sequence(TOK, "x", img, [A, B], patch_grid=(1, 2), layout=T2I)
+    assert t2i.tokens == [BOS, A, B, BOI, IMG, IMG, EOI, EOS]
+    assert t2i.text_targets == [A, B, BOI, IGN, IGN, IGN, EOS, IGN]
+    assert (t2i.image_spans, t2i.image_is_target) == ([(4, 6)], [True])
+
+    cap = build_sequence(TOK, "y", img, [A, B], patch_grid=(1, 2), layout=CAPTION)
+    assert cap.tokens == [BOS, BOI, IMG, IMG, EOI, A, B, EOS]
+    assert cap.text_targets == [BOI, IGN, IGN, IGN, A, B, EOS, IGN]
+    assert (cap.image_spans, cap.image_is_target) == ([(2, 4)], [False])
+
+    drop = build_sequence(TOK, "z", img, [A, B], patch_grid=(1, 2), layout=T2I, drop_caption=True)
+    assert drop.tokens == [BOS, BOI, IMG, IMG, EOI, EOS]
+    assert drop.text_targets == [BOI, IGN, IGN, IGN, EOS, IGN]
+
+    assert t2i_prompt_tokens(TOK, "ab") == t2i.tokens[:4]
+    assert t2i_prompt_tokens(TOK, "") == drop.tokens[:2]
+    assert caption_prompt_tokens(TOK) == cap.tokens[:2]
+
+
+def test_layout_choice_is_a_stable_function_of_seed_epoch_key() -> None:
+    picks = [choose_layout(0, 0, f"k{i}", 0.8, 0.25) for i in range(2000)]
+    assert picks == [choose_layout(0, 0, f"k{i}", 0.8, 0.25) for i in range(2000)]
+    t2i = [drop for layout, drop in picks if layout == T2I]
+    assert abs(len(t2i) / 2000 - 0.8) < 0.04 and abs(sum(t2i) / len(t2i) - 0.25) < 0.04
+    assert not any(drop for layout, drop in picks if layout == CAPTION)
+    assert picks != [choose_layout(0, 1, f"k{i}", 0.8, 0.25) for i in range(2000)]
+
+
+def test_pack_sequences_exact_matrices() -> None:
+    imgs = [torch.full((3, 2, 2), float(i)) for i in range(3)]
+    d0 = build_sequence(TOK, "d0", imgs[0], [A, B], patch_grid=(1, 2), layout=T2I)  # 8 tokens
+    d1 = build_sequence(TOK, "d1", imgs[1], [C], patch_grid=(1, 2), layout=CAPTION)  # 7 tokens
+    d2 = build_sequence(TOK, "d2", imgs[2], [A], patch_grid=(1, 2), layout=T2I, drop_caption=True)  # 6 tokens
+    batch = pack_sequences([d0, d1, d2], seq_len=16, batch_rows=2, pad_id=PAD, patch_grid=(1, 2))
+    P, N = PAD, -1
+    tokens = [[BOS, A, B, BOI, IMG, IMG, EOI, EOS, BOS, BOI, IMG, IMG, EOI, C, EOS, P],
+              [BOS, BOI, IMG, IMG, EOI, EOS, P, P, P, P, P, P, P, P, P, P]]
+    doc_ids = [[0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, N],
+               [0, 0, 0, 0, 0, 0, N, N, N, N, N, N, N, N, N, N]]
+    image_ids = [[N, N, N, N, 0, 0, N, N, N, N, 1, 1, N, N, N, N],
+                 [N, N, 2, 2, N, N, N, N, N, N, N, N, N, N, N, N]]
+    positions = [[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 0],
+                 [0, 1, 2, 3, 4, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]
+    targets = [[A, B, BOI, IGN, IGN, IGN, EOS, IGN, BOI, IGN, IGN, IGN, C, EOS, IGN, IGN],
+               [BOI, IGN, IGN, IGN, EOS, IGN] + [IGN] * 10]
+    assert batch.tokens.tolist() == tokens
+    assert batch.doc_ids.tolist() == doc_ids
+    assert batch.image_ids.tolist() == image_ids
+    assert batch.positions.tolist() == positions
+    assert batch.text_targets.tolist() == targets
+    assert torch.equal(batch.images, torch.stack(imgs))
+    assert batch.image_rows.tolist() == [0, 0, 1] and batch.image_starts.tolist() == [4, 10, 2]
+    assert batch.image_is_target.tolist() == [True, False, True]
+    assert batch.patch_grid == (1, 2) and batch.keys == ["d0", "d1", "d2"]
+    assert batch.num_text_targets() == 9
+
+    packer = Packer(16, 1, PAD, (1, 2))  # one row: d0 + d1 fit, d2 must wait for the next batch
+    assert packer.add(d0) and packer.add(d1) and not packer.add(d2)
+    assert packer.emit().keys == ["d0", "d1"] and packer.add(d2) and packer.emit().keys == ["d2"]
+    with pytest.raises(ValueError):
+        pack_sequences([d0, d1, d2], seq_len=16, batch_rows=1, pad_id=PAD, patch_grid=(1, 2))
+
+
+def test_loader_batches_are_consistent(tmp_path: Path) -> None:
+    cfg = _cfg(_make_shards(tmp_path), num_workers=0)
+    batch = next(iter(build_loader(cfg, TOK, (2, 2), seed=0)))
+    assert isinstance(batch, Batch) and batch.tokens.shape == (2, 64)
+    assert batch.images.shape == (batch.num_images, 3, 8, 8) and batch.images.abs().max() <= 1
+    slots = batch.tokens == IMG
+    assert torch.equal(slots, batch.image_ids >= 0)
+    for n in range(batch.num_images):
+        row, start = int(batch.image_rows[n]), int(batch.image_starts[n])
+        assert (batch.image_ids[row, start:start + 4] == n).all()
+    real = batch.doc_ids >= 0  # every real token predicts its successor or is ignored; padding is ignored
+    assert (batch.text_targets[~real] == IGN).all() and (batch.tokens[~real] == PAD).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exact resume
+
+
+@pytest.mark.parametrize("num_workers,ks", [(0, list(range(1, 14))), (2, [3, 6, 11])])
+def test_resume_is_exact(tmp_path: Path, num_workers: int, ks: list[int]) -> None:
+    cfg = _cfg(_make_shards(tmp_path), num_workers=num_workers)
+    total = 14  # 40 samples, ~8 documents per batch: more than two epochs
+    reference, end_state = _take(build_loader(cfg, TOK, (2, 2), seed=7), total)
+    positions = set()
+    for k in ks:
+        _, state = _take(build_loader(cfg, TOK, (2, 2), seed=7), k)
+        resumed = build_loader(cfg, TOK, (2, 2), seed=7)
+        resumed.load_state_dict(state)
+        rest, _ = _take(resumed, total - k)
+        for a, b in zip(reference[k:], rest, strict=True):
+            _assert_same(a, b)
+        for ds in _dataset_states(state):
+            positions.add((ds["stream"]["epoch"], ds["stream"]["shard_cursor"]))
+    assert len({p[1] for p in positions}) > 1  # resumed from different shards...
+    assert max(p[0] for p in positions) >= 1  # ...and from a later epoch
+    assert data_counts(end_state)["seen"] >= 2 * 40
+
+
+def test_resume_finite_pass_including_last_partial_batch(tmp_path: Path) -> None:
+    cfg = _cfg(_make_shards(tmp_path, n_shards=3, per_shard=9), repeat=False, shuffle_buffer=5)
+    reference = list(build_loader(cfg, TOK, (2, 2), seed=1))
+    assert sorted(k for b in reference for k in b.keys) == [f"k{i:04d}" for i in range(27)]
+    _, state = _take(build_loader(cfg, TOK, (2, 2), seed=1), len(reference) - 1)
+    resumed = build_loader(cfg, TOK, (2, 2), seed=1)
+    resumed.load_state_dict(state)
+    (last,) = list(resumed)
+    _assert_same(last, reference[-1])
+    assert (last.doc_ids[-1] == -1).all()  # the final batch is padded to full shape
+
+
+def _dataset_states(state):
+    if isinstance(state, dict):
+        if "stream" in state:
+            yield state
+        for v in state.values():
+            yield from _dataset_states(v)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors are skipped and counted
+
+
+def test_corrupt_inputs_are_skipped_and_counted(tmp_path: Path) -> None:
+    good = _write(tmp_path / "good-0.tar", [_sample(i) for i in range(6)])
+    full = (tmp_path / "full.tar")
+    _write(full, [_sample(100 + i) for i in range(6)])
+    data = full.read_bytes()
+    (tmp_path / "good-1.tar").write_bytes(data[: len(data) // 2])  # truncated mid-stream
+    # cut exactly after the members of the first 3 samples, dropping the end-of-archive blocks
+    offsets = [m.offset_data + m.size for m in _members(str(full))]
+    cut = -(-offsets[5] // 512) * 512
+    (tmp_path / "trunc-at-member.tar").write_bytes(data[:cut])
+    bad = [_sample(200), {"__key__": "bad_png", "png": os.urandom(300), "txt": "noise"},
+           {"__key__": "no_txt", "png": _png((1, 2, 3))}, {"__key__": "empty_txt", "png": _png((1, 2, 3)), "txt": " "},
+           {"__key__": "no_img", "txt": "only text"}, {"__key__": "long", "png": _png((1, 2, 3)), "txt": "x" * 40},
+           _sample(201)]
+    _write(tmp_path / "good-2.tar", bad)
+    spec = (f"{tmp_path}/good-{{0..3}}.tar,{tmp_path}/trunc-at-member.tar,pipe:exit 3,"
+            f"pipe:cat {tmp_path}/full.tar")
+    cfg = _cfg(spec, repeat=False, max_skip_rate=1.0)
+    loader = build_loader(cfg, TOK, (2, 2), seed=0)
+    keys = [k for b in loader for k in b.keys]
+    counts = data_counts(loader.state_dict())
+
+    expected = {f"k{i:04d}" for i in range(6)} | {"k0200", "k0201"} | {f"k{100 + i:04d}" for i in range(6)}
+    assert set(keys) == expected  # good shards, the good samples of good-2, full.tar through `pipe:cat`
+    assert len(keys) > len(expected)  # plus the complete samples before the cuts of the two truncated copies
+    assert counts["bad_image"] == 1 and counts["missing_caption"] == 2 and counts["no_image"] == 1
+    assert counts["caption_too_long"] == 1 and counts["too_long_for_row"] == 0
+    assert counts["corrupt_shard"] == 2 and counts["missing_shard"] == 2  # good-3.tar and `pipe:exit 3`
+    assert counts["seen"] == len(keys) + counts["skipped"]
+
+
+def _members(path: str):
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return tar.getmembers()
+
+
+def test_iter_tar_reports_errors(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(os.urandom(3000))
+    errors = []
+    on_error = lambda reason, url, exc: errors.append(reason)  # noqa: E731
+    assert list(iter_tar(str(junk), on_error=on_error)) == []
+    assert list(iter_tar(str(tmp_path / "none.tar"), on_error=on_error)) == []
+    assert list(iter_tar("pipe:exit 1", on_error=on_error)) == []
+    assert errors == ["corrupt_shard", "missing_shard", "missing_shard"]
+    # a tar cut at a member boundary (no end-of-archive blocks): complete samples come out, the last one is dropped
+    full = tmp_path / "full.tar"
+    _write(full, [_sample(i) for i in range(4)])
+    members = _members(str(full))
+    cut = -(-(members[5].offset_data + members[5].size) // 512) * 512  # after k0002.txt
+    (tmp_path / "cut.tar").write_bytes(full.read_bytes()[:cut])
+    errors.clear()
+    assert [raw["__key__"] for _, raw in iter_tar(str(tmp_path / "cut.tar"), on_error=on_error)] == ["k0000", "k0001"]
+    assert errors == ["corrupt_shard"]
+    # start / keep select samples by index without reading the others
+    picked = [(i, raw["__key__"], sorted(raw)) for i, raw in iter_tar(str(full), start=1, keep=lambda i: i != 2)]
+    assert picked == [(1, "k0001", ["__key__", "__url__", "png", "txt"]), (3, "k0003", ["__key__", "__url__", "png", "txt"])]
+
+
+def test_skip_rate_ceiling_raises(tmp_path: Path) -> None:
+    n = MIN_SAMPLES_FOR_SKIP_RATE + 20
+    samples = [_sample(i) if i % 3 == 0 else {"__key__": f"k{i:04d}", "png": b"", "txt": "x"} for i in range(n)]
+    path = _write(tmp_path / "mostly-bad.tar", samples)
+    loader = build_loader(_cfg(path, repeat=False, max_skip_rate=0.5), TOK, (2, 2), seed=0)
+    with pytest.raises(DataError, match=r"^data skip rate 6\d\.\d% exceeds data\.max_skip_rate=50\.0% after 1\d\d samples on rank 0 worker 0 \(bad_image="):
+        list(loader)
+    assert len(list(build_loader(_cfg(path, repeat=False, max_skip_rate=0.7), TOK, (2, 2), seed=0))) > 0
+
+
+def test_unreadable_data_with_repeat_raises(tmp_path: Path) -> None:
+    (tmp_path / "junk.tar").write_bytes(os.urandom(2000))
+    loader = build_loader(_cfg(str(tmp_path / "junk.tar")), TOK, (2, 2), seed=0)
+    with pytest.raises(DataError, match="read no sample in 3 whole epochs"):
+        next(iter(loader))
+
+
+def test_state_from_another_world_size_is_refused(tmp_path: Path) -> None:
+    cfg = _cfg(_make_shards(tmp_path))
+    state = PackedDataset(cfg, TOK, (2, 2), seed=0, rank=1, world_size=2).state_dict()
+    with pytest.raises(DataError, match="exact resume needs the same world size"):
+        PackedDataset(cfg, TOK, (2, 2), seed=0).load_state_dict(state)

@@ -1,0 +1,121 @@
+"""End to end on a tiny config: train, resume exactly, export, generate, evaluate, and fail cleanly on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from transfusion.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    subprocess.run([sys.executable, "tools/make_shapes_shards.py", "--out", str(out), "--train-samples", "96",
+                    "--heldout-samples", "8", "--shard-size", "32", "--image-size", "16"], cwd=REPO, check=True,
+                   capture_output=True)
+    return out
+
+
+def tiny_overrides(shards: Path, run_dir: Path, steps: int) -> list[str]:
+    return [
+        f"--run.dir={run_dir}", f"--data.shards={shards}/train-{{000000..000002}}.tar",
+        f"--data.eval_shards={shards}/heldout-000000.tar", "--data.image_size=16", "--data.seq_len=64",
+        "--data.batch_rows=2", "--data.num_workers=0", "--data.shuffle_buffer=8", "--model.dim=32",
+        "--model.n_layers=1", "--model.n_heads=2", "--model.patch_size=4", f"--train.steps={steps}",
+        "--train.warmup_steps=2", "--train.log_interval=2", "--checkpoint.interval=3", "--checkpoint.keep=3",
+        "--sample.steps=2", "--sample.prompts=['a red circle on the left']", "--eval.num_t2i=4",
+        "--eval.num_caption=4", "--eval.batch_size=4", "--eval.max_caption_tokens=4",
+    ]
+
+
+def train(shards: Path, run_dir: Path, steps: int, resume=None, stop_after=None):
+    from transfusion.training.trainer import Trainer
+
+    cfg = load_config(REPO / "recipes/shapes_tiny.toml", tiny_overrides(shards, run_dir, steps))
+    trainer = Trainer(cfg, resume=resume, progress=False)
+    trainer.fit(stop_after=stop_after)
+    return trainer
+
+
+def test_resume_reaches_identical_parameters(shards, tmp_path):
+    full = train(shards, tmp_path / "full", 6)
+    part = train(shards, tmp_path / "part", 6, stop_after=4)  # checkpoint at step 3, then "killed" at step 4
+    assert (tmp_path / "part/checkpoints/step_00000003/COMPLETE").is_file()
+    resumed = train(shards, tmp_path / "part", 6, resume=True)
+    assert resumed.step == 6
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for name, a in full.ema.shadow_state_dict().items():
+        assert torch.equal(a, resumed.ema.shadow_state_dict()[name]), name
+    del part
+
+
+def test_outputs_generate_and_evaluate(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    train(shards, run_dir, 4)
+    for name in ("config.toml", "provenance.json", "train.log", "export/model.safetensors", "export/config.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tb").iterdir()) and list((run_dir / "samples").glob("step_*.png"))
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    assert "torch" in prov["versions"] and "git_commit" in prov
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "tools/generate.py", "--export", str(run_dir / "export"), "--prompt",
+                          "a red circle on the left", "--out", str(tmp_path / "gen"), "--steps", "2",
+                          "--grid", str(tmp_path / "grid.png")], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "gen/000.png").is_file() and (tmp_path / "grid.png").is_file()
+    out = subprocess.run([sys.executable, "tools/generate.py", "--export", str(run_dir / "export"),
+                          "--caption-image", str(tmp_path / "gen/000.png"), "--max-tokens", "4"], cwd=REPO, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "000.png" in out.stdout, out.stderr
+    out = subprocess.run([sys.executable, "tools/evaluate.py", "--run", str(run_dir), "--steps", "2",
+                          "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((run_dir / "eval/report.json").read_text())
+    for sec, key in (("t2i", "color_accuracy"), ("t2i", "shape_accuracy"), ("t2i", "position_accuracy"),
+                     ("caption", "exact_match"), ("caption", "color_accuracy"), ("caption", "shape_accuracy"),
+                     ("text", "perplexity"), ("diffusion", "val_loss")):
+        assert isinstance(report[sec][key], float), (sec, key)
+    assert report["text"]["perplexity"] > 1.0
+
+
+def _cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+
+
+def test_bad_input_gives_one_clear_line(shards, tmp_path):
+    _one_line_error(_cli("-m", "transfusion.train", str(tmp_path / "missing.toml")), "recipe not found")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nstepz = 3\n")
+    _one_line_error(_cli("-m", "transfusion.train", str(bad)), "train.stepz")
+    _one_line_error(_cli("-m", "transfusion.train", "recipes/shapes_tiny.toml", f"--run.dir={tmp_path / 'r'}",
+                         f"--data.shards={tmp_path}/nothing-*.tar"), "matches no files")
+    # an incomplete checkpoint directory (no COMPLETE marker) and an unreadable one
+    ckpt = tmp_path / "r2/checkpoints/step_00000005"
+    ckpt.mkdir(parents=True)
+    (ckpt / ".metadata").write_bytes(b"garbage")
+    args = tiny_overrides(shards, tmp_path / "r2", 6)
+    _one_line_error(_cli("-m", "transfusion.train", "recipes/shapes_tiny.toml", *args, f"--resume={ckpt}"),
+                    "incomplete")
+    (ckpt / "COMPLETE").write_text("{}")
+    _one_line_error(_cli("-m", "transfusion.train", "recipes/shapes_tiny.toml", *args, f"--resume={ckpt}"),
+                    str(ckpt))
+    _one_line_error(_cli("tools/evaluate.py", "--run", str(tmp_path / "nope")), "nope")
