@@ -92,8 +92,8 @@ class PackedDataset(IterableDataset):
                 "num_workers": num_workers, "stream": stream_state}
 
     def state_dict(self) -> dict[str, Any]:
-        if self._state is None:
-            self._state = self._wrap(self._new_stream().state_dict())
+        if self._state is None:  # not cached: the same object may be asked in the main process, then forked
+            return self._wrap(self._new_stream().state_dict())
         return copy.deepcopy(self._state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -124,8 +124,8 @@ class PackedDataset(IterableDataset):
             return seq
         except SkipSample as skip:
             counts[skip.reason] += 1
-            self._check_skip_rate(counts)
-            return None
+        self._check_skip_rate(counts)  # outside the except block: the error carries no chained traceback
+        return None
 
     def _check_skip_rate(self, counts: dict[str, int]) -> None:
         seen = counts["seen"]

@@ -343,19 +343,21 @@ def iter_decoded_samples(spec: str, image_size: int, caption_field: str = "txt",
     def on_error(reason: str, url: str, exc: BaseException) -> None:
         counts[reason] = counts.get(reason, 0) + 1
 
+    if limit is not None and limit <= 0:
+        return
     produced = 0
     for url in expand_shard_spec(spec):
         for _, raw in iter_tar(url, on_error=on_error):
-            if limit is not None and produced >= limit:
-                return
             counts["seen"] = counts.get("seen", 0) + 1
             try:
                 s = decode_sample(raw, image_size, caption_field)
             except SkipSample as skip:
                 counts[skip.reason] = counts.get(skip.reason, 0) + 1
                 continue
-            produced += 1
             yield s.key, s.image, s.caption, s.record
+            produced += 1
+            if limit is not None and produced >= limit:
+                return
 
 
 # ---------------------------------------------------------------------------------------------------------------

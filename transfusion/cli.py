@@ -40,8 +40,21 @@ def fail_cleanly(main):
         except expected_errors() as e:
             if os.environ.get("TRANSFUSION_DEBUG"):
                 raise
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            msg = one_line(e)
             print(f"error: {msg}", file=sys.stderr)
             return 2
 
     return wrapper
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` as one line. An exception re-raised from a DataLoader worker carries the worker's
+    traceback in its text; its last line is the original ``Type: message``."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    lines = text.splitlines()
+    if "Original Traceback" in text:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return lines[0]

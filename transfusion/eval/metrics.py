@@ -90,7 +90,7 @@ def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size:
 
 def scoring_metrics(engine, samples: list, *, batch_size: int, seed: int) -> dict:
     """Teacher-forced scores on packed text -> image sequences (no caption dropout)."""
-    from data_pipelines.packing import pack_sequences
+    from data_pipelines.packing import Packer
     from data_pipelines.samples import T2I, build_sequence
 
     from transfusion.attention.backends import build_attention_mask
@@ -99,19 +99,24 @@ def scoring_metrics(engine, samples: list, *, batch_size: int, seed: int) -> dic
     cfg, tok = engine.cfg, engine.tok
     seqs = [build_sequence(tok, key, image, tok.encode(caption), patch_grid=engine.patch_grid, layout=T2I)
             for key, image, caption, _ in samples]
-    per_row = max(1, cfg.data.seq_len // len(seqs[0].tokens))
+    rows = max(1, batch_size * max(len(s) for s in seqs) // cfg.data.seq_len)
+    batches, packer = [], Packer(cfg.data.seq_len, rows, tok.pad_id, engine.patch_grid)
+    for seq in seqs:
+        if not packer.add(seq):
+            batches.append(packer.emit())
+            packer.add(seq)
+    if len(packer):
+        batches.append(packer.emit())
     gen = torch.Generator().manual_seed(seed)
     text_sum = text_n = img_sum = img_n = 0.0
-    model = engine.model
     with torch.no_grad():
-        for chunk in _chunks(seqs, batch_size):
-            rows = math.ceil(len(chunk) / per_row)
-            batch = pack_sequences(chunk, cfg.data.seq_len, rows, tok.pad_id, engine.patch_grid).to(engine.device)
+        for batch in batches:
+            batch = batch.to(engine.device)
             if cfg.latents.kind != "pixels":
                 batch.images = engine.codec.encode(batch.images)
             mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa")
             with engine._ctx():
-                parts = compute_loss_parts(model, batch, mask, engine.schedule, cfg.loss, gen)
+                parts = compute_loss_parts(engine.model, batch, mask, engine.schedule, cfg.loss, gen)
             text_sum += float(parts.text_sum)
             text_n += float(parts.text_count)
             img_sum += float(parts.image_sum)
