@@ -11,7 +11,12 @@ the following batch. The state saved with a batch therefore points at the stream
 document (the first sample not yet emitted in a batch); nothing buffered is stored, the carried document is simply
 read again after a resume.
 
-Skip accounting: every worker keeps cumulative per-reason counts (``shards.COUNT_KEYS``) inside its dataset state,
+Pixels or latents by configuration alone (``data.format``): ``"pixels"`` decodes image members, ``"latents"`` reads
+``<key>.latent.npy`` / ``.safetensors`` members written by ``tools/precompute_latents.py``, ``"auto"`` peeks at the
+first sample of the first readable shard when the dataset is built (in the main process, so every worker agrees).
+Latent batches carry ``Batch.images_are_latents = True``: the trainer uses them as they are, never re-encodes.
+
+Skip accounting: every worker keeps cumulative per-reason counts (``errors.COUNT_KEYS``) inside its dataset state,
 so they travel with ``loader.state_dict()`` (and survive resumes); ``data_counts(loader.state_dict())`` sums them over
 this rank's workers. A worker raises ``DataError`` once it has seen ``MIN_SAMPLES_FOR_SKIP_RATE`` samples and more
 than ``cfg.max_skip_rate`` of them were skipped (1.0 disables the check).
@@ -27,11 +32,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from data_pipelines.documents import (DecodeOptions, RawSample, check_caption_field, decode_document,
+                                      decode_latent_member, has_latents)
+from data_pipelines.errors import COUNT_KEYS, SAMPLE_SKIP_REASONS, DataError, ShardSpecError, SkipSample
 from data_pipelines.packing import Packer
 from data_pipelines.samples import Sequence, SequenceBuilder
-from data_pipelines.shards import (COUNT_KEYS, SAMPLE_SKIP_REASONS, DataError, RawSample, ShardSpecError,
-                                   ShardStream, SkipSample, check_caption_field, decode_image,
-                                   expand_shard_spec, image_bytes, iter_decoded_samples, read_caption)
+from data_pipelines.shards import ShardStream, expand_shard_spec, iter_decoded_samples, peek_first_sample
 from transfusion.batch import Batch
 from transfusion.config import DataConfig
 from transfusion.tokenizer import Tokenizer
@@ -53,8 +59,9 @@ class PackedDataset(IterableDataset):
 
     ``shard_cursor`` indexes this consumer's shard list for ``epoch``, ``sample_offset`` is the raw sample (inside
     that shard) where the current shuffle block starts, ``block`` its number in the epoch and ``index`` how many of
-    its permuted samples were consumed. A finite pass (``repeat=False``) that has ended starts over when iterated
-    again (same order, counts kept)."""
+    its permuted samples were consumed. A finite pass (``repeat=False``) that was consumed to its end (``"ended"``)
+    starts over when iterated again (same order, counts kept); a state saved with a consumer's last batch resumes to
+    nothing more from that consumer (with several workers, the others carry on)."""
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, patch_grid: tuple[int, int], *, seed: int,
                  rank: int = 0, world_size: int = 1, shards: str | None = None, repeat: bool | None = None) -> None:
@@ -68,11 +75,37 @@ class PackedDataset(IterableDataset):
         self.tokenizer = tokenizer
         self.patch_grid = (int(patch_grid[0]), int(patch_grid[1]))
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.builder = SequenceBuilder(tokenizer, self.patch_grid, seed, cfg.t2i_ratio, cfg.caption_dropout)
+        self.builder = SequenceBuilder.from_config(cfg, tokenizer, self.patch_grid, seed)
         if self.builder.min_length > cfg.seq_len:
             raise ValueError(f"data.seq_len={cfg.seq_len} cannot hold one image document "
                              f"({self.builder.min_length} tokens for a {self.patch_grid} patch grid)")
+        self.latents, self.image_shape = self._resolve_format()
+        self.decode_options = DecodeOptions.from_config(cfg, self.latents, self.image_shape if self.latents else None)
         self._state: dict[str, Any] | None = None  # position of the next batch; None = start
+
+    def _resolve_format(self) -> tuple[bool, tuple[int, int, int]]:
+        """(read latents?, [C, H, W] of every image). Latents take their shape from the first sample that has one."""
+        fmt, pixels = self.cfg.format, (3, self.cfg.image_size, self.cfg.image_size)
+        if fmt == "pixels":
+            return False, pixels
+        raw = peek_first_sample(self.urls)
+        if raw is None or not has_latents(raw):
+            if fmt == "latents":
+                raise DataError(f"data.format = 'latents' but the first readable sample of {self.urls[0]!r} has no "
+                                f"<key>.latent.npy or .latent.safetensors member (see tools/precompute_latents.py)")
+            return False, pixels
+        try:
+            z = decode_latent_member(raw)
+        except SkipSample:
+            raise DataError(f"the first latent of {raw.get('__url__')!r} (key {raw.get('__key__')!r}) does not "
+                            f"parse as [C, h, w] float16/bfloat16/float32") from None
+        c, h, w = z.shape
+        gh, gw = self.patch_grid
+        if h % gh or w % gw or h // gh != w // gw:
+            raise DataError(f"latents of shape {tuple(z.shape)} in {raw.get('__url__')!r} do not split into the "
+                            f"{self.patch_grid} patch grid of data.image_size={self.cfg.image_size}; were they "
+                            f"computed at another image size or with another VAE?")
+        return True, (int(c), int(h), int(w))
 
     # -- consumer identity and state -----------------------------------------------------------------------------
 
@@ -111,16 +144,10 @@ class PackedDataset(IterableDataset):
 
     def _sequence(self, raw: RawSample, counts: dict[str, int]) -> Sequence | None:
         """Decode one raw sample into a Sequence, or count why it is skipped and return None."""
-        cfg = self.cfg
         counts["seen"] += 1
         try:
-            data = image_bytes(raw)
-            ids = self.tokenizer.encode(read_caption(raw, cfg.caption_field))
-            if len(ids) > cfg.max_text_tokens:
-                raise SkipSample("caption_too_long")
-            seq = self.builder(raw["__key__"], decode_image(data, cfg.image_size), ids, raw["__epoch__"])
-            if len(seq) > cfg.seq_len:
-                raise SkipSample("too_long_for_row")
+            seq = self.builder(decode_document(raw, self.decode_options), raw["__epoch__"])
+            counts["truncated"] += seq.truncated
             return seq
         except SkipSample as skip:
             counts[skip.reason] += 1
@@ -142,12 +169,17 @@ class PackedDataset(IterableDataset):
         if self._state is not None:
             self.load_state_dict(self._state)  # validates the consumer identity
             stream.load_state_dict(self._state["stream"])
-            if stream.exhausted:  # a finished finite pass: replay it, keep the tallies
+            if stream.exhausted and not self._state.get("ended"):
+                # saved with this consumer's last batch (the loader snapshots at every batch): nothing is left of
+                # this pass, so a resume must not replay it
+                self._state = self._state | {"ended": True}
+                return
+            if stream.exhausted:  # a pass that ended and is iterated again: replay it, keep the tallies
                 counts, stream = stream.counts, self._new_stream()
                 stream.counts = counts
         cfg = self.cfg
-        packer = Packer(cfg.seq_len, cfg.batch_rows, self.tokenizer.pad_id, self.patch_grid,
-                        (3, cfg.image_size, cfg.image_size))
+        packer = Packer(cfg.seq_len, cfg.batch_rows, self.tokenizer.pad_id, self.patch_grid, self.image_shape,
+                        latents=self.latents)
         try:
             while True:
                 position = stream.state_dict()  # before the sample: where a batch that carries it must resume
@@ -168,7 +200,7 @@ class PackedDataset(IterableDataset):
                 batch = packer.emit()
                 self._state = final
                 yield batch
-            self._state = final
+            self._state = final | {"ended": True}  # consumed to the end: iterating again replays the pass
         finally:
             stream.close()
 

@@ -1,18 +1,38 @@
-"""Decoded samples -> token ``Sequence``s: layout choice, caption dropout and next-token targets.
+"""Documents -> token ``Sequence``s: layout choice, caption dropout, image roles, noise limits, clean copies,
+next-token targets and truncation.
 
 Two layouts of one (image, caption) pair, P = patch_grid[0] * patch_grid[1] image slots:
 
     text -> image   BOS c a p t i o n BOI IMG*P EOI EOS      image is a generation target (noised, diffusion loss)
     dropped caption BOS BOI IMG*P EOI EOS                    text -> image with the caption removed (for CFG)
-    image -> text   BOS BOI IMG*P EOI c a p t i o n EOS      image is conditioning only (clean)
+    image -> text   BOS BOI IMG*P EOI c a p t i o n EOS      image role: data.image_then_text_role
+
+An interleaved document keeps its segment order: ``BOS text BOI IMG*P EOI text BOI IMG*P EOI ... EOS``. Each image
+is a generation *target* (noised, diffusion loss) or *conditioning* (clean, t = 0, no image loss): the role given
+in the data wins; otherwise an image with text after it takes ``data.image_then_text_role`` and the others are
+targets.
+
+Noise limit (Transfusion, section 4.3): for a share ``data.noise_limit_share`` of documents (a stable hash of seed,
+epoch and key), every target image with text after it is noised at most to ``data.noise_limit`` of the schedule
+(the paper: t <= 500 of 1000 for 80% of captioning samples), so the text learns from a recognisable image.
+
+Clean copy (``data.clean_copy``): a target image with text after it is written twice. The noisy copy ``BOI IMG*P``
+is hidden from every later token (``Sequence.hidden_spans`` -> ``Batch.hidden_ids`` -> the attention mask); the
+clean copy ``BOI IMG*P EOI`` (conditioning) follows with the *same positions*, so later text sees exactly what it
+sees at inference, where the engine appends the finished clean image:
+
+    tokens     t  BOI n n n n  BOI c c c c EOI t        n: noisy copy (target, hidden)   c: clean copy
+    positions  4  5   6 7 8 9  5   6 7 8 9 10  11
 
 Text targets (``transfusion/batch.py``): token i predicts token i + 1, except on image slots, on BOI (its successor
-is an image slot) and on the last token of the document, which get IGNORE_INDEX. So in text -> image the last
-caption token predicts BOI and EOI predicts EOS; in image -> text BOS predicts BOI and EOI predicts the first
-caption token.
+is an image slot), on hidden tokens and on the last token of the document, which get IGNORE_INDEX.
 
-The layout and dropout decisions are a pure function of (seed, epoch, key) through a stable hash, so a resumed stream
-reproduces them without any RNG state.
+Documents longer than a row: pairs are skipped (``too_long_for_row``); interleaved documents are cut before the first
+image block that does not fit, or inside a text segment at a token (``data.long_documents = "truncate"``, counted
+as ``truncated``; a cut document has no EOS), or skipped (``"skip"``). An image block is never cut.
+
+Every decision is a pure function of (seed, epoch, key) through a stable hash, so a resumed stream reproduces them
+without any RNG state.
 """
 
 from __future__ import annotations
@@ -22,11 +42,15 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from data_pipelines.documents import Document
+from data_pipelines.errors import SkipSample
 from transfusion.batch import IGNORE_INDEX
 from transfusion.tokenizer import Tokenizer
 
 T2I = "t2i"
 CAPTION = "caption"
+TARGET, CONDITION = "target", "condition"
+LONG_DOCUMENT_POLICIES = ("truncate", "skip")
 
 
 @dataclass(slots=True)
@@ -39,9 +63,26 @@ class Sequence:
     image_spans: list[tuple[int, int]] = field(default_factory=list)
     images: list[Tensor] = field(default_factory=list)  # one [C, H, W] tensor per span
     image_is_target: list[bool] = field(default_factory=list)  # per image: generation target or conditioning
+    image_noise_limit: list[float] = field(default_factory=list)  # per image: max share of the schedule; [] = 1.0
+    positions: list[int] | None = None  # None = 0, 1, 2, ... (clean copies repeat positions)
+    hidden_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, stop): hidden from later tokens
+    truncated: bool = False
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+
+@dataclass(slots=True)
+class ImagePart:
+    """One image of a document being assembled."""
+
+    image: Tensor
+    target: bool
+    noise_limit: float = 1.0
+    clean_copy: bool = False
+
+
+Part = list[int] | ImagePart  # text ids, or an image
 
 
 def stable_uniforms(*parts: object, n: int = 2) -> list[float]:
@@ -79,40 +120,168 @@ def caption_prompt_tokens(tokenizer: Tokenizer) -> list[int]:
     return [tokenizer.bos_id, tokenizer.boi_id]
 
 
-def build_sequence(tokenizer: Tokenizer, key: str, image: Tensor, caption_ids: list[int], *,
-                   patch_grid: tuple[int, int], layout: str, drop_caption: bool = False) -> Sequence:
-    """One (image, caption) document in the given layout (see the module docstring)."""
+def block_length(num_slots: int, clean_copy: bool) -> int:
+    """Tokens of one image block: ``BOI IMG*P EOI``, plus ``BOI IMG*P`` for a noisy copy."""
+    return num_slots + 2 + (num_slots + 1 if clean_copy else 0)
+
+
+def assemble(tokenizer: Tokenizer, key: str, parts: list[Part], *, patch_grid: tuple[int, int],
+             max_len: int | None = None) -> Sequence:
+    """``BOS parts... EOS`` as a Sequence (see the module docstring). With ``max_len``, assembly stops at the first
+    image block that does not fit, or cuts a text part at a token; a cut sequence has no EOS and ``truncated``."""
     num_slots = patch_grid[0] * patch_grid[1]
-    block = [tokenizer.image_id] * num_slots
+    boi, eoi, img = tokenizer.boi_id, tokenizer.eoi_id, tokenizer.image_id
+    tokens, positions = [tokenizer.bos_id], [0]
+    text_has_boi = False
+    seq = Sequence(key=key, tokens=tokens, text_targets=[])
+    limit = max_len if max_len is not None else 1 << 62
+    for part in parts:
+        room = limit - len(tokens)
+        if isinstance(part, ImagePart):
+            if block_length(num_slots, part.clean_copy) > room:
+                seq.truncated = True
+                break
+            pos = positions[-1] + 1
+            block_pos = list(range(pos, pos + num_slots + 1))
+            if part.clean_copy:  # noisy target copy, hidden from later tokens; then the clean copy, same positions
+                seq.hidden_spans.append((len(tokens), len(tokens) + num_slots + 1))
+                _add_image(seq, len(tokens) + 1, part.image, True, part.noise_limit, num_slots)
+                tokens += [boi] + [img] * num_slots
+                positions += block_pos
+                _add_image(seq, len(tokens) + 1, part.image, False, 1.0, num_slots)
+            else:
+                _add_image(seq, len(tokens) + 1, part.image, part.target, part.noise_limit, num_slots)
+            tokens += [boi] + [img] * num_slots + [eoi]
+            positions += block_pos + [pos + num_slots + 1]
+        else:
+            ids = part
+            if len(ids) > room:
+                ids, seq.truncated = ids[:room], True
+            tokens += ids
+            positions += range(positions[-1] + 1, positions[-1] + 1 + len(ids))
+            text_has_boi = text_has_boi or boi in ids
+            if seq.truncated:
+                break
+    if not seq.truncated:
+        if len(tokens) < limit:
+            tokens.append(tokenizer.eos_id)
+            positions.append(positions[-1] + 1)
+        else:
+            seq.truncated = True
+    # next_token_targets(tokens, is_slot, boi), by slices: every BOI precedes an image span
+    targets = tokens[1:] + [IGNORE_INDEX]
+    for start, stop in seq.image_spans:
+        targets[start - 1:stop] = [IGNORE_INDEX] * (stop - start + 1)
+    for start, stop in seq.hidden_spans:
+        targets[start:stop] = [IGNORE_INDEX] * (stop - start)
+    if text_has_boi:  # a tokenizer that maps some text to the BOI id: ignore it like any BOI
+        targets = [IGNORE_INDEX if t == boi else g for t, g in zip(tokens, targets)]
+    seq.text_targets = targets
+    if seq.hidden_spans:
+        seq.positions = positions
+    return seq
+
+
+def _add_image(seq: Sequence, start: int, image: Tensor, target: bool, noise_limit: float, num_slots: int) -> None:
+    seq.image_spans.append((start, start + num_slots))
+    seq.images.append(image)
+    seq.image_is_target.append(target)
+    seq.image_noise_limit.append(noise_limit)
+
+
+def build_sequence(tokenizer: Tokenizer, key: str, image: Tensor, caption_ids: list[int], *,
+                   patch_grid: tuple[int, int], layout: str, drop_caption: bool = False,
+                   caption_image: ImagePart | None = None) -> Sequence:
+    """One (image, caption) document in the given layout (see the module docstring). ``caption_image`` overrides
+    the image part of the image -> text layout (default: conditioning, clean)."""
     if layout == T2I:
-        head = t2i_prompt_tokens(tokenizer, [] if drop_caption else caption_ids)
-        tail = [tokenizer.eoi_id, tokenizer.eos_id]
+        parts: list[Part] = [[] if drop_caption else list(caption_ids), ImagePart(image, True)]
     elif layout == CAPTION:
-        head = caption_prompt_tokens(tokenizer)
-        tail = [tokenizer.eoi_id, *caption_ids, tokenizer.eos_id]
+        parts = [caption_image or ImagePart(image, False), list(caption_ids)]
     else:
         raise ValueError(f"unknown layout {layout!r} (expected {T2I!r} or {CAPTION!r})")
-    tokens = head + block + tail
-    span = (len(head), len(head) + num_slots)
-    is_slot = [span[0] <= i < span[1] for i in range(len(tokens))]
-    return Sequence(key=key, tokens=tokens, text_targets=next_token_targets(tokens, is_slot, tokenizer.boi_id),
-                    image_spans=[span], images=[image], image_is_target=[layout == T2I])
+    return assemble(tokenizer, key, parts, patch_grid=patch_grid)
+
+
+class _Lazy:
+    """A boolean computed on first use (the noise-limit hash is only needed for some documents)."""
+
+    __slots__ = ("fn", "value")
+
+    def __init__(self, fn) -> None:
+        self.fn, self.value = fn, None
+
+    def __call__(self) -> bool:
+        if self.value is None:
+            self.value = bool(self.fn())
+        return self.value
 
 
 @dataclass(slots=True)
 class SequenceBuilder:
-    """Applies the configured layout mix: ``builder(key, image, caption_ids, epoch) -> Sequence``."""
+    """Applies the configured layout mix and image policies: ``builder(document, epoch) -> Sequence`` or
+    ``SkipSample`` (``caption_too_long``, ``too_long_for_row``)."""
 
     tokenizer: Tokenizer
     patch_grid: tuple[int, int]
     seed: int
     t2i_ratio: float = 0.8
     caption_dropout: float = 0.1
+    max_text_tokens: int | None = None  # pairs: longer captions are skipped
+    seq_len: int | None = None  # documents must fit one row
+    long_documents: str = "truncate"  # interleaved documents longer than a row: "truncate" or "skip"
+    image_then_text_role: str = CONDITION  # role of an image with text after it, when the data names none
+    noise_limit: float = 1.0  # max share of the noise schedule for limited images
+    noise_limit_share: float = 0.0  # share of documents whose target images with text after them are limited
+    clean_copy: bool = False
 
-    def __call__(self, key: str, image: Tensor, caption_ids: list[int], epoch: int) -> Sequence:
-        layout, drop = choose_layout(self.seed, epoch, key, self.t2i_ratio, self.caption_dropout)
-        return build_sequence(self.tokenizer, key, image, caption_ids, patch_grid=self.patch_grid, layout=layout,
-                              drop_caption=drop)
+    @classmethod
+    def from_config(cls, cfg, tokenizer: Tokenizer, patch_grid: tuple[int, int], seed: int) -> "SequenceBuilder":
+        return cls(tokenizer, tuple(patch_grid), seed, t2i_ratio=cfg.t2i_ratio, caption_dropout=cfg.caption_dropout,
+                   max_text_tokens=cfg.max_text_tokens, seq_len=cfg.seq_len, long_documents=cfg.long_documents,
+                   image_then_text_role=cfg.image_then_text_role, noise_limit=cfg.noise_limit,
+                   noise_limit_share=cfg.noise_limit_share, clean_copy=cfg.clean_copy)
+
+    def _image(self, image: Tensor, role: str | None, text_after: bool, limited: "_Lazy") -> ImagePart:
+        role = role or (self.image_then_text_role if text_after else TARGET)
+        target = role == TARGET
+        return ImagePart(image, target, self.noise_limit if target and text_after and limited() else 1.0,
+                         clean_copy=self.clean_copy and target and text_after)
+
+    def __call__(self, doc: Document, epoch: int) -> Sequence:
+        limited = _Lazy(lambda: self.noise_limit < 1.0 and self.noise_limit_share > 0.0 and
+                        stable_uniforms("noise_limit", self.seed, epoch, doc.key, n=1)[0] < self.noise_limit_share)
+        if not doc.interleaved:
+            caption, image = doc.segments
+            ids = self.tokenizer.encode(caption)
+            if self.max_text_tokens is not None and len(ids) > self.max_text_tokens:
+                raise SkipSample("caption_too_long")
+            layout, drop = choose_layout(self.seed, epoch, doc.key, self.t2i_ratio, self.caption_dropout)
+            part = self._image(image, doc.roles[0] if doc.roles else None, True, limited) if layout == CAPTION \
+                else None
+            seq = build_sequence(self.tokenizer, doc.key, image, ids, patch_grid=self.patch_grid, layout=layout,
+                                 drop_caption=drop, caption_image=part)
+            if self.seq_len is not None and len(seq) > self.seq_len:
+                raise SkipSample("too_long_for_row")
+            return seq
+
+        parts: list[Part] = []
+        roles = iter(doc.roles)
+        is_text = [isinstance(s, str) for s in doc.segments]
+        text_after = [any(is_text[i + 1:]) for i in range(len(is_text))]
+        for i, segment in enumerate(doc.segments):
+            if is_text[i]:
+                parts.append(self.tokenizer.encode(segment))
+            else:
+                parts.append(self._image(segment, next(roles, None), text_after[i], limited))
+        truncate = self.long_documents == "truncate"
+        seq = assemble(self.tokenizer, doc.key, parts, patch_grid=self.patch_grid,
+                       max_len=self.seq_len if truncate else None)
+        if self.seq_len is not None and len(seq) > self.seq_len:
+            raise SkipSample("too_long_for_row")
+        if seq.truncated and not (any(seq.image_is_target) or any(t != IGNORE_INDEX for t in seq.text_targets)):
+            raise SkipSample("too_long_for_row")  # nothing left to learn from
+        return seq
 
     @property
     def min_length(self) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-WORLD_VERSION = 1  # bump when sampling or rendering changes, so cached shards are regenerated
+WORLD_VERSION = 2  # bump when sampling or rendering changes, so cached shards are regenerated
 
 BACKGROUND: tuple[int, int, int] = (16, 16, 16)
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -38,10 +38,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 ANCHORS: dict[str, tuple[float, float]] = {
-    "left": (0.25, 0.5),
-    "right": (0.75, 0.5),
-    "top": (0.5, 0.25),
-    "bottom": (0.5, 0.75),
+    "left": (0.28, 0.5),
+    "right": (0.72, 0.5),
+    "top": (0.5, 0.28),
+    "bottom": (0.5, 0.72),
     "center": (0.5, 0.5),
 }
 POSITION_PHRASES: dict[str, str] = {
@@ -51,8 +51,8 @@ POSITION_PHRASES: dict[str, str] = {
     "bottom": "at the bottom",
     "center": "in the center",
 }
-JITTER = 0.03  # max offset of a shape's center from its anchor, per axis
-HALF_SIZE_RANGE = (0.14, 0.20)  # shape half-size as a fraction of the image side
+JITTER = 0.02  # max offset of a shape's center from its anchor, per axis
+HALF_SIZE_RANGE = (0.18, 0.25)  # shape half-size as a fraction of the image side
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,15 +15,26 @@ members without decoding them), permutes it identically and carries on from the 
 
 Errors never stop the stream. A shard that cannot be opened or whose source fails before yielding anything counts as
 ``missing_shard``; a tar stream that breaks later (truncated, corrupt) counts as ``corrupt_shard`` and the stream
-moves on to the next shard. Sample-level problems are raised as ``SkipSample(reason)`` by the decoders here and
-counted by the caller (see ``SKIP_REASONS``).
+moves on to the next shard. Sample-level problems are raised as ``SkipSample(reason)`` by the decoders
+(``data_pipelines.documents``) and counted by the caller (see ``data_pipelines.errors``).
+
+Keys and extensions (``iter_tar``). Members of one sample are consecutive (the WebDataset convention), and keys may
+contain dots (``000123.abc.jpg``), so the split between key and extension is decided from the neighbours:
+
+1. a member whose basename starts with ``<current key>.`` joins the current sample; the rest is its extension
+   (lower-cased): ``000123.abc.jpg`` then ``000123.abc.txt`` -> key ``000123.abc``, extensions ``jpg``, ``txt``;
+2. else, while the current sample holds a single member, a member sharing a shorter dot-prefix with it joins and
+   the key shrinks to the longest shared prefix: ``doc.0.png`` then ``doc.1.png`` -> key ``doc``, extensions
+   ``0.png``, ``1.png`` (interleaved documents; also WebDataset's ``abc.seg.png`` + ``abc.txt``);
+3. else the member starts a new sample keyed by its basename minus the last dot-part.
+
+Same directory only. The one ambiguity left: two consecutive *single-member* samples whose keys differ only after a
+dot (``img.001.jpg``, ``img.002.jpg``, no captions) group as one; samples with two or more members never merge.
 """
 
 from __future__ import annotations
 
 import glob
-import io
-import json
 import os
 import re
 import tarfile
@@ -32,41 +43,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from braceexpand import braceexpand
-from PIL import Image
 from torch import Tensor
 from webdataset import gopen
 
-RawSample = dict[str, Any]
+from data_pipelines.documents import (IMAGE_EXTENSIONS, DecodeOptions, RawSample, check_caption_field,  # noqa: F401
+                                      decode_document, decode_image, image_bytes, read_caption, read_json)
+from data_pipelines.errors import (COUNT_KEYS, SAMPLE_SKIP_REASONS, SHARD_ERROR_REASONS, SKIP_REASONS,  # noqa: F401
+                                   DataError, ShardSpecError, SkipSample, new_counts)
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-# Per-sample skip reasons (they count against data.max_skip_rate) and per-shard error reasons (they do not).
-SAMPLE_SKIP_REASONS = ("bad_image", "no_image", "missing_caption", "caption_too_long", "too_long_for_row")
-SHARD_ERROR_REASONS = ("corrupt_shard", "missing_shard")
-SKIP_REASONS = SAMPLE_SKIP_REASONS + SHARD_ERROR_REASONS
-COUNT_KEYS = ("seen",) + SKIP_REASONS  # "seen": raw samples this consumer took from its stream
 MAX_EMPTY_EPOCHS = 3  # a repeating stream that reads nothing this many epochs in a row raises DataError
-
-
-class ShardSpecError(ValueError):
-    """A shard spec that names no data."""
-
-
-class DataError(RuntimeError):
-    """The data stream cannot go on usefully (too many skipped samples, nothing readable)."""
-
-
-class SkipSample(Exception):
-    """A sample that cannot be used; ``reason`` is one of ``SAMPLE_SKIP_REASONS``."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def new_counts() -> dict[str, int]:
-    return dict.fromkeys(COUNT_KEYS, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,12 +83,16 @@ def expand_shard_spec(spec: str) -> list[str]:
     ``pipe:CMD`` URL (braces expanded, each kept as a URL) or a ``scheme://`` URL (http, https, s3, gs, ...; braces
     expanded, kept). The order is the spec order, globs sorted, duplicates kept.
 
-    A local item that matches no existing file raises ``ShardSpecError``. Inside a brace list that matches at least
-    one file, the names that do not exist are kept: reading them later counts ``missing_shard``."""
+    A glob that matches nothing raises ``ShardSpecError`` (a typo), and so does a spec none of whose local items
+    exists. Otherwise names that do not exist are kept (one lost shard of thousands must not stop a run): reading
+    them later counts ``missing_shard``."""
     urls: list[str] = []
+    first_missing: str | None = None
+    any_source = False
     for item in _split_top_level(spec):
         if item.startswith("pipe:") or (_URL_RE.match(item) and not item.startswith("file://")):
             urls.extend(braceexpand(item))
+            any_source = True
             continue
         local = item[len("file://"):] if item.startswith("file://") else item
         found: list[str] = []
@@ -110,14 +100,19 @@ def expand_shard_spec(spec: str) -> list[str]:
         for pattern in braceexpand(local):
             if _GLOB_CHARS.search(pattern):
                 matches = sorted(glob.glob(pattern))
+                if not matches:
+                    raise ShardSpecError(f"shard pattern {item!r} matches no files")
                 found.extend(matches)
-                any_exists |= bool(matches)
+                any_exists = True
             else:
                 found.append(pattern)
                 any_exists |= os.path.exists(pattern)
-        if not any_exists:
-            raise ShardSpecError(f"shard pattern {item!r} matches no files")
+        if not any_exists and first_missing is None:
+            first_missing = item
+        any_source |= any_exists
         urls.extend(found)
+    if not any_source and first_missing is not None:
+        raise ShardSpecError(f"shard pattern {first_missing!r} matches no files")
     if not urls:
         raise ShardSpecError(f"shard spec {spec!r} names no shards")
     return urls
@@ -168,13 +163,196 @@ def assign_shards(urls: list[str], *, seed: int, epoch: int, rank: int, world_si
 # Reading one shard
 
 
+def _shared_key(a: str, b: str) -> str | None:
+    """Longest dot-prefix of basenames ``a`` and ``b`` that leaves both a non-empty extension."""
+    pa, pb = a.split("."), b.split(".")
+    n = 0
+    while n < min(len(pa), len(pb)) - 1 and pa[n] == pb[n]:
+        n += 1
+    return ".".join(pa[:n]) if n and pa[0] else None
+
+
+class _Grouper:
+    """Tar member names -> (sample number, key, extension), following the rules in the module docstring."""
+
+    def __init__(self) -> None:
+        self.index, self.head, self.base_key, self.first, self.members = -1, None, "", "", 0
+
+    def add(self, name: str) -> tuple[bool, str | None]:
+        """Place member ``name``: (starts a new sample, previous key of a re-keyed first member or None).
+        Names without an extension, hidden files and directories are not members (caller skips: ``self.ok``)."""
+        head, _, base = name.rpartition("/")
+        self.ok = bool(base) and not base.startswith(".") and "." in base.strip(".")
+        if not self.ok:
+            return False, None
+        if self.index >= 0 and head == self.head:
+            if base.startswith(self.base_key + "."):
+                self.members += 1
+                return False, None
+            if self.members == 1:
+                shared = _shared_key(self.first, base)
+                if shared is not None:
+                    old, self.base_key = self.base_key, shared
+                    self.members += 1
+                    return False, old
+        self.index += 1
+        self.head, self.base_key, self.first, self.members = head, base.rsplit(".", 1)[0], base, 1
+        return True, None
+
+    @property
+    def key(self) -> str:
+        return f"{self.head}/{self.base_key}" if self.head else self.base_key
+
+    def ext(self, name: str) -> str:
+        return name.rpartition("/")[2][len(self.base_key) + 1:].lower()
+
+
 def split_member_name(name: str) -> tuple[str, str] | None:
-    """``dir/abc.seg.PNG`` -> (``dir/abc``, ``seg.png``); None for names without an extension or hidden files."""
-    head, _, base = name.rpartition("/")
-    if not base or base.startswith(".") or "." not in base:
-        return None
-    stem, ext = base.split(".", 1)
-    return (f"{head}/{stem}" if head else stem), ext.lower()
+    """One member on its own: ``dir/abc.def.PNG`` -> (``dir/abc.def``, ``png``) (rule 3 of the module docstring);
+    None for names without an extension or hidden files. ``iter_tar`` refines this with the neighbours."""
+    grouper = _Grouper()
+    grouper.add(name)
+    return (grouper.key, grouper.ext(name)) if grouper.ok else None
+
+
+_BLOCK = 512
+_FILE_TYPES = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "lzma"))
+
+
+class _Prepend:
+    """A read-only stream that replays ``head`` before reading on from ``stream`` (for sniffing compression)."""
+
+    def __init__(self, head: bytes, stream: Any) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(n)
+        if n < 0:
+            out, self.head = self.head + self.stream.read(), b""
+            return out
+        out, self.head = self.head[:n], self.head[n:]
+        return out + (self.stream.read(n - len(out)) if len(out) < n else b"")
+
+
+class TarStream:
+    """A minimal forward-only reader of (possibly gzip / bz2 / xz compressed) tar archives: ustar, GNU long names
+    and PAX headers. ``next_member()`` gives ``(name, size, is_file)`` or None at the end-of-archive block; the
+    member's data is then ``read()`` or left (skipped on the next call). Much cheaper per member than ``tarfile``
+    (no TarInfo objects, checksum by ``sum``), which matters at thousands of small members per second.
+
+    Raises ``tarfile.ReadError`` on a bad header, an empty stream, a stream that ends without the end-of-archive
+    block and data cut short."""
+
+    def __init__(self, stream: Any) -> None:
+        head = stream.read(_BLOCK)
+        self._seekable = False
+        for magic, module in _COMPRESSED:
+            if head.startswith(magic):
+                import importlib
+
+                opener = importlib.import_module(module)
+                raw = _Prepend(head, stream)
+                stream = opener.GzipFile(fileobj=raw) if module == "gzip" else \
+                    getattr(opener, "BZ2File" if module == "bz2" else "LZMAFile")(raw)
+                head = b""
+                break
+        else:
+            try:
+                self._seekable = bool(stream.seekable())  # local files: skip unwanted data without reading it
+            except Exception:  # noqa: BLE001 - pipes and remote streams may not implement it
+                self._seekable = False
+        self._stream, self._head = stream, head
+        self._pending = 0  # bytes of the current member's data (and padding) not consumed yet
+        self._size = 0
+        self.members = 0
+
+    def _read_exact(self, n: int) -> bytes:
+        data = self._stream.read(n)
+        if len(data) != n:
+            raise tarfile.ReadError("tar stream ended inside a member (truncated)")
+        return data
+
+    def _skip(self, n: int) -> None:
+        if n <= 0:
+            return
+        if self._seekable:
+            self._stream.seek(n, 1)
+        else:
+            while n:
+                n -= len(self._read_exact(min(n, 1 << 20)))
+
+    def _header(self) -> bytes:
+        if self._head:
+            block, self._head = self._head, b""
+            if len(block) < _BLOCK:
+                block += self._stream.read(_BLOCK - len(block))
+        else:
+            block = self._stream.read(_BLOCK)
+        if not block:
+            raise tarfile.ReadError("empty tar stream" if self.members == 0 else
+                                    "tar stream ended without its end-of-archive block")
+        if len(block) != _BLOCK:
+            raise tarfile.ReadError("tar stream ended inside a header (truncated)")
+        return block
+
+    @staticmethod
+    def _number(field: bytes) -> int:
+        if field[0] & 0x80:  # base-256 (GNU, sizes over 8 GiB)
+            return int.from_bytes(field[1:], "big")
+        digits = field.strip(b"\0 ")
+        return int(digits, 8) if digits else 0
+
+    def next_member(self) -> tuple[str, int, bool] | None:
+        self._skip(self._pending)
+        self._pending = 0
+        long_name: str | None = None
+        while True:
+            block = self._header()
+            if block.count(0) == _BLOCK:
+                return None
+            if block[257:262] != b"ustar" and self._number(block[148:156]) != sum(block) - sum(block[148:156]) + 256:
+                raise tarfile.ReadError("bad tar header checksum")  # (a ustar magic is evidence enough)
+            self.members += 1
+            size, kind = self._number(block[124:136]), block[156:157]
+            padded = size + (-size % _BLOCK)
+            if kind in (b"x", b"L"):  # PAX extended header / GNU long name: both apply to the next header
+                data = self._read_exact(padded)[:size]
+                if kind == b"L":
+                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                else:
+                    pax = _parse_pax(data)
+                    long_name = pax.get("path", long_name)
+                continue
+            if kind in (b"g", b"K"):  # global PAX header, GNU long link name: not needed
+                self._skip(padded)
+                continue
+            name = long_name
+            if name is None:
+                name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if block[257:265] == b"ustar\x0000" and block[345] != 0:
+                    prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                    name = f"{prefix}/{name}"
+            self._pending, self._size = padded, size
+            return name, size, kind in _FILE_TYPES
+
+    def read(self) -> bytes:
+        data = self._read_exact(self._pending)[:self._size]
+        self._pending = 0
+        return data
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
+    """PAX records ``"%d %s=%s\n"``: the keys this reader needs (``path``; sizes come from the header)."""
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
 
 
 def iter_tar(url: str, *, start: int = 0, keep: Callable[[int], bool] | None = None,
@@ -186,35 +364,36 @@ def iter_tar(url: str, *, start: int = 0, keep: Callable[[int], bool] | None = N
     ``on_error(reason, url, exc)`` is called with ``missing_shard`` (could not open; source failed before the first
     member) or ``corrupt_shard`` (the stream broke later, including a tar cut off without its end-of-archive
     blocks); the sample being assembled when the error hit is dropped."""
-    index, members_read = -1, 0
+    members_read = 0
     stream = None
+    group = _Grouper()
     try:
         stream = gopen(url, "rb")
-        tar = tarfile.open(fileobj=stream, mode="r|*")
-        key: str | None = None
+        tar = TarStream(stream)
         sample: RawSample | None = None
-        for member in tar:
-            members_read += 1
-            if not member.isfile():
+        first_name = ""
+        while (member := tar.next_member()) is not None:
+            members_read = tar.members
+            name, _, is_file = member
+            if not is_file:
                 continue
-            parts = split_member_name(member.name)
-            if parts is None:
+            new, old_key = group.add(name)
+            if not group.ok:
                 continue
-            if parts[0] != key:
+            if new:
                 if sample is not None:
-                    yield index, sample
-                key, index = parts[0], index + 1
-                wanted = index >= start and (keep is None or keep(index))
-                sample = {"__key__": key, "__url__": url} if wanted else None
+                    yield group.index - 1, sample
+                wanted = group.index >= start and (keep is None or keep(group.index))
+                sample = {"__url__": url} if wanted else None
+                first_name = name
+            elif old_key is not None and sample is not None:  # the key shrank: re-file the first member
+                old_ext = first_name.rpartition("/")[2][len(old_key) + 1:].lower()
+                sample[group.ext(first_name)] = sample.pop(old_ext)
             if sample is not None:
-                fobj = tar.extractfile(member)
-                sample[parts[1]] = fobj.read() if fobj is not None else b""
-        # tarfile's stream mode ends quietly on a header cut short; a clean archive ends with a zero block, which it
-        # has consumed in full, so fewer than one block past the last member means the shard was truncated.
-        if tar.fileobj.tell() - tar.offset < tarfile.BLOCKSIZE:
-            raise tarfile.ReadError("tar stream ended without its end-of-archive block")
+                sample["__key__"] = group.key
+                sample[group.ext(name)] = tar.read()
         if sample is not None:
-            yield index, sample
+            yield group.index, sample
     except Exception as exc:  # noqa: BLE001 - a broken shard must never stop the stream
         source_failed = stream is None or (isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError))
         source_failed |= _close_failed(stream)
@@ -238,107 +417,18 @@ def _close_failed(stream: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Decoding
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB. 16/32-bit grey is scaled from 16-bit range; transparency is composited onto white."""
-    if img.mode == "RGB" and "transparency" not in img.info:
-        return img
-    if img.mode.startswith("I") or img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode != "F":
-            arr = arr / 257.0  # 16-bit content (the usual source of I / I;16 images) -> 8 bit
-        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def decode_image(data: bytes, image_size: int) -> Tensor:
-    """Encoded image bytes -> float [3, S, S] in [-1, 1]: short side resized to S (bicubic, antialiased when
-    shrinking), center crop. Raises ``SkipSample("bad_image")`` when the bytes do not decode."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (image_size, image_size))  # JPEG: decode at the smallest scale still >= S
-            rgb = _to_rgb(img)
-            w, h = rgb.size
-            side = min(w, h)
-            left, top = (w - side) / 2, (h - side) / 2
-            rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC,
-                             box=(left, top, left + side, top + side))
-            arr = np.asarray(rgb, dtype=np.uint8)
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data
-        raise SkipSample("bad_image") from exc
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
-def image_bytes(raw: RawSample) -> bytes:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in raw:
-            return raw[ext]
-    raise SkipSample("no_image")
-
-
-def read_json(raw: RawSample) -> dict[str, Any] | None:
-    """The sample's ``json`` member parsed, or None when absent or unreadable."""
-    if "json" not in raw:
-        return None
-    try:
-        record = json.loads(raw["json"].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def read_caption(raw: RawSample, caption_field: str = "txt") -> str:
-    """The caption: the ``txt`` member (or any other text extension named by ``caption_field``) as stripped UTF-8,
-    or the field of the ``json`` member when ``caption_field = "json:<field>"``. Absent, empty, non-string or
-    undecodable captions raise ``SkipSample("missing_caption")``."""
-    if caption_field.startswith("json:"):
-        record = read_json(raw)
-        value = None if record is None else record.get(caption_field[len("json:"):])
-    else:
-        data = raw.get(caption_field)
-        try:
-            value = None if data is None else data.decode("utf-8")
-        except UnicodeDecodeError:
-            value = None
-    if not isinstance(value, str) or not value.strip():
-        raise SkipSample("missing_caption")
-    return value.strip()
-
-
-def check_caption_field(caption_field: str) -> None:
-    if caption_field == "json:" or not caption_field:
-        raise ValueError(f"data.caption_field must be an extension like 'txt' or 'json:<field>', got {caption_field!r}")
-
-
-@dataclass(slots=True)
-class DecodedSample:
-    key: str
-    image: Tensor  # [3, S, S] in [-1, 1]
-    caption: str
-    record: dict[str, Any] | None  # the json member, when present
-    url: str
-
-
-def decode_sample(raw: RawSample, image_size: int, caption_field: str = "txt") -> DecodedSample:
-    """Raw sample -> DecodedSample, or ``SkipSample`` (checks in order: no_image, missing_caption, bad_image)."""
-    data = image_bytes(raw)
-    caption = read_caption(raw, caption_field)
-    return DecodedSample(raw["__key__"], decode_image(data, image_size), caption, read_json(raw), raw["__url__"])
+# Decoded samples for evaluation, and a peek at a stream's first sample
 
 
 def iter_decoded_samples(spec: str, image_size: int, caption_field: str = "txt", limit: int | None = None,
-                         counts: dict[str, int] | None = None) -> Iterator[tuple[str, Tensor, str, dict | None]]:
-    """``(key, image [3,S,S], caption, json record or None)`` for every usable sample of ``spec``, in file order,
-    no shuffle, no split (evaluation on held-out shards). Unusable samples and shards are skipped; pass ``counts``
-    (e.g. ``new_counts()``) to receive the tallies."""
+                         counts: dict[str, int] | None = None, *, resize: str = "center_crop"
+                         ) -> Iterator[tuple[str, Tensor, str, dict | None]]:
+    """``(key, image [3,S,S], caption, json record or None)`` for every usable (image, caption) pair of ``spec``,
+    in file order, no shuffle, no split (evaluation on held-out pixel shards). Unusable samples, interleaved
+    documents and broken shards are skipped; pass ``counts`` (e.g. ``new_counts()``) to receive the tallies."""
     check_caption_field(caption_field)
     counts = counts if counts is not None else new_counts()
+    opts = DecodeOptions(image_size=image_size, resize=resize, caption_field=caption_field)
 
     def on_error(reason: str, url: str, exc: BaseException) -> None:
         counts[reason] = counts.get(reason, 0) + 1
@@ -350,14 +440,29 @@ def iter_decoded_samples(spec: str, image_size: int, caption_field: str = "txt",
         for _, raw in iter_tar(url, on_error=on_error):
             counts["seen"] = counts.get("seen", 0) + 1
             try:
-                s = decode_sample(raw, image_size, caption_field)
+                doc = decode_document(raw, opts)
+                if doc.interleaved:
+                    raise SkipSample("bad_document")
             except SkipSample as skip:
                 counts[skip.reason] = counts.get(skip.reason, 0) + 1
                 continue
-            yield s.key, s.image, s.caption, s.record
+            caption, image = doc.segments
+            yield doc.key, image, caption, doc.record
             produced += 1
             if limit is not None and produced >= limit:
                 return
+
+
+def peek_first_sample(urls: list[str], max_shards: int = 4) -> RawSample | None:
+    """The first raw sample of the first readable shard among the first ``max_shards`` of ``urls`` (or None)."""
+    for url in urls[:max_shards]:
+        reader = iter_tar(url)
+        try:
+            for _, raw in reader:
+                return raw
+        finally:
+            reader.close()
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------

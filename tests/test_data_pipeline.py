@@ -94,11 +94,14 @@ def test_expand_shard_spec(tmp_path: Path) -> None:
         f"{d}/a-0.tar", f"{d}/a-1.tar", f"{d}/a-2.tar", f"{d}/a-3.tar", f"{d}/a-3.tar", f"{d}/a-0.tar", f"{d}/b.tar",
         f"pipe:cat {d}/a-0.tar", f"pipe:cat {d}/a-1.tar", "https://h/x-0.tar", "https://h/x-1.tar"]
     assert expand_shard_spec(f"{d}/*.tar") == sorted(str(p) for p in tmp_path.glob("*.tar"))
-    # a brace list that matches some files keeps the missing names (counted as missing_shard when read)
+    # names that do not exist are kept when the spec names something that does (counted missing_shard when read)
     assert expand_shard_spec(f"{d}/a-{{3..4}}.tar") == [f"{d}/a-3.tar", f"{d}/a-4.tar"]
-    for bad in (f"{d}/nope-*.tar", f"{d}/c-{{0..2}}.tar", f"{d}/missing.tar"):
+    assert expand_shard_spec(f"{d}/b.tar,{d}/missing.tar") == [f"{d}/b.tar", f"{d}/missing.tar"]
+    # ...but a glob matching nothing is a typo, and so is a spec of which nothing exists
+    for spec, bad in ((f"{d}/b.tar,{d}/nope-*.tar", f"{d}/nope-*.tar"), (f"{d}/c-{{0..2}}.tar", f"{d}/c-{{0..2}}.tar"),
+                      (f"{d}/missing.tar,{d}/c-{{0..2}}.tar", f"{d}/missing.tar")):
         with pytest.raises(ShardSpecError) as err:
-            expand_shard_spec(f"{d}/b.tar,{bad}")
+            expand_shard_spec(spec)
         assert str(err.value) == f"shard pattern {bad!r} matches no files"
 
 

@@ -61,3 +61,33 @@ def test_mask_mod_matches_dense_pointwise():
         assert bool(got) == bool(dense[b, q, k])
     # every query row has at least one allowed key (no NaN softmax rows)
     assert dense.any(-1).all()
+
+
+def test_hidden_noisy_copy_is_seen_only_by_itself():
+    # BOS t BOI n n BOI c c EOI t | PAD: the noisy copy (BOI n n) is hidden span 0; the clean copy and the text after
+    # it see the prefix and the clean copy only; the noisy copy sees the prefix, its BOI and its whole image
+    doc = torch.tensor([[0] * 10 + [-1]])
+    img = torch.tensor([[-1, -1, -1, 0, 0, -1, 1, 1, -1, -1, -1]])
+    hid = torch.tensor([[-1, -1, 0, 0, 0, -1, -1, -1, -1, -1, -1]])
+    expected = _expected([
+        "x . . . . . . . . . .",  # BOS
+        "x x . . . . . . . . .",  # t
+        "x x x . . . . . . . .",  # BOI (noisy, hidden)
+        "x x x x x . . . . . .",  # n: prefix + its BOI + both noisy patches
+        "x x x x x . . . . . .",  # n
+        "x x . . . x . . . . .",  # BOI (clean): not the noisy copy
+        "x x . . . x x x . . .",  # c: both clean patches
+        "x x . . . x x x . . .",  # c
+        "x x . . . x x x x . .",  # EOI
+        "x x . . . x x x x x .",  # t: sees the clean copy, never the noisy one
+        ". . . . . . . . . . x",  # PAD
+    ])
+    assert torch.equal(dense_mask(doc, img, hidden_ids=hid)[0], expected)
+    # without hidden ids the same row is the plain hybrid mask (the noisy copy is visible to later tokens)
+    plain = dense_mask(doc, img)[0]
+    assert plain[9, 3] and not torch.equal(plain, expected)
+    assert torch.equal(dense_mask(doc, img, hidden_ids=torch.full_like(hid, -1)), dense_mask(doc, img))
+    mod = hybrid_mask_mod(doc, img, hidden_ids=hid)
+    for q in range(11):
+        for k in range(11):
+            assert bool(mod(torch.tensor(0), torch.tensor(0), torch.tensor(q), torch.tensor(k))) == bool(expected[q, k])

@@ -23,7 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-t2i", type=int, help="prompts to generate and judge (default: eval.num_t2i)")
     p.add_argument("--num-caption", type=int, help="images to caption (default: eval.num_caption)")
     p.add_argument("--batch-size", type=int, help="generation batch size (default: eval.batch_size)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), help="default: sample.sampler")
+    p.add_argument("--sampler", choices=("ddim", "ddpm", "euler", "heun"),
+                   help="default: sample.sampler (ddim|ddpm for epsilon and v, euler|heun for flow)")
     p.add_argument("--steps", type=int, help="denoising steps (default: sample.steps)")
     p.add_argument("--guidance", type=float, help="CFG scale (default: sample.guidance)")
     p.add_argument("--seed", type=int, default=0)

@@ -23,7 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid", metavar="PNG", help="write a captioned grid for the prompts (default: 16 shapes prompts)")
     p.add_argument("--out", default="samples", help="directory for text -> image PNGs (default: samples/)")
     p.add_argument("--num-per-prompt", type=int, default=1)
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the export's sample.sampler")
+    p.add_argument("--sampler", choices=("ddim", "ddpm", "euler", "heun"), default=None,
+                   help="default: the export's sample.sampler (ddim|ddpm for epsilon and v, euler|heun for flow)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the export's sample.steps)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale, 1 = off (default: export's)")
     p.add_argument("--seed", type=int, default=0)

@@ -39,6 +39,10 @@ class Batch:
     image_is_target: Tensor  # [N] bool: True = generation target (noised, diffusion loss); False = conditioning
     patch_grid: tuple[int, int]  # (gh, gw) patches per image side; P = gh * gw slots per image
     keys: list[str]  # source key of every packed document, in row-major order (for debugging and resume tests)
+    # -- added with defaults (data at scale); older producers leave them unset --
+    image_noise_limit: Tensor | None = None  # [N] float in (0, 1]: max share of the noise schedule; None / 1 = none
+    hidden_ids: Tensor | None = None  # [B, L] long: >= 0 marks a span hidden from later tokens (noisy copy); -1 else
+    images_are_latents: bool = False  # `images` are precomputed latents from shards: the trainer must not encode
 
     @property
     def num_images(self) -> int:

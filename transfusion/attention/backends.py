@@ -35,16 +35,19 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def build_attention_mask(doc_ids: Tensor, image_ids: Tensor, backend: str) -> object:
-    """Build the per-batch mask object for ``backend`` from [B, L] document and image ids."""
+def build_attention_mask(doc_ids: Tensor, image_ids: Tensor, backend: str, bidirectional_images: bool = True,
+                         *, hidden_ids: Tensor | None = None) -> object:
+    """Build the per-batch mask object for ``backend`` from [B, L] document and image ids
+    (``bidirectional_images=False``: causal image blocks, the attention ablation; ``hidden_ids``: spans hidden from
+    later tokens, ``Batch.hidden_ids``)."""
     if backend == "sdpa":
-        return dense_mask(doc_ids, image_ids)[:, None]  # [B, 1, L, L]
+        return dense_mask(doc_ids, image_ids, bidirectional_images, hidden_ids=hidden_ids)[:, None]  # [B, 1, L, L]
     if backend == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
         bsz, length = doc_ids.shape
-        return create_block_mask(hybrid_mask_mod(doc_ids, image_ids), bsz, None, length, length,
-                                 device=doc_ids.device)
+        mod = hybrid_mask_mod(doc_ids, image_ids, bidirectional_images, hidden_ids=hidden_ids)
+        return create_block_mask(mod, bsz, None, length, length, device=doc_ids.device)
     raise ValueError(f"unknown attention backend {backend!r} (known: {', '.join(BACKENDS)})")
 
 

@@ -21,6 +21,28 @@ A row with document 0 = [BOS t BOI i i EOI] and document 1 = [BOS t] then one PA
 
 The same function serves every backend: FlexAttention evaluates it per (b, h, q, k) index, the SDPA backend
 broadcasts it into a dense boolean tensor.
+
+``bidirectional_images=False`` drops the same-image term (the Transfusion paper's attention ablation): image
+patches then attend causally, in raster order, like text.
+
+Optional ``hidden_ids`` (clean copies, ``data_pipelines.samples``): a token with ``hidden_ids >= 0`` belongs to a
+hidden span, and a key in a hidden span is visible only to queries of the same span:
+
+    allowed(q, k) = ... as above ...  and  (hidden[k] < 0  or  hidden[k] == hidden[q]),  or q == k
+
+A document [BOS BOI n n BOI c c EOI t]: the noisy copy (BOI n n, hidden span 0) denoises against the prefix; the
+clean copy (BOI c c EOI, same positions) and the text after it never see the noisy copy:
+
+           k: B O n n O c c E t
+    q  BOS    x . . . . . . . .
+       BOI    x x . . . . . . .     <- hidden span 0
+       n      x x x x . . . . .     <- hidden span 0: prefix, its own BOI, the whole noisy image
+       n      x x x x . . . . .
+       BOI    x . . . x . . . .     <- clean copy: the prefix, not the noisy copy
+       c      x . . . x x x . .
+       c      x . . . x x x . .
+       EOI    x . . . x x x x .
+       t      x . . . x x x x x
 """
 
 from __future__ import annotations
@@ -33,23 +55,34 @@ from torch import Tensor
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
-def hybrid_mask_mod(doc_ids: Tensor, image_ids: Tensor) -> MaskMod:
-    """Return ``mask_mod(b, h, q_idx, k_idx) -> bool`` for ``doc_ids`` / ``image_ids`` of shape [B, L].
+def hybrid_mask_mod(doc_ids: Tensor, image_ids: Tensor, bidirectional_images: bool = True, *,
+                    hidden_ids: Tensor | None = None) -> MaskMod:
+    """Return ``mask_mod(b, h, q_idx, k_idx) -> bool`` for ``doc_ids`` / ``image_ids`` (and optionally
+    ``hidden_ids``) of shape [B, L].
 
     ``image_ids`` must be unique per image across the whole batch (they index ``Batch.images``), so equal image ids
-    imply the same row."""
+    imply the same row; ``hidden_ids`` likewise (``Batch.hidden_ids``). ``bidirectional_images=False`` makes image
+    blocks causal (the attention ablation)."""
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, k_idx: Tensor) -> Tensor:
         doc_q, doc_k = doc_ids[b, q_idx], doc_ids[b, k_idx]
-        img_q, img_k = image_ids[b, q_idx], image_ids[b, k_idx]
         same_doc = (doc_q == doc_k) & (doc_k >= 0)
-        same_image = (img_q == img_k) & (img_q >= 0)
-        return (same_doc & ((k_idx <= q_idx) | same_image)) | (q_idx == k_idx)
+        if not bidirectional_images:
+            allowed = same_doc & (k_idx <= q_idx)
+        else:
+            img_q, img_k = image_ids[b, q_idx], image_ids[b, k_idx]
+            same_image = (img_q == img_k) & (img_q >= 0)
+            allowed = same_doc & ((k_idx <= q_idx) | same_image)
+        if hidden_ids is not None:
+            hid_k = hidden_ids[b, k_idx]
+            allowed = allowed & ((hid_k < 0) | (hid_k == hidden_ids[b, q_idx]))
+        return allowed | (q_idx == k_idx)
 
     return mask_mod
 
 
-def dense_mask(doc_ids: Tensor, image_ids: Tensor) -> Tensor:
+def dense_mask(doc_ids: Tensor, image_ids: Tensor, bidirectional_images: bool = True, *,
+               hidden_ids: Tensor | None = None) -> Tensor:
     """[B, L] ids -> [B, L, L] bool (True = may attend), by broadcasting the same ``mask_mod``."""
     bsz, length = doc_ids.shape
     dev = doc_ids.device
@@ -57,4 +90,4 @@ def dense_mask(doc_ids: Tensor, image_ids: Tensor) -> Tensor:
     q = torch.arange(length, device=dev)[None, :, None]
     k = torch.arange(length, device=dev)[None, None, :]
     h = torch.zeros((), dtype=torch.long, device=dev)
-    return hybrid_mask_mod(doc_ids, image_ids)(b, h, q, k)
+    return hybrid_mask_mod(doc_ids, image_ids, bidirectional_images, hidden_ids=hidden_ids)(b, h, q, k)

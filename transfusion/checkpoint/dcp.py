@@ -6,11 +6,14 @@ Layout, under the run's ``checkpoints/`` directory::
       step_00000200/
         .metadata  __0_0.distcp ...   DCP: model + optimizer (sharded as trained), scheduler, EMA, scalars
         rank_0.pt  rank_1.pt ...      per-rank picklable extras (RNG states, data-loader position)
-        COMPLETE                      written last, by rank 0, after every rank finished; JSON {step, world_size}
+        COMPLETE                      written last, by rank 0, after every rank finished; JSON {step, world_size,
+                                      ...the caller's info (e.g. the data layout)}
 
-A step directory without ``COMPLETE`` is an interrupted save and never counts as a checkpoint. Every rank calls
-:func:`save_checkpoint` / :func:`load_checkpoint` (DCP is collective); rank 0 alone removes directories. Without an
-initialised process group (single process) the same code runs with world size 1.
+A step directory without ``COMPLETE`` is an interrupted save and never counts as a checkpoint. With ``async_save`` the
+state is staged to CPU memory and written by a background thread while training goes on; the marker follows when
+the write is done (:class:`PendingSave`), so a kill at any moment still leaves the previous checkpoint in charge.
+Every rank calls :func:`save_checkpoint` / :func:`load_checkpoint` (DCP is collective); rank 0 alone removes
+directories. Without an initialised process group (single process) the same code runs with world size 1.
 
     state = {"app": ModelOptimizerState(model, optimizer), "scheduler": ObjectState(scheduler), "ema": ema}
     save_checkpoint(run / "checkpoints", step, state, {"rng": rng_state(), "data": loader.state_dict()}, keep=2)
@@ -25,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -225,39 +229,132 @@ def prune_checkpoints(root: Path, keep: int) -> list[Path]:
     return doomed
 
 
-def _write_state(state: dict[str, Any], path: Path) -> None:
-    """The blocking DCP write. Seam for async checkpointing: an async variant would call ``dcp.async_save`` here
-    and move the rank-extras write, marker and pruning (everything after this call in save_checkpoint) into the
-    returned future's completion, one save in flight at a time."""
-    with _single_process_quiet():
-        dcp.save(state, checkpoint_id=str(path), no_dist=not _dist_on())
+def fault_point(name: str, step: int) -> None:
+    """Fault injection for the resume tests: ``TRANSFUSION_FAULT=<name>@<step>`` SIGKILLs this process here."""
+    if os.environ.get("TRANSFUSION_FAULT") == f"{name}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
-def save_checkpoint(root: Path, step: int, state: dict[str, Any], rank_extras: dict[str, Any], *, keep: int) -> Path:
+def _write_marker(root: Path, path: Path, step: int, info: dict[str, Any], keep: int) -> None:
+    """Rank 0, once every rank's files are written: the COMPLETE marker (atomically), then pruning."""
+    fault_point("save_before_marker", step)
+    tmp = path / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps({"step": step, "world_size": _world_size(), **info}) + "\n")
+    os.replace(tmp, path / MARKER)
+    prune_checkpoints(root, keep)
+
+
+class PendingSave:
+    """An asynchronous save in flight: the state was staged to CPU memory and is written by a background thread.
+
+    ``poll()`` (cheap, every step) finishes it on rank 0 once DCP reports the write done: DCP's coordinator (rank 0)
+    completes only after every rank's files and the ``.metadata`` are written, and every rank wrote its extras before
+    joining the save, so the marker can follow without a barrier. ``wait()`` (collective) blocks until it is done:
+    before the next save, and before the process ends."""
+
+    def __init__(self, future: Any, root: Path, path: Path, step: int, info: dict[str, Any], keep: int) -> None:
+        self.future, self.root, self.path, self.step, self.info, self.keep = future, root, path, step, info, keep
+        self.finished = False
+
+    def _result(self) -> None:
+        try:
+            self.future.result()
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"failed to save checkpoint {self.path}: {_one_line(e)}") from None
+
+    def poll(self) -> bool:
+        """True once this save is complete (on rank 0: marker written). Raises CheckpointError if it failed."""
+        if not self.finished and self.future.done():
+            self._result()
+            if _rank() == 0:
+                _write_marker(self.root, self.path, self.step, self.info, self.keep)
+            self.finished = True
+        return self.finished
+
+    def wait(self) -> Path:
+        self._result()
+        self.poll()
+        _barrier()
+        return self.path
+
+
+_ASYNC_GROUP: Any = None
+
+
+def _async_group() -> Any:
+    """A dedicated gloo group for background checkpoint collectives, so they never interleave with training's
+    (NCCL or gloo) collectives on the default group. Created collectively on the first async save."""
+    global _ASYNC_GROUP
+    if _ASYNC_GROUP is None and _dist_on():
+        _ASYNC_GROUP = dist.new_group(backend="gloo")
+    return _ASYNC_GROUP
+
+
+def save_checkpoint(root: Path, step: int, state: dict[str, Any], rank_extras: dict[str, Any], *, keep: int,
+                    info: dict[str, Any] | None = None, async_save: bool = False) -> Path | PendingSave:
     """Write ``state`` (values may be Stateful) with DCP to ``root/step_<n:08d>`` plus this rank's ``rank_extras``,
-    then the COMPLETE marker, then prune. Collective: every rank calls it. An existing directory for the same step
-    (a stale interrupted save, or a complete one being rewritten) is removed first. Returns the step directory."""
+    then the COMPLETE marker (JSON: step, world size and ``info``), then prune. Collective: every rank calls it. An
+    existing directory for the same step (a stale interrupted save, or a complete one being rewritten) is removed
+    first. Returns the step directory, or with ``async_save`` a :class:`PendingSave` once the state is staged (keep
+    at most one in flight: ``wait()`` on it before the next save)."""
     root = Path(root)
     path = step_dir(root, step)
     rank = _rank()
+    info = dict(info or {})
+    if async_save and not _dist_on():  # the background thread warns after _single_process_quiet has exited
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
     if rank == 0:
         if path.exists():
             _remove(path)
         path.mkdir(parents=True)
     _barrier()
     try:
-        _write_state(state, path)
         torch.save(rank_extras, path / f"rank_{rank}.pt")
+        with _single_process_quiet():
+            if async_save:
+                future = dcp.async_save(state, checkpoint_id=str(path), process_group=_async_group(),
+                                        no_dist=not _dist_on())
+                future = getattr(future, "upload_completion", future)  # AsyncSaveResponse in newer torch
+                return PendingSave(future, root, path, step, info, keep)
+            dcp.save(state, checkpoint_id=str(path), no_dist=not _dist_on())
     except CheckpointException as e:  # a BaseException subclass: surface it as a normal error
         raise CheckpointError(f"failed to save checkpoint {path}: {_one_line(e)}") from None
     _barrier()
     if rank == 0:
-        tmp = path / f".{MARKER}.tmp"
-        tmp.write_text(json.dumps({"step": step, "world_size": _world_size()}) + "\n")
-        os.replace(tmp, path / MARKER)
-        prune_checkpoints(root, keep)
+        _write_marker(root, path, step, info, keep)
     _barrier()
     return path
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    """The COMPLETE marker of a checkpoint directory: ``{"step", "world_size", ...info}``."""
+    try:
+        return json.loads((Path(path) / MARKER).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} has an unreadable {MARKER} marker ({_one_line(e)})") from None
+
+
+def load_state(path: Path, state: dict[str, Any]) -> None:
+    """DCP-load ``path`` (a complete step directory) into ``state`` in place, resharding tensors to the current
+    layout (any world size). Collective under a process group."""
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"failed to load checkpoint {path}: {_one_line(e)}") from None
+
+
+def load_rank_extras(path: Path, rank: int) -> dict[str, Any]:
+    """The picklable extras saved by ``rank`` (any rank's file may be read, e.g. to take over its data position)."""
+    extras_file = Path(path) / f"rank_{rank}.pt"
+    if not extras_file.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {extras_file.name} (saved by {_saved_world_size(path)} "
+                              f"rank(s)); per-rank state (RNG, data position) cannot be restored for rank {rank}")
+    try:
+        # Our own file; holds RNG states and data-loader positions (numpy arrays, tuples) -> full unpickling.
+        return torch.load(extras_file, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read {extras_file.name} ({_one_line(e)})") from None
 
 
 def load_checkpoint(path: Path, state: dict[str, Any], rank: int | None = None) -> dict[str, Any]:
@@ -267,23 +364,10 @@ def load_checkpoint(path: Path, state: dict[str, Any], rank: int | None = None) 
     into a larger world) raises CheckpointError before anything is loaded and the caller decides what to do."""
     path = resolve_checkpoint(path)
     rank = _rank() if rank is None else rank
-    extras_file = path / f"rank_{rank}.pt"
-    if not extras_file.is_file():
-        saved = _saved_world_size(path)
-        raise CheckpointError(
-            f"checkpoint {path} has no {extras_file.name} (saved by {saved} rank(s)); "
-            f"per-rank state (RNG, data position) cannot be restored for rank {rank}"
-        )
-    try:
-        with _single_process_quiet():
-            dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
-    except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"failed to load checkpoint {path}: {_one_line(e)}") from None
-    try:
-        # Our own file; holds RNG states and data-loader positions (numpy arrays, tuples) -> full unpickling.
-        return torch.load(extras_file, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path}: cannot read {extras_file.name} ({_one_line(e)})") from None
+    if not (path / f"rank_{rank}.pt").is_file():
+        load_rank_extras(path, rank)  # raises the one-line error
+    load_state(path, state)
+    return load_rank_extras(path, rank)
 
 
 def _saved_world_size(path: Path) -> str:

@@ -5,8 +5,9 @@
       config.json         the resolved run config dict the generation engine rebuilds the model from
 
 The directory is assembled next to its destination and renamed into place, replacing an older export, so a reader
-sees either the old export or the new one, never a mix. Exports need full tensors: produce them in one process
-(e.g. load a DCP checkpoint into an unsharded model), never by gathering onto one rank inside a sharded job.
+sees either the old export or the new one, never a mix. Exports need full tensors: a sharded training job gathers
+them onto rank 0's host memory one parameter at a time (``Trainer.consolidated_state``); offline, load a DCP
+checkpoint into an unsharded model.
 """
 
 from __future__ import annotations

@@ -1,10 +1,21 @@
-"""The noise schedule and the training objective, and samplers built from the same schedule.
+"""One schedule object per run: the forward (noising) process, the training target and the samplers.
 
-The schedule is a diffusers ``DDPMScheduler`` configuration (cosine = ``squaredcos_cap_v2``); training noises with
-its ``alphas_cumprod`` and samplers (DDIM, DDPM) are diffusers schedulers made from the same config, so train and
-sample can never disagree on the betas.
+Objectives (``diffusion.objective``):
 
-Legend: N images, C/H/W channels/height/width.
+    epsilon   x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps          target eps              samplers: ddim, ddpm
+    v         same x_t                                               target sqrt(abar_t) eps - sqrt(1 - abar_t) x0
+    flow      x_s = (1 - s) x0 + s eps,  s = sigma in [0, 1]         target eps - x0         samplers: euler, heun
+
+The epsilon / v process is a diffusers ``DDPMScheduler`` configuration (cosine = ``squaredcos_cap_v2``): training
+noises with its ``alphas_cumprod`` and the DDIM / DDPM samplers are made from the same config with the matching
+``prediction_type``. Rectified flow draws sigma uniformly or logit-normally and maps it through the resolution
+shift ``s -> shift s / (1 + (shift - 1) s)``; its samplers are diffusers' flow-matching Euler / Heun schedulers made
+with the same ``num_train_timesteps`` and ``shift``. So train and sample can never disagree on the noise levels.
+
+The model's timestep input is the diffusers timestep: an integer in [0, T) for epsilon / v, ``sigma * T`` (a float)
+for flow, with T = ``num_train_timesteps``. Clean conditioning images use timestep 0 under every objective.
+
+Legend: N images (or tokens), C/H/W channels/height/width; any trailing shape works.
 """
 
 from __future__ import annotations
@@ -12,54 +23,117 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from transfusion.config import DiffusionConfig
+from transfusion.config import SAMPLERS, ConfigError, DiffusionConfig
 
-SAMPLERS = ("ddim", "ddpm")
+PREDICTION_TYPES = {"epsilon": "epsilon", "v": "v_prediction"}  # our objective name -> diffusers prediction_type
 
 
 class NoiseSchedule:
     def __init__(self, cfg: DiffusionConfig) -> None:
         from diffusers import DDPMScheduler
 
-        if cfg.objective != "epsilon":
-            raise ValueError(f"unknown diffusion objective {cfg.objective!r} (known: epsilon)")
+        if cfg.objective not in SAMPLERS:
+            raise ConfigError(f"unknown diffusion objective {cfg.objective!r} (known: {', '.join(SAMPLERS)})")
         self.cfg = cfg
-        self.train_scheduler = DDPMScheduler(
-            num_train_timesteps=cfg.num_train_timesteps,
-            beta_schedule=cfg.beta_schedule,
-            prediction_type="epsilon",
-            clip_sample=cfg.clip_sample,
-        )
-        self.alphas_cumprod = self.train_scheduler.alphas_cumprod.to(torch.float64)  # [T]
+        self.objective = cfg.objective
+        self.train_scheduler = None
+        self.alphas_cumprod = None
+        if not self.is_flow:
+            self.train_scheduler = DDPMScheduler(
+                num_train_timesteps=cfg.num_train_timesteps,
+                beta_schedule=cfg.beta_schedule,
+                prediction_type=PREDICTION_TYPES[cfg.objective],
+                clip_sample=cfg.clip_sample,
+            )
+            self.alphas_cumprod = self.train_scheduler.alphas_cumprod.to(torch.float64)  # [T]
+
+    @property
+    def is_flow(self) -> bool:
+        return self.objective == "flow"
 
     @property
     def num_train_timesteps(self) -> int:
         return self.cfg.num_train_timesteps
 
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        return SAMPLERS[self.objective]
+
+    @property
+    def default_sampler(self) -> str:
+        return self.samplers[0]
+
+    # -- training ----------------------------------------------------------------------------------------------
+    def shift_sigma(self, s: Tensor) -> Tensor:
+        k = self.cfg.shift
+        return s if k == 1.0 else k * s / (1 + (k - 1) * s)
+
     def sample_timesteps(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-        t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
-        return t.to(device)
+        """Training timesteps [n]: integers in [0, T) (epsilon / v) or sigma * T floats (flow)."""
+        if not self.is_flow:
+            return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(device)
+        if self.cfg.timestep_sampling == "logit_normal":
+            u = torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * torch.randn(n, generator=generator))
+        else:
+            u = torch.rand(n, generator=generator)
+        return (self.shift_sigma(u) * self.num_train_timesteps).to(device)
 
-    def add_noise(self, x0_NCHW: Tensor, noise_NCHW: Tensor, t_N: Tensor) -> Tensor:
-        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
-        abar = self.alphas_cumprod.to(x0_NCHW.device)[t_N.long()].to(x0_NCHW.dtype)
-        abar = abar.view(-1, *([1] * (x0_NCHW.ndim - 1)))
-        return abar.sqrt() * x0_NCHW + (1 - abar).sqrt() * noise_NCHW
+    def _coefs(self, t_N: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(a_t, b_t) with x_t = a_t x0 + b_t eps, shaped to broadcast against ``like``."""
+        if self.is_flow:
+            s = t_N.to(torch.float64) / self.num_train_timesteps
+            a, b = 1 - s, s
+        else:
+            abar = self.alphas_cumprod.to(like.device)[t_N.long()]
+            a, b = abar.sqrt(), (1 - abar).sqrt()
+        shape = (-1, *([1] * (like.ndim - 1)))
+        return a.to(like.device, like.dtype).view(shape), b.to(like.device, like.dtype).view(shape)
 
-    def target(self, x0_NCHW: Tensor, noise_NCHW: Tensor, t_N: Tensor) -> Tensor:
-        """What the image head learns to predict (epsilon)."""
-        return noise_NCHW
+    def add_noise(self, x0: Tensor, noise: Tensor, t_N: Tensor) -> Tensor:
+        a, b = self._coefs(t_N, x0)
+        return a * x0 + b * noise
 
+    def target(self, x0: Tensor, noise: Tensor, t_N: Tensor) -> Tensor:
+        """What the image head learns to predict under this objective."""
+        if self.objective == "epsilon":
+            return noise
+        if self.objective == "flow":
+            return noise - x0
+        a, b = self._coefs(t_N, x0)  # v = a eps - b x0
+        return a * noise - b * x0
+
+    # -- sampling ----------------------------------------------------------------------------------------------
     def sampler(self, name: str, steps: int):
-        """A fresh diffusers scheduler of kind ``name`` with ``steps`` inference steps set."""
-        from diffusers import DDIMScheduler, DDPMScheduler
+        """A fresh diffusers scheduler of kind ``name`` with ``steps`` inference steps set. Use it as
+        ``for t in s.timesteps: x = s.step(model(x, t), t, x, generator=g).prev_sample``."""
+        from diffusers import (
+            DDIMScheduler,
+            DDPMScheduler,
+            FlowMatchEulerDiscreteScheduler,
+            FlowMatchHeunDiscreteScheduler,
+        )
 
-        classes = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
-        if name not in classes:
-            raise ValueError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
-        extra = {"timestep_spacing": "trailing"}  # start sampling at t = T-1, i.e. from (almost) pure noise
-        if name == "ddim":
-            extra["set_alpha_to_one"] = True
-        sched = classes[name].from_config(self.train_scheduler.config, **extra)
+        if name not in self.samplers:
+            raise ConfigError(f"unknown sampler {name!r} for objective {self.objective!r} "
+                             f"(known: {', '.join(self.samplers)})")
+        if self.is_flow:
+            cls = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}[name]
+            sched = cls(num_train_timesteps=self.num_train_timesteps, shift=self.cfg.shift)
+        else:
+            extra = {"timestep_spacing": "trailing"}  # start sampling at t = T-1, i.e. from (almost) pure noise
+            if name == "ddim":
+                extra["set_alpha_to_one"] = True
+            cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}[name]
+            sched = cls.from_config(self.train_scheduler.config, **extra)
         sched.set_timesteps(steps)
         return sched
+
+
+def guidance_scale(guidance: float, schedule: str, progress: float) -> float:
+    """Classifier-free guidance scale at ``progress`` in (0, 1] of the sampling loop: ``constant`` keeps
+    ``guidance``; ``linear`` rises from 1 (no guidance) towards ``guidance``, reached at the last step."""
+    if schedule == "constant":
+        return guidance
+    if schedule == "linear":
+        return 1.0 + (guidance - 1.0) * progress
+    raise ConfigError(f"unknown guidance schedule {schedule!r} (known: constant, linear)")

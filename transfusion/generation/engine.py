@@ -6,7 +6,13 @@
 
 Prompts of different lengths are left-padded into one batch (padding keys are masked, positions restart per prompt),
 and classifier-free guidance runs the conditional and the unconditional prefix (``[BOS][BOI]``, the layout caption
-dropout trains) as one batch of 2N.
+dropout trains) as one batch of 2N, with a constant or linearly rising scale (``guidance_schedule``).
+
+The image head decides how an image block is produced: the whole-image head denoises the block with the run's
+sampler (DDIM / DDPM for epsilon and v, Euler / Heun for flow, all from the one schedule object); the MAR head
+reveals the block's patches over K steps in random order, each step one transformer pass over the block (known
+patches clean, the rest the mask embedding) against the same prefix cache, then the per-token head samples the
+patches revealed at that step (``mar_sample``). Revealed patches are never changed again.
 
 Legend: N requests, S cached key length, P patches per image, D model dim, C/H/W image channels/height/width.
 """
@@ -21,7 +27,10 @@ import torch
 from torch import Tensor
 
 from transfusion.attention.masks import dense_mask
+from transfusion.diffusion.schedule import guidance_scale
+from transfusion.model.adapters import unpatchify
 from transfusion.model.layers import KV
+from transfusion.model.mar import reveal_counts
 
 
 @dataclass
@@ -42,6 +51,7 @@ class Engine:
         self.patch_grid, self.device = patch_grid, torch.device(device)
         self.num_patches = patch_grid[0] * patch_grid[1]
         self.autocast = autocast
+        self.bidirectional_images = getattr(model.cfg, "image_attention", "bidirectional") == "bidirectional"
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -83,7 +93,7 @@ class Engine:
                 image_ids[r, st:st + self.num_patches] = j
             rows, starts = rows.to(dev), starts.to(dev)
             t0 = torch.zeros(len(images), dtype=torch.long, device=dev)
-        mask = dense_mask(doc_ids.to(dev), image_ids.to(dev))[:, None]
+        mask = dense_mask(doc_ids.to(dev), image_ids.to(dev), self.bidirectional_images)[:, None]
         with torch.no_grad(), self._ctx():
             if images is not None and len(images):
                 img_tokens = self.model.embed_images(images.to(dev), t0)
@@ -103,9 +113,28 @@ class Engine:
         return Prefix(kv, valid, prefix.next_pos + 1, h[:, -1])
 
     # -- images ----------------------------------------------------------------------------------------------
-    def denoise(self, prefix: Prefix, *, uncond: Prefix | None, guidance: float, sampler: str, steps: int,
-                generator: torch.Generator) -> Tensor:
+    def _guidance_schedule(self, name: str | None) -> str:
+        if name is not None:
+            return name
+        return self.cfg.sample.guidance_schedule if self.cfg is not None else "constant"
+
+    def _block_mask(self, key_valid: Tensor) -> Tensor:
+        """[M, 1, P, S + P]: an image block's queries see the valid prefix keys and the block itself (all of it, or
+        causally under the attention ablation)."""
+        m, P = key_valid.shape[0], self.num_patches
+        block = torch.ones(P, P, dtype=torch.bool, device=self.device)
+        if not self.bidirectional_images:
+            block = block.tril()
+        return torch.cat((key_valid[:, None, None, :].expand(m, 1, P, -1), block.expand(m, 1, P, P)), dim=-1)
+
+    def denoise(self, prefix: Prefix, *, uncond: Prefix | None, guidance: float, sampler: str | None, steps: int,
+                generator: torch.Generator, guidance_schedule: str | None = None) -> Tensor:
         """Sample one image per prefix (each ending in BOI) -> latents [N, C, h, w]."""
+        sampler = sampler or self.schedule.default_sampler
+        gsched = self._guidance_schedule(guidance_schedule)
+        if getattr(self.model, "is_mar", False):
+            return self.mar_sample(prefix, uncond=uncond, guidance=guidance, sampler=sampler, steps=steps,
+                                   generator=generator, guidance_schedule=gsched)
         n = prefix.next_pos.shape[0]
         gh, gw = self.patch_grid
         p = self.model.cfg.patch_size
@@ -114,36 +143,100 @@ class Engine:
         both = uncond is not None and guidance != 1.0
         pre = _concat_prefixes(prefix, uncond) if both else prefix
         sched = self.schedule.sampler(sampler, steps)
-        for t in sched.timesteps:
-            out = self.image_block_prediction(pre, torch.cat((x, x)) if both else x, int(t))
+        for i, t in enumerate(sched.timesteps):
+            out = self.image_block_prediction(pre, torch.cat((x, x)) if both else x, t)
             if both:
                 cond, unc = out.chunk(2)
-                out = unc + guidance * (cond - unc)
+                out = unc + guidance_scale(guidance, gsched, (i + 1) / len(sched.timesteps)) * (cond - unc)
             x = sched.step(out.cpu(), t, x.cpu(), generator=generator).prev_sample.to(self.device)
         return x
 
-    def image_block_prediction(self, pre: Prefix, x_t: Tensor, t: int) -> Tensor:
+    def image_block_prediction(self, pre: Prefix, x_t: Tensor, t) -> Tensor:
         """The image head's output for noisy images ``x_t`` [N, C, H, W] at timestep ``t``, placed right after each
         prefix; image tokens attend to the (frozen) prefix cache and bidirectionally to each other."""
         m, P = x_t.shape[0], self.num_patches
         pos = pre.next_pos[:, None] + torch.arange(P, device=self.device)[None]
-        mask = torch.cat((pre.key_valid[:, None, None, :].expand(m, 1, P, -1),
-                          torch.ones(m, 1, P, P, dtype=torch.bool, device=self.device)), dim=-1)
-        t_m = torch.full((m,), t, device=self.device)
+        t_m = torch.full((m,), float(t), device=self.device)
         with torch.no_grad(), self._ctx():
-            h = self.model.embed_images(x_t.to(self.device), t_m)
-            h, _ = self.model.trunk(h, pos, mask, past_kv=pre.kv)
-            return self.model.image_prediction(h, self.patch_grid)
+            enc = self.model.encode_images(x_t.to(self.device), t_m)
+            h, _ = self.model.trunk(enc.tokens, pos, self._block_mask(pre.key_valid), past_kv=pre.kv)
+            return self.model.image_prediction(h, self.patch_grid, enc)
 
-    def text_to_image(self, prompts: list[str], *, steps: int = 50, guidance: float = 3.0, sampler: str = "ddim",
-                      seed: int = 0) -> Tensor:
-        """Prompts -> decoded images [N, C, H, W] in [-1, 1] (pixels), on the CPU."""
+    def mar_sample(self, prefix: Prefix, *, uncond: Prefix | None, guidance: float, sampler: str, steps: int,
+                   generator: torch.Generator, guidance_schedule: str = "constant",
+                   trace: list | None = None) -> Tensor:
+        """MAR generation of one image per prefix -> latents [N, C, h, w].
+
+        Each image's patches are revealed in a random order over K = ``model.mar.num_iter`` steps, on the cosine
+        schedule of ``reveal_counts``. A step runs the transformer over the image block (known patches clean, the
+        others the mask embedding) against the prefix cache, then samples the patches revealed at that step with the
+        per-token head (``steps`` denoising steps of ``sampler``, initial noise scaled by ``model.mar.temperature``,
+        guidance rising with the revealed share under the linear schedule). ``trace`` (a list) receives
+        (tokens [N, P, E], known [N, P]) after every step."""
+        mcfg, p = self.model.cfg.mar, self.model.cfg.patch_size
+        n, P = prefix.next_pos.shape[0], self.num_patches
+        c = self.model.image_channels
+        e = c * p * p
+        both = uncond is not None and guidance != 1.0
+        pre = _concat_prefixes(prefix, uncond) if both else prefix
+        tokens = torch.zeros(n, P, e, device=self.device)
+        known = torch.zeros(n, P, dtype=torch.bool, device=self.device)
+        order = torch.rand(n, P, generator=generator).argsort(dim=1).to(self.device)  # reveal order per image
+        revealed = 0
+        for count in reveal_counts(P, mcfg.num_iter):
+            idx = order[:, revealed:revealed + count]  # [N, r] patches revealed at this step
+            z = self.mar_condition(pre, unpatchify(tokens, p, self.patch_grid, c), ~known)  # [M, P, D]
+            rows = torch.cat((idx, idx)) if both else idx
+            z_sel = z.gather(1, rows[..., None].expand(-1, -1, z.shape[-1])).reshape(-1, z.shape[-1])
+            w = guidance_scale(guidance, guidance_schedule, (revealed + count) / P)
+            x = self._head_sample(z_sel, n * count, e, both, w, sampler, steps, mcfg.temperature, generator)
+            tokens.scatter_(1, idx[..., None].expand(-1, -1, e), x.reshape(n, count, e).to(tokens.dtype))
+            known.scatter_(1, idx, True)
+            revealed += count
+            if trace is not None:
+                trace.append((tokens.clone(), known.clone()))
+        return unpatchify(tokens, p, self.patch_grid, c)
+
+    def mar_condition(self, pre: Prefix, images: Tensor, patch_mask: Tensor) -> Tensor:
+        """MAR: one transformer pass over image blocks (masked patches -> mask embedding) after each prefix; the
+        per-token conditions z [M, P, D]. ``images`` / ``patch_mask`` cover the N conditional rows of ``pre`` (and
+        are repeated for the unconditional ones)."""
+        m, P = pre.next_pos.shape[0], self.num_patches
+        reps = m // images.shape[0]
+        pos = pre.next_pos[:, None] + torch.arange(P, device=self.device)[None]
+        t0 = torch.zeros(m, dtype=torch.long, device=self.device)
+        with torch.no_grad(), self._ctx():
+            h = self.model.embed_images(images.repeat(reps, 1, 1, 1), t0, patch_mask.repeat(reps, 1))
+            h, _ = self.model.trunk(h, pos, self._block_mask(pre.key_valid), past_kv=pre.kv)
+            return self.model.image_condition(h).float()
+
+    def _head_sample(self, z_MD: Tensor, m: int, e: int, both: bool, w: float, sampler: str, steps: int,
+                     temperature: float, generator: torch.Generator) -> Tensor:
+        """Sample m tokens [m, E] with the per-token head from its conditions (stacked [cond; uncond] when
+        ``both``)."""
+        x = (torch.randn(m, e, generator=generator) * temperature).to(self.device)
+        sched = self.schedule.sampler(sampler, steps)
+        for t in sched.timesteps:
+            t_m = torch.full((z_MD.shape[0],), float(t), device=self.device)
+            with torch.no_grad(), self._ctx():
+                out = self.model.mar_head(torch.cat((x, x)) if both else x, t_m, z_MD).float()
+            if both:
+                cond, unc = out.chunk(2)
+                out = unc + w * (cond - unc)
+            x = sched.step(out.cpu(), t, x.cpu(), generator=generator).prev_sample.to(self.device)
+        return x
+
+    def text_to_image(self, prompts: list[str], *, steps: int = 50, guidance: float = 3.0, sampler: str | None = None,
+                      seed: int = 0, guidance_schedule: str | None = None) -> Tensor:
+        """Prompts -> decoded images [N, C, H, W] in [-1, 1] (pixels), on the CPU. ``sampler`` None = the
+        objective's first sampler; ``guidance_schedule`` None = the run config's (constant without one)."""
         from data_pipelines.samples import caption_prompt_tokens, t2i_prompt_tokens
 
         gen = torch.Generator().manual_seed(seed)
         cond = self.prefill([t2i_prompt_tokens(self.tok, p) for p in prompts])
         uncond = self.prefill([caption_prompt_tokens(self.tok)] * len(prompts)) if guidance != 1.0 else None
-        z = self.denoise(cond, uncond=uncond, guidance=guidance, sampler=sampler, steps=steps, generator=gen)
+        z = self.denoise(cond, uncond=uncond, guidance=guidance, sampler=sampler, steps=steps, generator=gen,
+                         guidance_schedule=guidance_schedule)
         with torch.no_grad():
             return self.codec.decode(z).clamp(-1, 1).float().cpu()
 
@@ -189,8 +282,8 @@ class Engine:
 
     # -- interleaved -----------------------------------------------------------------------------------------
     def generate(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, steps: int = 50,
-                 guidance: float = 3.0, sampler: str = "ddim", seed: int = 0,
-                 max_images: int = 4) -> Iterator[tuple[str, object]]:
+                 guidance: float = 3.0, sampler: str | None = None, seed: int = 0,
+                 max_images: int = 4, guidance_schedule: str | None = None) -> Iterator[tuple[str, object]]:
         """Stream an interleaved continuation of ``prompt``: yields ("text", str) pieces and ("image", [C,H,W])
         whenever the model emits BOI; the clean image is appended to the cache, then EOI, and text goes on."""
         from data_pipelines.samples import caption_prompt_tokens
@@ -213,7 +306,8 @@ class Engine:
             if images >= max_images:
                 return
             images += 1
-            z = self.denoise(prefix, uncond=uncond, guidance=guidance, sampler=sampler, steps=steps, generator=gen)
+            z = self.denoise(prefix, uncond=uncond, guidance=guidance, sampler=sampler, steps=steps, generator=gen,
+                             guidance_schedule=guidance_schedule)
             with torch.no_grad():
                 yield "image", self.codec.decode(z)[0].clamp(-1, 1).float().cpu()
             prefix = self._append_image(prefix, z)
@@ -223,8 +317,7 @@ class Engine:
         """Append clean image tokens (t = 0) to the cache; the block attends to the prefix and to itself."""
         n, P = z.shape[0], self.num_patches
         pos = prefix.next_pos[:, None] + torch.arange(P, device=self.device)[None]
-        mask = torch.cat((prefix.key_valid[:, None, None, :].expand(n, 1, P, -1),
-                          torch.ones(n, 1, P, P, dtype=torch.bool, device=self.device)), dim=-1)
+        mask = self._block_mask(prefix.key_valid)
         with torch.no_grad(), self._ctx():
             h = self.model.embed_images(z.to(self.device), torch.zeros(n, dtype=torch.long, device=self.device))
             h, kv = self.model.trunk(h, pos, mask, past_kv=prefix.kv)

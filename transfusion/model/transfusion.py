@@ -4,21 +4,37 @@ Legend: B rows, L tokens per row, D model dim, V vocab, N images, C/H/W image ch
 image, S key length (cached prefix + new tokens).
 
 The model is single-device and knows nothing about data parallelism. Its pieces are exposed separately
-(``embed`` -> ``trunk`` -> ``text_logits`` / ``image_prediction``) so that training (one packed pass) and generation
-(prefill, KV-cached text steps, image denoising against a frozen prefix cache) compose the same modules.
+(``encode_images`` -> ``embed`` -> ``trunk`` -> ``text_logits`` / ``image_prediction``) so that training (one packed
+pass) and generation (prefill, KV-cached text steps, image denoising against a frozen prefix cache) compose the same
+modules.
+
+Image adapters (``model.adapter``): ``linear`` patch projections, or ``unet`` down/up blocks whose up path takes skip
+connections from the down path (carried in ``ImageEncoding``). Image heads (``model.head``): ``transformer`` predicts
+the objective for the whole noisy image from the transformer outputs; ``mar`` feeds clean patches (masked ones
+replaced by a learned embedding) and trains a per-token MLP denoiser on the masked ones (``transfusion.model.mar``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from transfusion.config import ModelConfig
-from transfusion.model.adapters import LinearPatchIn, LinearPatchOut, TimestepEmbedding
+from transfusion.model.adapters import (
+    LinearPatchIn,
+    LinearPatchOut,
+    ResBlock,
+    TimestepEmbedding,
+    UNetDown,
+    UNetUp,
+    sincos_2d,
+)
 from transfusion.model.layers import KV, Block, RMSNorm, rope_tables
+from transfusion.model.mar import MARHead, MARInputs
 
 
 def mlp_hidden_size(cfg: ModelConfig) -> int:
@@ -27,21 +43,44 @@ def mlp_hidden_size(cfg: ModelConfig) -> int:
     return 64 * math.ceil(8 * cfg.dim / 3 / 64)
 
 
+@dataclass
+class ImageEncoding:
+    """Images through the input adapter: the tokens that enter the transformer, plus what the output adapter needs."""
+
+    tokens: Tensor  # [N, P, D]
+    temb: Tensor | None = None  # [N, D] timestep embedding (None under the MAR head)
+    skips: list[Tensor] = field(default_factory=list)  # U-Net down-path features, full resolution first
+
+
 class TransfusionModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, image_channels: int) -> None:
         super().__init__()
         self.cfg, self.vocab_size, self.image_channels = cfg, vocab_size, image_channels
-        d = cfg.dim
+        d, p = cfg.dim, cfg.patch_size
+        self.is_mar = cfg.head == "mar"
         self.tok_emb = nn.Embedding(vocab_size, d)
-        self.image_in = LinearPatchIn(image_channels, cfg.patch_size, d)
-        self.time_emb = TimestepEmbedding(d, cfg.time_freq_dim)
+        if cfg.adapter == "unet":
+            u = cfg.unet
+            self.image_in = UNetDown(image_channels, p, d, u.channels, u.blocks, u.groups)
+        else:
+            self.image_in = LinearPatchIn(image_channels, p, d)
+        self.image_pos = nn.Linear(cfg.image_pos_dim, d, bias=False) if cfg.image_pos_dim else None
         self.layers = nn.ModuleList(
             Block(d, cfg.n_heads, mlp_hidden_size(cfg), cfg.qk_norm, cfg.norm_eps) for _ in range(cfg.n_layers)
         )
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
         self.image_norm = RMSNorm(d, cfg.norm_eps)
-        self.image_out = LinearPatchOut(image_channels, cfg.patch_size, d)
+        if self.is_mar:
+            self.mask_emb = nn.Parameter(torch.zeros(d))
+            self.mar_head = MARHead(image_channels * p * p, d, cfg.mar.width, cfg.mar.depth, cfg.time_freq_dim)
+        else:
+            self.time_emb = TimestepEmbedding(d, cfg.time_freq_dim)
+            if cfg.adapter == "unet":
+                u = cfg.unet
+                self.image_out = UNetUp(image_channels, p, d, u.channels, u.blocks, u.groups)
+            else:
+                self.image_out = LinearPatchOut(image_channels, p, d)
         self.init_weights()
 
     # -- every init decision in one place --------------------------------------------------------------------
@@ -50,6 +89,8 @@ class TransfusionModel(nn.Module):
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual-branch outputs (GPT-2 / Llama practice)
         for name, mod in self.named_modules():
+            if name.startswith("mar_head"):
+                continue  # initialised by the head below
             if isinstance(mod, nn.Linear):
                 nn.init.normal_(mod.weight, std=out_std if name.endswith(("attn.wo", "ffn.w2")) else std)
                 if mod.bias is not None:
@@ -58,15 +99,56 @@ class TransfusionModel(nn.Module):
                 nn.init.normal_(mod.weight, std=std)
             elif isinstance(mod, RMSNorm):
                 nn.init.ones_(mod.weight)
-        # The image head starts at zero (DiT practice): the first prediction is 0, a neutral epsilon estimate.
-        nn.init.zeros_(self.image_out.proj.weight)
-        nn.init.zeros_(self.image_out.proj.bias)
+            elif isinstance(mod, nn.Conv2d):  # U-Net convs: PyTorch's default (kaiming-uniform) init
+                mod.reset_parameters()
+        if self.is_mar:
+            nn.init.normal_(self.mask_emb, std=std)
+            self.mar_head.init_weights()
+            return
+        # The image head starts at zero (DiT practice): the first prediction is 0, a neutral estimate under every
+        # objective; U-Net residual blocks start as their skip path (zero second conv).
+        if isinstance(self.image_out, UNetUp):
+            nn.init.zeros_(self.image_out.conv_out.weight)
+            nn.init.zeros_(self.image_out.conv_out.bias)
+            for mod in list(self.image_in.modules()) + list(self.image_out.modules()):
+                if isinstance(mod, ResBlock):
+                    nn.init.zeros_(mod.conv2.weight)
+                    nn.init.zeros_(mod.conv2.bias)
+        else:
+            nn.init.zeros_(self.image_out.proj.weight)
+            nn.init.zeros_(self.image_out.proj.bias)
 
     # -- pieces ----------------------------------------------------------------------------------------------
-    def embed_images(self, images_NCHW: Tensor, timesteps_N: Tensor) -> Tensor:
+    def encode_images(self, images_NCHW: Tensor, timesteps_N: Tensor, patch_mask_NP: Tensor | None = None,
+                      ) -> ImageEncoding:
+        """(Noisy) images and their timesteps -> patch tokens [N, P, D] (+ what the output adapter needs). Every
+        token gets its 2D grid position (``model.image_pos_dim``) and, outside MAR, the timestep embedding.
+
+        Under the MAR head the images are clean, ``timesteps_N`` is ignored, and masked patches (``patch_mask_NP``
+        True) are replaced by the learned mask embedding."""
+        x = images_NCHW.to(self.tok_emb.weight.dtype)
+        grid = (x.shape[2] // self.cfg.patch_size, x.shape[3] // self.cfg.patch_size)
+        if self.is_mar:
+            h = self.image_in(x)
+            if patch_mask_NP is not None:
+                h = torch.where(patch_mask_NP[..., None], self.mask_emb.to(h.dtype), h)
+            return ImageEncoding(self._add_position(h, grid))
+        temb = self.time_emb(timesteps_N)  # [N, D]
+        if isinstance(self.image_in, UNetDown):
+            h, skips = self.image_in(x, temb)
+        else:
+            h, skips = self.image_in(x), []
+        return ImageEncoding(self._add_position(h + temb[:, None, :].to(h.dtype), grid), temb, skips)
+
+    def _add_position(self, h_NPD: Tensor, grid: tuple[int, int]) -> Tensor:
+        if self.image_pos is None:
+            return h_NPD
+        feats = sincos_2d(grid, self.cfg.image_pos_dim, h_NPD.device).to(self.image_pos.weight.dtype)
+        return h_NPD + self.image_pos(feats).to(h_NPD.dtype)
+
+    def embed_images(self, images_NCHW: Tensor, timesteps_N: Tensor, patch_mask_NP: Tensor | None = None) -> Tensor:
         """(Noisy) images and their timesteps -> patch tokens [N, P, D]."""
-        h = self.image_in(images_NCHW.to(self.image_in.proj.weight.dtype))
-        return h + self.time_emb(timesteps_N)[:, None, :].to(h.dtype)
+        return self.encode_images(images_NCHW, timesteps_N, patch_mask_NP).tokens
 
     def embed(self, tokens_BL: Tensor, image_tokens_NPD: Tensor | None = None, image_rows_N: Tensor | None = None,
               image_starts_N: Tensor | None = None) -> Tensor:
@@ -89,23 +171,43 @@ class TransfusionModel(nn.Module):
     def text_logits(self, h: Tensor) -> Tensor:
         return self.lm_head(self.norm(h))
 
-    def image_prediction(self, h_NPD: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Hidden states at an image's slots -> the objective's prediction [N, C, H, W] (fp32)."""
-        return self.image_out(self.image_norm(h_NPD), grid).float()
+    def image_prediction(self, h_NPD: Tensor, grid: tuple[int, int], enc: ImageEncoding | None = None) -> Tensor:
+        """Hidden states at an image's slots -> the objective's prediction [N, C, H, W] (fp32). The U-Net up path
+        also needs the ``ImageEncoding`` of the same images (timestep embedding and skips)."""
+        h = self.image_norm(h_NPD)
+        if isinstance(self.image_out, UNetUp):
+            if enc is None:
+                raise ValueError("the U-Net output adapter needs the ImageEncoding of the same images")
+            return self.image_out(h, grid, enc.temb, enc.skips).float()
+        return self.image_out(h, grid).float()
+
+    def image_condition(self, h_NPD: Tensor) -> Tensor:
+        """MAR: hidden states at image slots -> the per-token condition z of the diffusion head."""
+        return self.image_norm(h_NPD)
+
+    def mar_prediction(self, h_NPD: Tensor, mar: MARInputs) -> Tensor:
+        """MAR: the head's prediction [M * mul, E] (fp32) for the noisy tokens in ``mar``."""
+        z = self.image_condition(h_NPD).reshape(-1, h_NPD.shape[-1])[mar.index]
+        mul = mar.x_t.shape[0] // max(mar.index.shape[0], 1)
+        return self.mar_head(mar.x_t, mar.t, z.repeat(mul, 1)).float()
 
     # -- one packed training / scoring pass ------------------------------------------------------------------
     def forward(self, tokens_BL: Tensor, positions_BL: Tensor, mask: object, images_NCHW: Tensor,
                 timesteps_N: Tensor, image_rows_N: Tensor, image_starts_N: Tensor,
-                patch_grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """Returns text logits [B, L, V] and image predictions [N, C, H, W] for every image in the batch.
+                patch_grid: tuple[int, int], mar: MARInputs | None = None) -> tuple[Tensor, Tensor]:
+        """Returns text logits [B, L, V] and the image head's predictions: [N, C, H, W] for every image in the
+        batch, or under the MAR head [M * mul, E] for the noisy tokens in ``mar`` (required then).
 
         Image modules run even when N == 0 (zero-size tensors), so every rank touches every parameter."""
-        img_tokens = self.embed_images(images_NCHW, timesteps_N)
-        h = self.embed(tokens_BL, img_tokens, image_rows_N, image_starts_N)
+        if self.is_mar and mar is None:
+            raise ValueError("the MAR head needs MARInputs (masks, noisy tokens); see transfusion.training.losses")
+        enc = self.encode_images(images_NCHW, timesteps_N, None if mar is None else mar.patch_mask)
+        h = self.embed(tokens_BL, enc.tokens, image_rows_N, image_starts_N)
         h, _ = self.trunk(h, positions_BL, mask)
-        rows, cols = image_slot_index(image_rows_N, image_starts_N, img_tokens.shape[1])
-        img_h = h[rows, cols].reshape(img_tokens.shape)
-        return self.text_logits(h), self.image_prediction(img_h, patch_grid)
+        rows, cols = image_slot_index(image_rows_N, image_starts_N, enc.tokens.shape[1])
+        img_h = h[rows, cols].reshape(enc.tokens.shape)
+        pred = self.mar_prediction(img_h, mar) if self.is_mar else self.image_prediction(img_h, patch_grid, enc)
+        return self.text_logits(h), pred
 
 
 def image_slot_index(rows_N: Tensor, starts_N: Tensor, num_patches: int) -> tuple[Tensor, Tensor]:

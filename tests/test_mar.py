@@ -1,0 +1,168 @@
+"""The MAR per-token diffusion head: masking, loss on masked patches only, cached conditioning, reveal-only
+generation that never rewrites a revealed patch, reproducibility."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import GRID, P, TOK, make_batch
+
+from transfusion.attention.backends import build_attention_mask
+from transfusion.attention.masks import dense_mask
+from transfusion.config import ConfigError, DiffusionConfig, LossConfig, MARConfig, ModelConfig, load_config
+from transfusion.diffusion.schedule import NoiseSchedule
+from transfusion.generation.engine import Engine
+from transfusion.latents.vae import PixelCodec
+from transfusion.model import build_model
+from transfusion.model.adapters import patchify
+from transfusion.model.mar import reveal_counts, sample_patch_mask, truncated_normal
+from transfusion.training.losses import compute_loss_parts, mar_inputs
+
+
+def mar_model(seed: int = 0, num_iter: int = 3):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, patch_size=4, head="mar",
+                      mar=MARConfig(depth=2, width=32, diffusion_batch_mul=2, num_iter=num_iter))
+    return build_model(cfg, TOK.vocab_size, 3)
+
+
+def wake(model):
+    """Give the zero-init head outputs weights so that samples depend on the condition."""
+    with torch.no_grad():
+        for lin in [b.ada[1] for b in model.mar_head.blocks] + [model.mar_head.final_ada[1], model.mar_head.out]:
+            lin.weight.normal_(std=0.1)
+    return model.eval()
+
+
+@pytest.fixture
+def batch():
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    b = make_batch([["a red", 0, "circle", 1, "x"], ["blue", 2, "sq"]], 48, images)
+    b.image_is_target = torch.tensor([True, False, True])  # image 1 is a (clean) conditioning image
+    return b
+
+
+def test_mask_ratio_and_reveal_schedule():
+    r = truncated_normal(5000, 0.7, 1.0, 1.0, 0.25, torch.Generator().manual_seed(0))
+    assert r.min() >= 0.7 and r.max() <= 1.0 and 0.85 < r.mean() < 0.9  # mean of N(1, .25) cut to [.7, 1]
+    m = sample_patch_mask(200, 64, 0.7, torch.Generator().manual_seed(0))
+    counts = m.sum(1)
+    assert counts.min() >= math.ceil(0.7 * 64) and counts.max() <= 64
+    assert len({tuple(row.nonzero()[:, 0].tolist()) for row in m}) > 150  # random positions per image
+    for n_patches, k in ((64, 16), (4, 3), (4, 10), (9, 1)):
+        c = reveal_counts(n_patches, k)
+        assert sum(c) == n_patches and len(c) == min(k, n_patches) and min(c) >= 1
+    c = reveal_counts(64, 16)
+    assert c[0] < c[-1]  # cosine: few patches first, many at the end
+
+
+def test_training_inputs_mask_targets_only_and_hide_masked_content(batch):
+    x0, t, mar, target = mar_inputs(batch, NoiseSchedule(DiffusionConfig()), mar_model().cfg,
+                                    torch.Generator().manual_seed(0))
+    assert torch.equal(x0, batch.images) and (t == 0).all()  # the transformer sees clean patches
+    assert not mar.patch_mask[1].any() and mar.patch_mask[[0, 2]].sum(1).min() >= math.ceil(0.7 * P)
+    assert torch.equal(mar.index, mar.patch_mask.reshape(-1).nonzero()[:, 0])  # loss only on masked patches
+    assert mar.x_t.shape == target.shape == (2 * len(mar.index), 48)
+    # masked patches enter as the mask embedding: their content cannot reach any output
+    model = wake(mar_model())
+    mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa")
+    hidden = batch.images.clone()
+    tok = patchify(hidden, 4)
+    tok[mar.patch_mask] = 5.0
+    hidden = torch.nn.functional.fold(tok.transpose(1, 2), (8, 8), 4, stride=4)
+    with torch.no_grad():
+        a = model(batch.tokens, batch.positions, mask, batch.images, t, batch.image_rows, batch.image_starts, GRID,
+                  mar=mar)
+        b = model(batch.tokens, batch.positions, mask, hidden, t, batch.image_rows, batch.image_starts, GRID,
+                  mar=mar)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_mar_head_learns_a_fixed_batch(batch):
+    model = mar_model()
+    schedule = NoiseSchedule(DiffusionConfig())
+    mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def image_loss() -> float:
+        with torch.no_grad():
+            ps = [compute_loss_parts(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(s))
+                  for s in range(2)]
+        return sum((p.image_sum / p.image_count).item() for p in ps) / 2
+
+    before = image_loss()
+    for step in range(30):
+        parts = compute_loss_parts(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(step % 2))
+        opt.zero_grad()
+        parts.total(LossConfig()).backward()
+        opt.step()
+    assert image_loss() < 0.8 * before
+    assert all(p.grad is not None for p in model.parameters())
+    # per-image reduction works too
+    parts = compute_loss_parts(model, batch, mask, schedule, LossConfig(image_reduction="image"),
+                               torch.Generator().manual_seed(0))
+    assert parts.image_count.item() == 2
+
+
+def test_cached_block_condition_equals_the_full_pass():
+    model = wake(mar_model())
+    eng = Engine(model, TOK, NoiseSchedule(DiffusionConfig()), PixelCodec(), GRID, torch.device("cpu"),
+                 autocast=False)
+    seq = [TOK.bos_id] + TOK.encode("red") + [TOK.boi_id]
+    img = torch.rand(1, 3, 8, 8) * 2 - 1
+    pmask = torch.tensor([[True, False, False, True]])
+    z = eng.mar_condition(eng.prefill([seq]), img, pmask)
+    L = len(seq) + P
+    image_ids = torch.full((1, L), -1)
+    image_ids[0, len(seq):] = 0
+    with torch.no_grad():
+        h = model.embed(torch.tensor([seq + [TOK.image_id] * P]), model.embed_images(img, torch.zeros(1), pmask),
+                        torch.tensor([0]), torch.tensor([len(seq)]))
+        mask = dense_mask(torch.zeros(1, L, dtype=torch.long), image_ids)[:, None]
+        h, _ = model.trunk(h, torch.arange(L)[None], mask)
+        ref = model.image_condition(h[:, len(seq):])
+    assert (z - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("objective,sampler", [("epsilon", "ddim"), ("flow", "euler")])
+def test_generation_reveals_patches_once_and_is_reproducible(objective, sampler):
+    model = wake(mar_model(num_iter=3))
+    eng = Engine(model, TOK, NoiseSchedule(DiffusionConfig(objective=objective)), PixelCodec(), GRID,
+                 torch.device("cpu"), autocast=False)
+    cond = eng.prefill([[TOK.bos_id] + TOK.encode("a red circle") + [TOK.boi_id], [TOK.bos_id, TOK.boi_id]])
+    unc = eng.prefill([[TOK.bos_id, TOK.boi_id]] * 2)
+    trace: list = []
+    out = eng.mar_sample(cond, uncond=unc, guidance=3.0, sampler=sampler, steps=4,
+                         generator=torch.Generator().manual_seed(0), guidance_schedule="linear", trace=trace)
+    assert len(trace) == len(reveal_counts(P, 3)) == 3
+    prev_tokens, prev_known = torch.zeros_like(trace[0][0]), torch.zeros_like(trace[0][1])
+    for tokens, known in trace:
+        assert (known & ~prev_known).sum(1).min() >= 1  # every step reveals something in every image
+        assert torch.equal(tokens[prev_known], prev_tokens[prev_known])  # revealed patches never change
+        assert (tokens[~known] == 0).all()  # nothing is written before it is revealed
+        prev_tokens, prev_known = tokens, known
+    assert prev_known.all() and torch.equal(patchify(out, 4), prev_tokens)
+    a = eng.text_to_image(["a red circle", "blue"], steps=3, guidance=2.0, sampler=sampler, seed=7)
+    b = eng.text_to_image(["a red circle", "blue"], steps=3, guidance=2.0, sampler=sampler, seed=7)
+    c = eng.text_to_image(["a red circle", "blue"], steps=3, guidance=2.0, sampler=sampler, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len(eng.caption(a, max_tokens=3)) == 2  # conditioning images go in clean
+
+
+def test_mar_config_is_checked():
+    with pytest.raises(ConfigError, match="model.adapter = 'linear'"):
+        load_config(None, ["--model.head=mar", "--model.adapter=unet"])
+    with pytest.raises(ConfigError, match="mask_ratio_min"):
+        load_config(None, ["--model.head=mar", "--model.mar.mask_ratio_min=1.5"])
+
+
+def test_mar_modules_run_without_images():
+    model = mar_model().train()
+    b = make_batch([["only text"]], 16, torch.zeros(0, 3, 8, 8))
+    mask = build_attention_mask(b.doc_ids, b.image_ids, "sdpa")
+    parts = compute_loss_parts(model, b, mask, NoiseSchedule(DiffusionConfig()), LossConfig(),
+                               torch.Generator().manual_seed(0))
+    parts.total(LossConfig()).backward()
+    assert all(p.grad is not None for p in model.parameters()) and parts.image_count.item() == 0

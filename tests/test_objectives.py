@@ -1,0 +1,141 @@
+"""Objectives (epsilon, v, flow) and their samplers: oracle recovery, train/sample agreement, learning, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import GRID, TOK, make_batch
+
+from transfusion.attention.backends import build_attention_mask
+from transfusion.config import ConfigError, DiffusionConfig, LossConfig, ModelConfig, load_config
+from transfusion.diffusion.schedule import NoiseSchedule, guidance_scale
+from transfusion.generation.engine import Engine
+from transfusion.latents.vae import PixelCodec
+from transfusion.model import build_model
+from transfusion.training.losses import compute_loss_parts
+
+REPO = Path(__file__).resolve().parents[1]
+CASES = [("epsilon", "ddim"), ("epsilon", "ddpm"), ("v", "ddim"), ("v", "ddpm"), ("flow", "euler"), ("flow", "heun")]
+
+
+def oracle(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+    """The exact model output for the current x_t when the clean sample is known to be x0 (float64 inside)."""
+    x0, x_t = x0.double(), x_t.double()
+    T = schedule.num_train_timesteps
+    if schedule.objective == "flow":
+        return ((x_t - x0) / (float(t) / T)).float()  # velocity eps - x0, with eps = (x_t - (1 - s) x0) / s
+    abar = schedule.alphas_cumprod[int(t)]
+    eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+    if schedule.objective == "epsilon":
+        return eps.float()
+    return (abar.sqrt() * eps - (1 - abar).sqrt() * x0).float()
+
+
+@pytest.mark.parametrize("objective,sampler", CASES)
+def test_sampler_fed_the_oracle_recovers_the_clean_sample(objective, sampler):
+    """Through the engine's own loop (with CFG on: the oracle answers the same for both halves)."""
+    from helpers import tiny_model
+
+    schedule = NoiseSchedule(DiffusionConfig(objective=objective, shift=3.0 if objective == "flow" else 1.0))
+    eng = Engine(tiny_model(), TOK, schedule, PixelCodec(), GRID, torch.device("cpu"), autocast=False)
+    x0 = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 1.8 - 0.9
+    calls = []
+
+    def fake_block(pre, x_t, t):
+        calls.append(float(t))
+        return oracle(schedule, x0.repeat(x_t.shape[0] // 2, 1, 1, 1), x_t, t)
+
+    eng.image_block_prediction = fake_block
+    pre = eng.prefill([[TOK.bos_id, TOK.boi_id]] * 2)
+    out = eng.denoise(pre, uncond=pre, guidance=3.0, sampler=sampler, steps=8,
+                      generator=torch.Generator().manual_seed(0))
+    assert (out - x0).abs().max() < 1e-3
+    assert calls[0] >= 0.9 * schedule.num_train_timesteps  # starts from (almost) pure noise
+
+
+@pytest.mark.parametrize("objective,sampler", CASES)
+def test_sampler_and_training_share_noise_levels(objective, sampler):
+    """At every sampler timestep, the training process's x_t is the sample the sampler assumes."""
+    schedule = NoiseSchedule(DiffusionConfig(objective=objective, shift=2.0 if objective == "flow" else 1.0))
+    sched = schedule.sampler(sampler, 6)
+    x0, eps = torch.randn(4, 3), torch.randn(4, 3)
+    for i, t in enumerate(sched.timesteps):
+        x_t = schedule.add_noise(x0, eps, torch.full((4,), float(t)))
+        if objective == "flow":
+            s = float(sched.sigmas[sched.index_for_timestep(t)]) if sampler == "heun" else float(sched.sigmas[i])
+            expected = (1 - s) * x0 + s * eps
+        else:
+            abar = sched.alphas_cumprod[int(t)]
+            expected = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+        assert torch.allclose(x_t, expected.float(), atol=1e-5), (i, float(t))
+
+
+def test_training_timesteps():
+    g = torch.Generator().manual_seed(0)
+    vp = NoiseSchedule(DiffusionConfig()).sample_timesteps(1000, g, torch.device("cpu"))
+    assert vp.dtype == torch.long and vp.min() >= 0 and vp.max() < 1000
+    uni = NoiseSchedule(DiffusionConfig(objective="flow")).sample_timesteps(4000, g, torch.device("cpu"))
+    ln = NoiseSchedule(DiffusionConfig(objective="flow", timestep_sampling="logit_normal"))
+    ln = ln.sample_timesteps(4000, g, torch.device("cpu"))
+    shifted = NoiseSchedule(DiffusionConfig(objective="flow", shift=3.0)).sample_timesteps(4000, g, torch.device("cpu"))
+    for t in (uni, ln, shifted):
+        assert t.is_floating_point() and 0 <= t.min() and t.max() <= 1000
+    assert abs(uni.mean().item() - 500) < 25 and abs(ln.mean().item() - 500) < 25
+    assert ln.std() < uni.std()  # logit-normal concentrates on the middle noise levels
+    assert shifted.mean() > 600  # a shift > 1 moves training towards high noise (larger images)
+
+
+def test_guidance_schedules():
+    assert guidance_scale(3.0, "constant", 0.1) == 3.0
+    assert guidance_scale(3.0, "linear", 0.0) == 1.0 and guidance_scale(3.0, "linear", 1.0) == 3.0
+    with pytest.raises(ValueError, match="known: constant, linear"):
+        guidance_scale(3.0, "cosine", 0.5)
+
+
+@pytest.mark.parametrize("objective", ["epsilon", "v", "flow"])
+def test_training_on_a_fixed_batch_lowers_the_objective_loss(objective):
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1
+    batch = make_batch([["a red", 0, "circle", 1], ["blue", 2, "sq"]], 40, images)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(dim=32, n_layers=1, n_heads=2, patch_size=4), TOK.vocab_size, 3)
+    schedule = NoiseSchedule(DiffusionConfig(objective=objective))
+    mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def image_loss() -> float:  # over the fixed noise draws used for training
+        with torch.no_grad():
+            parts = [compute_loss_parts(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(s))
+                     for s in range(4)]
+        return sum((p.image_sum / p.image_count).item() for p in parts) / 4
+
+    before = image_loss()
+    for step in range(40):
+        parts = compute_loss_parts(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(step % 4))
+        opt.zero_grad()
+        parts.total(LossConfig()).backward()
+        opt.step()
+    assert image_loss() < 0.8 * before
+
+
+def test_unknown_objective_head_or_sampler_is_one_clear_line():
+    for override, listing in (("--diffusion.objective=x0", "known: epsilon, v, flow"),
+                              ("--model.head=dit", "known: transformer, mar"),
+                              ("--model.adapter=conv", "known: linear, unet"),
+                              ("--sample.sampler=euler", "known: ddim, ddpm")):
+        with pytest.raises(ConfigError, match=listing) as err:
+            load_config(REPO / "recipes/shapes_tiny.toml", [override])
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="known: euler, heun"):
+        load_config(None, ["--diffusion.objective=flow", "--sample.sampler=ddim"])
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "transfusion.train", "recipes/shapes_tiny.toml",
+                           "--diffusion.objective=x0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert lines[0] == "error: unknown value 'x0' for 'diffusion.objective' (known: epsilon, v, flow)"

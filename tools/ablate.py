@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Train image-objective / head / adapter / attention variants at equal steps, evaluate each, write one table.
+
+    python tools/ablate.py                                     # every variant, the recipe's steps -> docs/ablation.md
+    python tools/ablate.py --steps 150 --num-t2i 50 --variants flow_unet,mar --out /tmp/quick.md
+    python tools/ablate.py --list                              # the variants and their overrides
+
+Each variant is the base recipe plus a few overrides (so variants never drift from the baseline), trained by the
+normal trainer in a child process (one failure does not stop the others), then evaluated with
+``transfusion.eval.metrics.evaluate`` on the held-out shards. Results land in ``<runs>/<variant>/ablation.json``; the
+table is rebuilt from every result present, so an interrupted ablation resumes with ``--skip-done``.
+
+Train a single variant directly with the same overrides:
+    python -m transfusion.train recipes/shapes_tiny.toml --diffusion.objective=flow --sample.sampler=euler ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FLOW = ["--diffusion.objective=flow", "--sample.sampler=euler"]
+# name -> (description, overrides on the base recipe)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "eps_linear": ("epsilon + linear (baseline)", []),
+    "v_linear": ("v-prediction + linear", ["--diffusion.objective=v"]),
+    "flow_linear": ("rectified flow + linear", FLOW),
+    "flow_unet": ("rectified flow + U-Net", FLOW + ["--model.adapter=unet"]),
+    "eps_unet": ("epsilon + U-Net", ["--model.adapter=unet"]),
+    "mar": ("MAR head (epsilon, per-token MLP)", ["--model.head=mar"]),
+    "eps_linear_causal": ("epsilon + linear, causal image attention", ["--model.image_attention=causal"]),
+}
+DEFAULT = ["eps_linear", "v_linear", "flow_linear", "flow_unet", "mar", "eps_linear_causal"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="recipes/shapes_tiny.toml")
+    p.add_argument("--variants", default=",".join(DEFAULT), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--steps", type=int, help="training steps for every variant (default: the recipe's)")
+    p.add_argument("--runs", default="runs/ablate", help="parent directory of the variants' run directories")
+    p.add_argument("--out", default="docs/ablation.md", help="markdown table to write")
+    p.add_argument("--num-t2i", type=int, help="prompts to generate and judge (default: the recipe's eval.num_t2i)")
+    p.add_argument("--num-caption", type=int, help="images to caption (default: the recipe's eval.num_caption)")
+    p.add_argument("--set", action="append", default=[], metavar="--section.key=value",
+                   help="extra override for every variant (repeatable)")
+    p.add_argument("--skip-done", action="store_true", help="keep variants whose ablation.json already exists")
+    p.add_argument("--list", action="store_true", help="print the variants and exit")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: train + evaluate one variant in this process
+    args = p.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    return args
+
+
+def overrides_for(args: argparse.Namespace, name: str) -> list[str]:
+    out = [f"--run.dir={Path(args.runs) / name}", *VARIANTS[name][1], *args.set]
+    if args.steps is not None:
+        out.append(f"--train.steps={args.steps}")
+    return out
+
+
+def run_one(args: argparse.Namespace, name: str) -> dict:
+    """Train (timing every optimisation step) and evaluate one variant; returns its result record."""
+    import torch
+
+    from transfusion.config import load_config
+    from transfusion.eval.metrics import evaluate
+    from transfusion.generation.engine import Engine
+    from transfusion.training.trainer import Trainer
+
+    cfg = load_config(args.recipe, overrides_for(args, name))
+    clock = {"seconds": 0.0, "samples": 0, "steps": 0}
+
+    class TimedTrainer(Trainer):
+        def train_step(self, micro):  # one optimizer step: a Batch, or [(consumer, Batch), ...] micro-batches
+            t0 = time.perf_counter()
+            out = super().train_step(micro)
+            clock["seconds"] += time.perf_counter() - t0
+            items = micro if isinstance(micro, list) else [micro]
+            clock["samples"] += sum(len((b[1] if isinstance(b, tuple) else b).keys) for b in items)
+            clock["steps"] += 1
+            return out
+
+    t0 = time.perf_counter()
+    trainer = TimedTrainer(cfg, progress=False)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    trainer.fit()
+    wall = time.perf_counter() - t0
+    del trainer
+    run = Path(cfg.run.dir)
+    engine = Engine.from_export(str(run / "export"), device=cfg.run.device if cfg.run.device != "auto" else "cpu")
+    torch.manual_seed(0)
+    report = evaluate(engine, shards=cfg.data.eval_shards,
+                      num_t2i=cfg.eval.num_t2i if args.num_t2i is None else args.num_t2i,
+                      num_caption=cfg.eval.num_caption if args.num_caption is None else args.num_caption,
+                      batch_size=cfg.eval.batch_size, steps=cfg.sample.steps, guidance=cfg.sample.guidance,
+                      sampler=cfg.sample.sampler, seed=0, max_caption_tokens=cfg.eval.max_caption_tokens,
+                      out_dir=run / "eval", progress=False)
+    (run / "eval" / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return {"variant": name, "description": VARIANTS[name][0], "overrides": VARIANTS[name][1],
+            "steps": clock["steps"], "params_m": n_params / 1e6,
+            "train_samples_per_s": clock["samples"] / max(clock["seconds"], 1e-9),
+            "train_wall_s": wall, "report": report}
+
+
+def table(results: list[dict], header: str) -> str:
+    cols = [("t2i color", lambda r: r["report"]["t2i"]["color_accuracy"]),
+            ("t2i shape", lambda r: r["report"]["t2i"]["shape_accuracy"]),
+            ("t2i position", lambda r: r["report"]["t2i"]["position_accuracy"]),
+            ("t2i all", lambda r: r["report"]["t2i"]["all_accuracy"]),
+            ("caption exact", lambda r: r["report"]["caption"]["exact_match"]),
+            ("text ppl", lambda r: r["report"]["text"]["perplexity"]),
+            ("diff. val loss*", lambda r: r["report"]["diffusion"]["val_loss"]),
+            ("train samples/s", lambda r: r["train_samples_per_s"]),
+            ("s / generated image", lambda r: r["report"]["timings"]["t2i_seconds_per_image"]),
+            ("params (M)", lambda r: r["params_m"])]
+    lines = [header, "", "| variant | steps | " + " | ".join(c for c, _ in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for r in results:
+        vals = []
+        for _, get in cols:
+            try:
+                v = get(r)
+                vals.append(f"{v:.3f}" if isinstance(v, float) and abs(v) < 100 else f"{v:.1f}")
+            except (KeyError, TypeError):
+                vals.append("n/a")
+        lines.append(f"| {r['description']} (`{r['variant']}`) | {r['steps']} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for name, (desc, ov) in VARIANTS.items():
+            print(f"{name:20s} {desc:45s} {' '.join(ov) or '(base recipe)'}")
+        return 0
+    if args.one:
+        result = run_one(args, args.one)
+        out = Path(args.runs) / args.one / "ablation.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+    names = args.variants.split(",")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for name in names:
+        done = Path(args.runs) / name / "ablation.json"
+        if args.skip_done and done.is_file():
+            print(f"[ablate] {name}: kept {done}", flush=True)
+            continue
+        done.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        print(f"[ablate] {name}: training + evaluating ...", flush=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name, *sys.argv[1:]] if argv is None else \
+            [sys.executable, str(Path(__file__).resolve()), "--one", name, *argv]
+        proc = subprocess.run(cmd, cwd=REPO, env=env)
+        status = "ok" if proc.returncode == 0 and done.is_file() else f"FAILED (exit {proc.returncode})"
+        print(f"[ablate] {name}: {status} in {time.perf_counter() - t0:.0f}s", flush=True)
+    results = [json.loads((Path(args.runs) / n / "ablation.json").read_text()) for n in names
+               if (Path(args.runs) / n / "ablation.json").is_file()]
+    write_table(args, results)
+    return 0 if len(results) == len(names) else 1
+
+
+def write_table(args: argparse.Namespace, results: list[dict]) -> None:
+    import torch
+
+    from transfusion.config import load_config
+
+    base = load_config(args.recipe, [])
+    steps = sorted({r["steps"] for r in results})
+    n_t2i = sorted({r["report"]["t2i"]["n"] for r in results})
+    header = (f"Recipe `{args.recipe}`, {', '.join(map(str, steps))} training steps per variant "
+              f"(recipe default {base.train.steps}){' (REDUCED)' if steps and steps[-1] < base.train.steps else ''}; "
+              f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}; "
+              f"t2i judged on {', '.join(map(str, n_t2i))} held-out prompts with the recipe's sampler settings; "
+              f"measured {time.strftime('%Y-%m-%d')}.")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = table(results, header)
+    if out.suffix == ".md" and out.is_file():  # replace only the generated block of a docs page
+        old = out.read_text()
+        start, end = "<!-- ablation:begin -->", "<!-- ablation:end -->"
+        if start in old and end in old:
+            text = old[:old.index(start) + len(start)] + "\n" + text + old[old.index(end):]
+    out.write_text(text)
+    print(text)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
