@@ -34,7 +34,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "flow_linear": ("rectified flow + linear", FLOW),
     "flow_unet": ("rectified flow + U-Net", FLOW + ["--model.adapter=unet"]),
     "eps_unet": ("epsilon + U-Net", ["--model.adapter=unet"]),
-    "mar": ("MAR head (epsilon, per-token MLP)", ["--model.head=mar"]),
+    "mar": ("MAR head (v-prediction, per-token MLP)", ["--model.head=mar", "--diffusion.objective=v"]),
     "eps_linear_causal": ("epsilon + linear, causal image attention", ["--model.image_attention=causal"]),
 }
 DEFAULT = ["eps_linear", "v_linear", "flow_linear", "flow_unet", "mar", "eps_linear_causal"]
