@@ -26,18 +26,23 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+EPS = ["--diffusion.objective=epsilon", "--sample.sampler=ddim"]
+V = ["--diffusion.objective=v", "--sample.sampler=ddim"]
 FLOW = ["--diffusion.objective=flow", "--sample.sampler=euler"]
-# name -> (description, overrides on the base recipe)
+# name -> (description, overrides on the base recipe). Every variant names its objective, so the table does not
+# depend on which objective the base recipe happens to default to.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "eps_linear": ("epsilon + linear (baseline)", []),
-    "v_linear": ("v-prediction + linear", ["--diffusion.objective=v"]),
+    "eps_linear": ("epsilon + linear", EPS),
+    "v_linear": ("v-prediction + linear", V),
     "flow_linear": ("rectified flow + linear", FLOW),
     "flow_unet": ("rectified flow + U-Net", FLOW + ["--model.adapter=unet"]),
-    "eps_unet": ("epsilon + U-Net", ["--model.adapter=unet"]),
-    "mar": ("MAR head (v-prediction, per-token MLP)", ["--model.head=mar", "--diffusion.objective=v"]),
-    "eps_linear_causal": ("epsilon + linear, causal image attention", ["--model.image_attention=causal"]),
+    "eps_unet": ("epsilon + U-Net", EPS + ["--model.adapter=unet"]),
+    "v_unet": ("v-prediction + U-Net", V + ["--model.adapter=unet"]),
+    "mar": ("MAR head (v-prediction, per-token MLP)", V + ["--model.head=mar"]),
+    "v_linear_causal": ("v-prediction + linear, causal image attention", V + ["--model.image_attention=causal"]),
+    "eps_linear_causal": ("epsilon + linear, causal image attention", EPS + ["--model.image_attention=causal"]),
 }
-DEFAULT = ["eps_linear", "v_linear", "flow_linear", "flow_unet", "mar", "eps_linear_causal"]
+DEFAULT = ["eps_linear", "v_linear", "flow_linear", "flow_unet", "mar", "v_linear_causal"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
