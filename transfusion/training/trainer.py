@@ -342,6 +342,7 @@ class Trainer:
         cfg = self.cfg.train
         self.writer = self._open_writer()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line per 30 s, not per step
                    disable=not self.progress)
         window = Window()
         try:
