@@ -68,3 +68,29 @@ def make_batch(docs: list[list], seq_len: int, images: torch.Tensor) -> Batch:
                  text_targets=targets[None], images=images, image_rows=torch.tensor(rows, dtype=torch.long),
                  image_starts=torch.tensor(starts, dtype=torch.long), image_is_target=torch.ones(n, dtype=torch.bool),
                  patch_grid=GRID, keys=[str(i) for i in range(len(docs))])
+
+
+def fit_fixed_batch(model, batch: Batch, schedule, steps: int, lr: float = 1e-2) -> tuple[float, float]:
+    """Train ``model`` on one fixed batch (two alternating noise draws); return the image loss before and after,
+    each averaged over the same two draws."""
+    from transfusion.attention.backends import build_attention_mask
+    from transfusion.config import LossConfig
+    from transfusion.training.losses import compute_loss_parts
+
+    mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def parts(seed: int):
+        return compute_loss_parts(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(seed))
+
+    def image_loss() -> float:
+        with torch.no_grad():
+            ps = [parts(s) for s in range(2)]
+        return sum((p.image_sum / p.image_count).item() for p in ps) / 2
+
+    before = image_loss()
+    for step in range(steps):
+        opt.zero_grad()
+        parts(step % 2).total(LossConfig()).backward()
+        opt.step()
+    return before, image_loss()

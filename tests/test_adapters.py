@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import GRID, P, TOK, make_batch
+from helpers import GRID, P, TOK, fit_fixed_batch, make_batch
 
 from transfusion.attention.backends import build_attention_mask
 from transfusion.attention.masks import dense_mask, hybrid_mask_mod
@@ -80,22 +80,8 @@ def test_unet_model_starts_at_zero_and_its_cached_block_equals_the_full_pass(bat
 def test_unet_flow_model_learns_a_fixed_batch(batch):
     model = unet_model()
     schedule = NoiseSchedule(DiffusionConfig(objective="flow"))
-    mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-
-    def image_loss() -> float:
-        with torch.no_grad():
-            ps = [compute_loss_parts(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(s))
-                  for s in range(2)]
-        return sum((p.image_sum / p.image_count).item() for p in ps) / 2
-
-    before = image_loss()
-    for step in range(25):
-        parts = compute_loss_parts(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(step % 2))
-        opt.zero_grad()
-        parts.total(LossConfig()).backward()
-        opt.step()
-    assert image_loss() < 0.8 * before
+    before, after = fit_fixed_batch(model, batch, schedule, steps=25)
+    assert after < 0.8 * before
     assert all(p.grad is not None for p in model.parameters())
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import GRID, P, TOK, make_batch
+from helpers import GRID, P, TOK, fit_fixed_batch, make_batch
 
 from transfusion.attention.backends import build_attention_mask
 from transfusion.attention.masks import dense_mask
@@ -83,24 +83,11 @@ def test_training_inputs_mask_targets_only_and_hide_masked_content(batch):
 def test_mar_head_learns_a_fixed_batch(batch):
     model = mar_model()
     schedule = NoiseSchedule(DiffusionConfig())
-    mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-
-    def image_loss() -> float:
-        with torch.no_grad():
-            ps = [compute_loss_parts(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(s))
-                  for s in range(2)]
-        return sum((p.image_sum / p.image_count).item() for p in ps) / 2
-
-    before = image_loss()
-    for step in range(30):
-        parts = compute_loss_parts(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(step % 2))
-        opt.zero_grad()
-        parts.total(LossConfig()).backward()
-        opt.step()
-    assert image_loss() < 0.8 * before
+    before, after = fit_fixed_batch(model, batch, schedule, steps=30)
+    assert after < 0.8 * before
     assert all(p.grad is not None for p in model.parameters())
     # per-image reduction works too
+    mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa")
     parts = compute_loss_parts(model, batch, mask, schedule, LossConfig(image_reduction="image"),
                                torch.Generator().manual_seed(0))
     assert parts.image_count.item() == 2
