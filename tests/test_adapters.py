@@ -59,6 +59,8 @@ def test_unet_model_starts_at_zero_and_its_cached_block_equals_the_full_pass(bat
                         batch.image_rows, batch.image_starts, batch.patch_grid)
     assert pred.shape == batch.images.shape and pred.abs().max() == 0  # zero-init output conv
     torch.nn.init.normal_(model.image_out.conv_out.weight, std=0.1)
+    torch.nn.init.normal_(model.image_out.direct.weight, std=0.1)
+    torch.nn.init.ones_(model.image_out.skip_gates)  # open the skips from the down path
     for mod in model.modules():  # wake the zero-init residual branches too
         if hasattr(mod, "conv2"):
             torch.nn.init.normal_(mod.conv2.weight, std=0.1)
@@ -83,6 +85,7 @@ def test_unet_flow_model_learns_a_fixed_batch(batch):
     before, after = fit_fixed_batch(model, batch, schedule, steps=25)
     assert after < 0.8 * before
     assert all(p.grad is not None for p in model.parameters())
+    assert model.image_out.skip_gates.abs().min() > 0  # the closed skip gates learn to open
 
 
 # -- the attention ablation: causal image blocks ---------------------------------------------------------------

@@ -91,6 +91,10 @@ def test_mar_head_learns_a_fixed_batch(batch):
     parts = compute_loss_parts(model, batch, mask, schedule, LossConfig(image_reduction="image"),
                                torch.Generator().manual_seed(0))
     assert parts.image_count.item() == 2
+    # the counts do not depend on the random masks (trainers normalise micro-steps before the forward)
+    for seed in range(2):
+        parts = compute_loss_parts(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(seed))
+        assert parts.image_count.item() == 2 * 3 * 8 * 8
 
 
 def test_cached_block_condition_equals_the_full_pass():

@@ -147,7 +147,14 @@ class UNetDown(nn.Module):
 
 
 class UNetUp(nn.Module):
-    """Tokens [N, P, D] + timestep embedding [N, E] + down-path skips -> [N, C, H, W]."""
+    """Tokens [N, P, D] + timestep embedding [N, E] + down-path skips -> [N, C, H, W].
+
+    Each level's skip enters through a learned gate (one scalar per level) that starts closed (zero-init): early in
+    training the output must come through the transformer, which has the text; the local path from the noisy input
+    opens as it helps. The conv path is added to a per-token linear prediction (as ``LinearPatchOut``): image-wide
+    information in the transformer outputs (the caption's color) reaches the pixels directly (measured on the shapes
+    world: without it the caption's color binds far later; the final GroupNorm of the conv path can normalise a
+    per-image offset away)."""
 
     def __init__(self, channels_out: int, patch: int, dim: int, widths: list[int], blocks: int, groups: int) -> None:
         super().__init__()
@@ -166,17 +173,21 @@ class UNetUp(nn.Module):
             if i > 0:
                 self.up.append(nn.Conv2d(c, widths[i - 1], 3, padding=1))
                 prev = widths[i - 1]
+        self.skip_gates = nn.Parameter(torch.zeros(len(widths)))  # coarsest level first, as ``levels``
         self.norm_out = nn.GroupNorm(groups, widths[0])
         self.conv_out = nn.Conv2d(widths[0], channels_out, 3, padding=1)
+        self.patch = patch
+        self.direct = nn.Linear(dim, channels_out * patch * patch)
 
     def forward(self, h_NPD: Tensor, grid: tuple[int, int], c_NE: Tensor, skips: list[Tensor]) -> Tensor:
         n = h_NPD.shape[0]
         h = self.proj(h_NPD).transpose(1, 2).reshape(n, self.proj.out_features, *grid)
         for j, blocks in enumerate(self.levels):
-            skip = skips[len(skips) - 1 - j]
+            skip = skips[len(skips) - 1 - j] * self.skip_gates[j].to(skips[0].dtype)
             h = torch.cat((h.to(skip.dtype), skip), dim=1)
             for block in blocks:
                 h = block(h, c_NE)
             if j < len(self.up):
                 h = self.up[j](F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        direct = unpatchify(self.direct(h_NPD), self.patch, grid, self.channels)
+        return direct + self.conv_out(F.silu(self.norm_out(h))).to(direct.dtype)

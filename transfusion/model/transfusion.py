@@ -106,10 +106,12 @@ class TransfusionModel(nn.Module):
             self.mar_head.init_weights()
             return
         # The image head starts at zero (DiT practice): the first prediction is 0, a neutral estimate under every
-        # objective; U-Net residual blocks start as their skip path (zero second conv).
+        # objective; U-Net residual blocks start as their skip path (zero second conv), U-Net skip gates closed.
         if isinstance(self.image_out, UNetUp):
-            nn.init.zeros_(self.image_out.conv_out.weight)
-            nn.init.zeros_(self.image_out.conv_out.bias)
+            for out in (self.image_out.conv_out, self.image_out.direct):
+                nn.init.zeros_(out.weight)
+                nn.init.zeros_(out.bias)
+            nn.init.zeros_(self.image_out.skip_gates)  # skips open as training finds them useful
             for mod in list(self.image_in.modules()) + list(self.image_out.modules()):
                 if isinstance(mod, ResBlock):
                     nn.init.zeros_(mod.conv2.weight)
