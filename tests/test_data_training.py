@@ -87,18 +87,6 @@ def test_skip_rate_ceiling_stops_the_run_with_one_line(tmp_path: Path) -> None:
     assert "bad_image=" in errors[0]
 
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory) -> Path:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(8, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
-                        sample_size=16, scaling_factor=0.5, shift_factor=0.1)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path
-
 
 def _tool(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")

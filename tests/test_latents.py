@@ -6,28 +6,8 @@ import torch
 from transfusion.config import LatentConfig
 from transfusion.latents import PixelCodec, VAECodec, build_codec
 
-SCALE, SHIFT = 0.5, 0.1
+from conftest import TINY_VAE_SCALE as SCALE, TINY_VAE_SHIFT as SHIFT
 
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=16,
-        scaling_factor=SCALE,
-        shift_factor=SHIFT,
-    )
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path
 
 
 def test_pixel_codec_is_identity():

@@ -161,18 +161,6 @@ def test_make_shards_errors_are_one_line(inputs: Path, tmp_path: Path) -> None:
     assert usage.returncode == 2 and "one of the arguments --images --manifest --documents is required" in usage.stderr
 
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory) -> Path:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(8, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
-                        sample_size=16, scaling_factor=0.5, shift_factor=0.1)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path
-
 
 def test_precompute_latents_parts_match_the_codec(inputs: Path, tmp_path: Path, vae_dir: Path, capsys) -> None:
     from transfusion.latents.vae import VAECodec

@@ -4,7 +4,7 @@ Report keys (``<run>/eval/report.json``):
     t2i.{color,shape,position,all}_accuracy    images generated from held-out captions, judged by eval.judge
     caption.exact_match, caption.{color,shape,position}_accuracy   greedy captions of held-out images
     text.perplexity                            teacher-forced, text targets of the text -> image layout
-    diffusion.val_loss                         epsilon MSE on held-out images at fixed seeded timesteps and noise
+    diffusion.val_loss                         the objective's loss (epsilon, v or velocity MSE) on held-out images, fixed seeds
 """
 
 from __future__ import annotations
