@@ -95,6 +95,10 @@ def test_mar_head_learns_a_fixed_batch(batch):
     for seed in range(2):
         parts = compute_loss_parts(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(seed))
         assert parts.image_count.item() == 2 * 3 * 8 * 8
+    # min-SNR weighting reaches the per-token loss: epsilon weights are <= 1, a huge cap is plain epsilon
+    plain, capped, uncapped = (compute_loss_parts(model, batch, mask, schedule, LossConfig(snr_gamma=g),
+                                                  torch.Generator().manual_seed(0)) for g in (0.0, 5.0, 1e12))
+    assert capped.image_sum < plain.image_sum and torch.allclose(uncapped.image_sum, plain.image_sum, rtol=1e-5)
 
 
 def test_cached_block_condition_equals_the_full_pass():

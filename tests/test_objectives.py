@@ -139,3 +139,53 @@ def test_unknown_objective_head_or_sampler_is_one_clear_line():
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr
     assert lines[0] == "error: unknown value 'x0' for 'diffusion.objective' (known: epsilon, v, flow)"
+
+
+def x0_from_prediction(schedule: NoiseSchedule, x_t: torch.Tensor, pred: torch.Tensor, t_N: torch.Tensor):
+    """Naive reference: the clean-sample estimate implied by a model output under each objective (float64)."""
+    x_t, pred = x_t.double(), pred.double()
+    if schedule.objective == "flow":
+        return x_t - (t_N.double() / schedule.num_train_timesteps)[:, None] * pred  # x0 = x_s - s v
+    abar = schedule.alphas_cumprod[t_N.long()][:, None]
+    if schedule.objective == "epsilon":
+        return (x_t - (1 - abar).sqrt() * pred) / abar.sqrt()
+    return abar.sqrt() * x_t - (1 - abar).sqrt() * pred  # v
+
+
+@pytest.mark.parametrize("objective", ["epsilon", "v", "flow"])
+def test_min_snr_weighting_is_capped_snr_times_the_x0_error(objective):
+    """Under every objective, weight * |objective error|^2 == min(SNR, gamma) * |x0 error|^2 per sample."""
+    schedule = NoiseSchedule(DiffusionConfig(objective=objective))
+    g = torch.Generator().manual_seed(3)
+    n, gamma = 64, 5.0
+    x0, eps = torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randn(n, 6, generator=g, dtype=torch.float64)
+    t = schedule.sample_timesteps(n, g, torch.device("cpu"))
+    t = t.clamp(min=5) if t.is_floating_point() else t  # keep flow sigma away from 0 (the division in the reference)
+    x_t = schedule.add_noise(x0, eps, t)
+    pred = schedule.target(x0, eps, t) + 0.1 * torch.randn(n, 6, generator=g, dtype=torch.float64)
+    weighted = schedule.loss_weight(t, gamma).double() * (pred - schedule.target(x0, eps, t)).pow(2).sum(1)
+    x0_err = (x0_from_prediction(schedule, x_t, pred, t) - x0).pow(2).sum(1)
+    expected = schedule.snr(t).clamp(max=gamma) * x0_err
+    assert torch.allclose(weighted, expected, rtol=1e-3, atol=1e-8)
+    snr = schedule.snr(t)
+    assert (snr > gamma).any() and (snr < gamma).any()  # both sides of the cap were exercised
+    assert torch.equal(schedule.loss_weight(t, 0.0), torch.ones(n))
+
+
+def test_min_snr_changes_only_the_image_term_and_a_huge_cap_is_plain_epsilon():
+    g = torch.Generator().manual_seed(1)
+    batch = make_batch([["a red", 0, "circle", 1], ["blue", 2, "sq"]], 40, torch.rand(3, 3, 8, 8, generator=g) * 2 - 1)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(dim=32, n_layers=1, n_heads=2, patch_size=4), TOK.vocab_size, 3)
+    mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa")
+    schedule = NoiseSchedule(DiffusionConfig(objective="epsilon"))
+
+    def parts(gamma):
+        with torch.no_grad():
+            return compute_loss_parts(model, batch, mask, schedule, LossConfig(snr_gamma=gamma),
+                                      torch.Generator().manual_seed(0))
+
+    plain, capped, uncapped = parts(0.0), parts(5.0), parts(1e12)
+    assert torch.equal(plain.text_sum, capped.text_sum) and torch.equal(plain.image_count, capped.image_count)
+    assert capped.image_sum < plain.image_sum  # epsilon weights min(SNR, 5) / SNR <= 1, < 1 where SNR > 5
+    assert torch.allclose(uncapped.image_sum, plain.image_sum, rtol=1e-5)

@@ -32,7 +32,10 @@ FLOW = ["--diffusion.objective=flow", "--sample.sampler=euler"]
 # name -> (description, overrides on the base recipe). Every variant names its objective, so the table does not
 # depend on which objective the base recipe happens to default to.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "eps_linear": ("epsilon + linear", EPS),
+    # epsilon with min-SNR-5 weighting (Hang et al. 2023) and lambda = 5: the unweighted epsilon loss barely rewards
+    # a right x0 at the high noise levels where DDIM decides color and layout (docs/ablation.md)
+    "eps_linear": ("epsilon + linear, min-SNR-5, lambda 5", EPS + ["--loss.snr_gamma=5", "--loss.image_weight=5"]),
+    "eps_linear_plain": ("epsilon + linear, unweighted, lambda 1", EPS),
     "v_linear": ("v-prediction + linear", V),
     "flow_linear": ("rectified flow + linear", FLOW),
     "flow_unet": ("rectified flow + U-Net", FLOW + ["--model.adapter=unet"]),
@@ -42,7 +45,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "v_linear_causal": ("v-prediction + linear, causal image attention", V + ["--model.image_attention=causal"]),
     "eps_linear_causal": ("epsilon + linear, causal image attention", EPS + ["--model.image_attention=causal"]),
 }
-DEFAULT = ["eps_linear", "v_linear", "flow_linear", "flow_unet", "mar", "v_linear_causal"]
+DEFAULT = ["eps_linear", "v_linear", "flow_linear", "flow_unet", "mar", "v_linear_causal", "eps_linear_plain"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -125,6 +125,7 @@ class LossConfig:
     image_weight: float = 1.0  # lambda in  L = L_text + lambda * L_diffusion
     text_reduction: str = "token"  # "token": mean over every text target in the batch
     image_reduction: str = "element"  # "element": mean over every target image element; "image": per image first
+    snr_gamma: float = 0.0  # min-SNR-gamma weighting of the diffusion loss (Hang et al. 2023; 5 is usual); 0 = off
 
 
 @dataclass(kw_only=True, slots=True)

@@ -93,6 +93,30 @@ class NoiseSchedule:
         a, b = self._coefs(t_N, x0)
         return a * x0 + b * noise
 
+    def snr(self, t_N: Tensor) -> Tensor:
+        """Signal-to-noise ratio a_t^2 / b_t^2 of x_t [N] (float64); flow sigma is clamped away from 0."""
+        if self.is_flow:
+            s = (t_N.to(torch.float64) / self.num_train_timesteps).clamp(1e-5, 1.0)
+            return ((1 - s) / s) ** 2
+        abar = self.alphas_cumprod.to(t_N.device)[t_N.long()]
+        return abar / (1 - abar)
+
+    def loss_weight(self, t_N: Tensor, gamma: float) -> Tensor:
+        """Min-SNR-gamma loss weights [N] (float32; Hang et al. 2023, arXiv 2303.09556): w = min(SNR, gamma) / c_t,
+        where c_t is this objective's error scale at fixed x_t, |objective error|^2 = c_t |x0 error|^2 (epsilon:
+        SNR, v: SNR + 1, flow velocity: 1 / s^2). The weighted loss is min(SNR, gamma) |x0 error|^2 under every
+        objective: capped at high SNR, so nearly-clean steps stop dominating. ``gamma <= 0`` gives weights 1."""
+        if gamma <= 0:
+            return torch.ones(t_N.shape, dtype=torch.float32, device=t_N.device)
+        snr = self.snr(t_N)
+        if self.objective == "epsilon":
+            scale = snr
+        elif self.objective == "v":
+            scale = snr + 1
+        else:
+            scale = (t_N.to(torch.float64) / self.num_train_timesteps).clamp(1e-5, 1.0) ** -2
+        return (snr.clamp(max=gamma) / scale).to(torch.float32)
+
     def target(self, x0: Tensor, noise: Tensor, t_N: Tensor) -> Tensor:
         """What the image head learns to predict under this objective."""
         if self.objective == "epsilon":

@@ -3,7 +3,8 @@
 Losses are returned as sums with their counts, so that the reduction unit is explicit (config ``loss``) and a
 distributed trainer can normalise by global counts across ranks and micro-steps instead of per rank.
 
-The diffusion term follows the model's image head: the whole-image head regresses the schedule's objective
+Optional min-SNR-gamma weighting (``loss.snr_gamma``) scales each noised image's (or MAR token's) squared error by
+``NoiseSchedule.loss_weight``. The diffusion term follows the model's image head: the whole-image head regresses the schedule's objective
 (epsilon, v or flow velocity) on noised target images; the MAR head masks a random share of each target image's
 patches and regresses the objective on the masked patches only, with its per-token denoiser. All randomness
 (timesteps, noise, masks) is drawn here from ``generator``; the model only computes.
@@ -74,10 +75,12 @@ def compute_loss_parts(model, batch: Batch, mask: object, schedule: NoiseSchedul
                                reduction="sum")
     text_count = (targets != IGNORE_INDEX).sum()
     if mar is not None:
-        image_sum, image_count = _mar_image_loss(pred, target, mar, batch, cfg)
+        weight = schedule.loss_weight(mar.t, cfg.snr_gamma).to(pred.device)
+        image_sum, image_count = _mar_image_loss(pred, target, mar, batch, cfg, weight)
         return LossParts(text_sum, text_count, image_sum, image_count.to(text_sum.device))
     sel = batch.image_is_target
-    err = (pred - target.float()).pow(2) * sel[:, None, None, None]  # [N, C, H, W]; zero for non-targets
+    weight = schedule.loss_weight(t, cfg.snr_gamma).to(pred.device) * sel  # [N]; zero for non-targets
+    err = (pred - target.float()).pow(2) * weight[:, None, None, None]  # [N, C, H, W]
     if cfg.image_reduction == "element":
         image_sum, image_count = err.sum(), sel.sum() * math.prod(pred.shape[1:])
     else:  # "image": mean within each image, then over images
@@ -118,13 +121,13 @@ def mar_inputs(batch: Batch, schedule: NoiseSchedule, model_cfg, generator: torc
     return x0, zeros, mar, schedule.target(x0_tok, noise, t)
 
 
-def _mar_image_loss(pred: Tensor, target: Tensor, mar: MARInputs, batch: Batch,
-                    cfg: LossConfig) -> tuple[Tensor, Tensor]:
+def _mar_image_loss(pred: Tensor, target: Tensor, mar: MARInputs, batch: Batch, cfg: LossConfig,
+                    weight: Tensor) -> tuple[Tensor, Tensor]:
     """Squared error averaged within each target image (over its masked tokens, their repeats and elements), then
     summed over images: weighted by the image's element count under "element" reduction, by 1 under "image".
     The counts are then those of the whole-image head (target images x C*H*W, or target images), fixed before the
     forward whatever the random masks, so trainers can normalise across micro-steps in advance."""
-    err = (pred - target.float()).pow(2).mean(1)  # [M * mul]
+    err = (pred - target.float()).pow(2).mean(1) * weight  # [M * mul]; weight: min-SNR per row (or ones)
     num_patches = batch.patch_grid[0] * batch.patch_grid[1]
     n = batch.images.shape[0]
     img = (mar.index // num_patches).repeat(err.shape[0] // max(mar.index.shape[0], 1))  # image of each row
