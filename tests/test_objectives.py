@@ -127,12 +127,12 @@ def test_unknown_objective_head_or_sampler_is_one_clear_line():
     for override, listing in (("--diffusion.objective=x0", "known: epsilon, v, flow"),
                               ("--model.head=dit", "known: transformer, mar"),
                               ("--model.adapter=conv", "known: linear, unet"),
-                              ("--sample.sampler=euler", "known: ddim, ddpm")):
+                              ("--sample.sampler=ddim", "known: euler, heun")):
         with pytest.raises(ConfigError, match=listing) as err:
             load_config(REPO / "recipes/shapes_tiny.toml", [override])
         assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match="known: euler, heun"):
-        load_config(None, ["--diffusion.objective=flow", "--sample.sampler=ddim"])
+    with pytest.raises(ConfigError, match="known: ddim, ddpm"):
+        load_config(None, ["--diffusion.objective=v", "--sample.sampler=euler"])
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "transfusion.train", "recipes/shapes_tiny.toml",
                            "--diffusion.objective=x0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)

@@ -80,9 +80,11 @@ def test_outputs_generate_and_evaluate(shards, tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0 and "000.png" in out.stdout, out.stderr
     out = subprocess.run([sys.executable, "tools/evaluate.py", "--run", str(run_dir), "--steps", "2",
-                          "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True)
+                          "--guidance", "2", "--guidance-schedule", "linear", "--no-progress"], cwd=REPO, env=env,
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     report = json.loads((run_dir / "eval/report.json").read_text())
+    assert report["settings"]["guidance"] == 2.0 and report["settings"]["guidance_schedule"] == "linear"
     for sec, key in (("t2i", "color_accuracy"), ("t2i", "shape_accuracy"), ("t2i", "position_accuracy"),
                      ("caption", "exact_match"), ("caption", "color_accuracy"), ("caption", "shape_accuracy"),
                      ("text", "perplexity"), ("diffusion", "val_loss")):
@@ -119,3 +121,31 @@ def test_bad_input_gives_one_clear_line(shards, tmp_path):
     _one_line_error(_cli("-m", "transfusion.train", "recipes/shapes_tiny.toml", *args, f"--resume={ckpt}"),
                     str(ckpt))
     _one_line_error(_cli("tools/evaluate.py", "--run", str(tmp_path / "nope")), "nope")
+
+
+def test_ablation_tool_trains_evaluates_and_rewrites_only_its_table_block(shards, tmp_path):
+    page = tmp_path / "ablation.md"
+    page.write_text("# intro kept\n<!-- ablation:begin -->\nold table\n<!-- ablation:end -->\nouter text kept\n")
+    tiny = [o for o in tiny_overrides(shards, tmp_path / "unused", 2)
+            if not o.startswith(("--run.dir", "--train.steps"))]
+    cmd = [sys.executable, "tools/ablate.py", "--variants", "eps_linear,mar", "--steps", "2", "--runs",
+           str(tmp_path / "runs"), "--out", str(page), "--num-t2i", "2", "--num-caption", "2",
+           "--figure", str(tmp_path / "fig.png"),
+           *[f"--set={o}" for o in tiny]]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = page.read_text()
+    assert text.startswith("# intro kept\n<!-- ablation:begin -->\n")
+    assert text.endswith("<!-- ablation:end -->\nouter text kept\n")
+    assert "old table" not in text and "(`eps_linear`) | 2 |" in text and "(`mar`) | 2 |" in text
+    for name in ("eps_linear", "mar"):
+        result = json.loads((tmp_path / "runs" / name / "ablation.json").read_text())
+        assert result["steps"] == 2 and result["report"]["t2i"]["n"] == 2 and result["train_samples_per_s"] > 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "fig.png").height == 2 * 134  # one row per variant
+    mar_cfg = (tmp_path / "runs" / "mar" / "config.toml").read_text()
+    assert 'head = "mar"' in mar_cfg and "dim = 32" in mar_cfg  # variant overrides + the shared --set overrides
+    bad = subprocess.run([sys.executable, "tools/ablate.py", "--variants", "eps_linear,nope"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown variant(s) nope (known: eps_linear" in bad.stderr

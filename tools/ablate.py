@@ -57,8 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="docs/ablation.md", help="markdown table to write")
     p.add_argument("--num-t2i", type=int, help="prompts to generate and judge (default: the recipe's eval.num_t2i)")
     p.add_argument("--num-caption", type=int, help="images to caption (default: the recipe's eval.num_caption)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="CFG scale for every variant's samples and evaluation (default 1: CFG off, so that objectives "
+                   "are compared without a guidance scale tuned for one of them)")
     p.add_argument("--set", action="append", default=[], metavar="--section.key=value",
                    help="extra override for every variant (repeatable)")
+    p.add_argument("--figure", metavar="PNG", help="also write a sample figure: one row per variant, the first row of "
+                   "its final training sample grid (same prompts and seed)")
     p.add_argument("--skip-done", action="store_true", help="keep variants whose ablation.json already exists")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: train + evaluate one variant in this process
@@ -70,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def overrides_for(args: argparse.Namespace, name: str) -> list[str]:
-    out = [f"--run.dir={Path(args.runs) / name}", *VARIANTS[name][1], *args.set]
+    out = [f"--run.dir={Path(args.runs) / name}", f"--sample.guidance={args.guidance}", *VARIANTS[name][1], *args.set]
     if args.steps is not None:
         out.append(f"--train.steps={args.steps}")
     return out
@@ -174,6 +179,8 @@ def main(argv=None) -> int:
     results = [json.loads((Path(args.runs) / n / "ablation.json").read_text()) for n in names
                if (Path(args.runs) / n / "ablation.json").is_file()]
     write_table(args, results)
+    if args.figure:
+        sample_figure(Path(args.runs), results, Path(args.figure))
     return 0 if len(results) == len(names) else 1
 
 
@@ -185,10 +192,12 @@ def write_table(args: argparse.Namespace, results: list[dict]) -> None:
     base = load_config(args.recipe, [])
     steps = sorted({r["steps"] for r in results})
     n_t2i = sorted({r["report"]["t2i"]["n"] for r in results})
+    guidance = sorted({r["report"]["settings"]["guidance"] for r in results})
     header = (f"Recipe `{args.recipe}`, {', '.join(map(str, steps))} training steps per variant "
               f"(recipe default {base.train.steps}){' (REDUCED)' if steps and steps[-1] < base.train.steps else ''}; "
               f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}; "
-              f"t2i judged on {', '.join(map(str, n_t2i))} held-out prompts with the recipe's sampler settings; "
+              f"t2i judged on {', '.join(map(str, n_t2i))} held-out prompts, each variant's sampler with the recipe's "
+              f"steps, guidance {', '.join(map(str, guidance))}; "
               f"measured {time.strftime('%Y-%m-%d')}.")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +209,28 @@ def write_table(args: argparse.Namespace, results: list[dict]) -> None:
             text = old[:old.index(start) + len(start)] + "\n" + text + old[old.index(end):]
     out.write_text(text)
     print(text)
+    print(f"wrote {out}")
+
+
+def sample_figure(runs: Path, results: list[dict], out: Path) -> None:
+    from PIL import Image, ImageDraw, ImageFont
+
+    row_h, label_w = 4 + 96 + 30 + 4, 120  # one row of make_grid's default sheet (cell 96, caption 30, margins 4)
+    rows = []
+    for r in results:
+        grids = sorted((runs / r["variant"] / "samples").glob("step_*.png"))
+        if grids:
+            rows.append((r["variant"], Image.open(grids[-1]).convert("RGB")))
+    if not rows:
+        print(f"no sample grids under {runs}: no figure written")
+        return
+    fig = Image.new("RGB", (label_w + max(im.width for _, im in rows), row_h * len(rows)), (255, 255, 255))
+    draw, font = ImageDraw.Draw(fig), ImageFont.load_default()
+    for i, (name, im) in enumerate(rows):
+        fig.paste(im.crop((0, 0, im.width, min(row_h, im.height))), (label_w, i * row_h))
+        draw.text((6, i * row_h + row_h // 2 - 12), name, fill=(0, 0, 0), font=font)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.save(out)
     print(f"wrote {out}")
 
 

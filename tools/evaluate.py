@@ -27,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: sample.sampler (ddim|ddpm for epsilon and v, euler|heun for flow)")
     p.add_argument("--steps", type=int, help="denoising steps (default: sample.steps)")
     p.add_argument("--guidance", type=float, help="CFG scale (default: sample.guidance)")
+    p.add_argument("--guidance-schedule", choices=("constant", "linear"), default=None,
+                   help="constant CFG scale, or rising linearly from 1 (default: sample.guidance_schedule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -57,6 +59,7 @@ def main(argv=None) -> int:
         steps=pick(args.steps, cfg.sample.steps),
         guidance=pick(args.guidance, cfg.sample.guidance),
         sampler=pick(args.sampler, cfg.sample.sampler),
+        guidance_schedule=args.guidance_schedule,
         seed=args.seed,
         max_caption_tokens=cfg.eval.max_caption_tokens,
         out_dir=run / "eval",

@@ -27,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: the export's sample.sampler (ddim|ddpm for epsilon and v, euler|heun for flow)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the export's sample.steps)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale, 1 = off (default: export's)")
+    p.add_argument("--guidance-schedule", choices=("constant", "linear"), default=None,
+                   help="constant CFG scale, or rising linearly from 1 (default: sample.guidance_schedule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=48, help="caption length limit")
     p.add_argument("--device", default="cpu")
@@ -51,7 +53,8 @@ def main(argv=None) -> int:
     engine = Engine.from_export(args.export, device=args.device)
     sample_cfg = engine.cfg.sample
     opts = dict(steps=args.steps or sample_cfg.steps, sampler=args.sampler or sample_cfg.sampler,
-                guidance=sample_cfg.guidance if args.guidance is None else args.guidance, seed=args.seed)
+                guidance=sample_cfg.guidance if args.guidance is None else args.guidance, seed=args.seed,
+                guidance_schedule=args.guidance_schedule or sample_cfg.guidance_schedule)
 
     if args.prompt:
         prompts = [p for p in args.prompt for _ in range(args.num_per_prompt)]

@@ -27,7 +27,7 @@ def _chunks(seq: list, size: int):
 
 def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size: int, steps: int, guidance: float,
              sampler: str, seed: int, max_caption_tokens: int, out_dir: Path | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, guidance_schedule: str | None = None) -> dict:
     from data_pipelines.shards import iter_decoded_samples
 
     cfg = engine.cfg
@@ -35,8 +35,9 @@ def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size:
                                         limit=max(num_t2i, num_caption)))
     if not samples:
         raise FileNotFoundError(f"no usable held-out samples in {shards}")
-    report: dict = {"num_samples": len(samples), "settings": {"steps": steps, "guidance": guidance,
-                                                              "sampler": sampler, "seed": seed}}
+    schedule = engine.resolve_guidance_schedule(guidance_schedule)  # None -> the run's sample.guidance_schedule
+    report: dict = {"num_samples": len(samples), "settings": {"steps": steps, "guidance": guidance, "sampler": sampler,
+                                                              "guidance_schedule": schedule, "seed": seed}}
     timings = {}
 
     # text -> image, judged from pixels
@@ -46,7 +47,7 @@ def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size:
     bar = tqdm(total=len(t2i), desc="eval t2i", unit="img", disable=not progress)
     for i, chunk in enumerate(_chunks(t2i, batch_size)):
         images = engine.text_to_image([c for _, _, c, _ in chunk], steps=steps, guidance=guidance, sampler=sampler,
-                                      seed=seed + i)
+                                      seed=seed + i, guidance_schedule=schedule)
         for (key, _, cap, record), img in zip(chunk, to_uint8(images)):
             if record is not None:
                 scores.append(score_scene(judge_image(img), record))

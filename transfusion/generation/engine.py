@@ -113,7 +113,7 @@ class Engine:
         return Prefix(kv, valid, prefix.next_pos + 1, h[:, -1])
 
     # -- images ----------------------------------------------------------------------------------------------
-    def _guidance_schedule(self, name: str | None) -> str:
+    def resolve_guidance_schedule(self, name: str | None) -> str:
         if name is not None:
             return name
         return self.cfg.sample.guidance_schedule if self.cfg is not None else "constant"
@@ -131,7 +131,7 @@ class Engine:
                 generator: torch.Generator, guidance_schedule: str | None = None) -> Tensor:
         """Sample one image per prefix (each ending in BOI) -> latents [N, C, h, w]."""
         sampler = sampler or self.schedule.default_sampler
-        gsched = self._guidance_schedule(guidance_schedule)
+        gsched = self.resolve_guidance_schedule(guidance_schedule)
         if getattr(self.model, "is_mar", False):
             return self.mar_sample(prefix, uncond=uncond, guidance=guidance, sampler=sampler, steps=steps,
                                    generator=generator, guidance_schedule=gsched)
