@@ -366,9 +366,9 @@ class Trainer:
                 self.trace(micro)
                 window.add(step_s=t2 - t0, data_s=t1 - t0, text_tokens=text_tokens, image_tokens=image_tokens,
                            metrics=metrics)
-                bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", text=f"{metrics['text_loss']:.3f}",
-                                img=f"{metrics['image_loss']:.3f}")
+                                img=f"{metrics['image_loss']:.3f}", refresh=False)  # drawn by update (mininterval)
+                bar.update(1)
                 if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
                     self.log(window)
                     window = Window()
