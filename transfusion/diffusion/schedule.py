@@ -113,8 +113,8 @@ class NoiseSchedule:
             scale = snr
         elif self.objective == "v":
             scale = snr + 1
-        else:
-            scale = (t_N.to(torch.float64) / self.num_train_timesteps).clamp(1e-5, 1.0) ** -2
+        else:  # flow: 1 / s^2, with 1 / s = sqrt(SNR) + 1 since sqrt(SNR) = (1 - s) / s
+            scale = (snr.sqrt() + 1) ** 2
         return (snr.clamp(max=gamma) / scale).to(torch.float32)
 
     def target(self, x0: Tensor, noise: Tensor, t_N: Tensor) -> Tensor:

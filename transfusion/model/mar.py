@@ -104,9 +104,8 @@ def reveal_counts(num_patches: int, num_iter: int) -> list[int]:
     stay masked (at least one is revealed per step, at least one stays masked until the last step)."""
     k_steps = max(1, min(num_iter, num_patches))
     counts, masked = [], num_patches
-    for k in range(k_steps):
-        after = 0 if k == k_steps - 1 else math.floor(num_patches * math.cos(math.pi / 2 * (k + 1) / k_steps))
-        after = max(0, min(max(after, 1), masked - 1)) if k < k_steps - 1 else 0
+    for k in range(k_steps - 1):  # K <= P keeps masked >= 2 here, so the clamp below always reveals >= 1
+        after = min(max(math.floor(num_patches * math.cos(math.pi / 2 * (k + 1) / k_steps)), 1), masked - 1)
         counts.append(masked - after)
         masked = after
-    return [c for c in counts if c > 0]
+    return counts + [masked]

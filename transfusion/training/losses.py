@@ -3,11 +3,11 @@
 Losses are returned as sums with their counts, so that the reduction unit is explicit (config ``loss``) and a
 distributed trainer can normalise by global counts across ranks and micro-steps instead of per rank.
 
-Optional min-SNR-gamma weighting (``loss.snr_gamma``) scales each noised image's (or MAR token's) squared error by
-``NoiseSchedule.loss_weight``. The diffusion term follows the model's image head: the whole-image head regresses the schedule's objective
-(epsilon, v or flow velocity) on noised target images; the MAR head masks a random share of each target image's
-patches and regresses the objective on the masked patches only, with its per-token denoiser. All randomness
-(timesteps, noise, masks) is drawn here from ``generator``; the model only computes.
+The diffusion term follows the model's image head: the whole-image head regresses the schedule's objective (epsilon,
+v or flow velocity) on noised target images; the MAR head masks a random share of each target image's patches and
+regresses the objective on the masked patches only, with its per-token denoiser. Optional min-SNR-gamma weighting
+(``loss.snr_gamma``) scales each noised image's (or MAR token's) squared error by ``NoiseSchedule.loss_weight``. All
+randomness (timesteps, noise, masks) is drawn here from ``generator``; the model only computes.
 """
 
 from __future__ import annotations
