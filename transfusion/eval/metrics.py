@@ -115,7 +115,8 @@ def scoring_metrics(engine, samples: list, *, batch_size: int, seed: int) -> dic
             batch = batch.to(engine.device)
             if cfg.latents.kind != "pixels":
                 batch.images = engine.codec.encode(batch.images)
-            mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa")
+            mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa",
+                                        bidirectional_images=engine.bidirectional_images)
             with engine._ctx():
                 parts = compute_loss_parts(engine.model, batch, mask, engine.schedule, cfg.loss, gen)
             text_sum += float(parts.text_sum)

@@ -63,7 +63,6 @@ def noised_images(batch: Batch, schedule: NoiseSchedule, generator: torch.Genera
 
 def compute_loss_parts(model, batch: Batch, mask: object, schedule: NoiseSchedule, cfg: LossConfig,
                        generator: torch.Generator | None) -> LossParts:
-    mask = _image_attention_mask(model, batch, mask)
     if getattr(model, "is_mar", False):
         x_in, t, mar, target = mar_inputs(batch, schedule, model.cfg, generator)
     else:
@@ -86,19 +85,6 @@ def compute_loss_parts(model, batch: Batch, mask: object, schedule: NoiseSchedul
     else:  # "image": mean within each image, then over images
         image_sum, image_count = err.flatten(1).mean(1).sum(), sel.sum()
     return LossParts(text_sum, text_count, image_sum, torch.as_tensor(image_count, device=text_sum.device))
-
-
-def _image_attention_mask(model, batch: Batch, mask: object) -> object:
-    """A model configured with causal image attention (the attention ablation) gets its mask rebuilt here, on the
-    backend of the mask it was handed, so callers that build the default hybrid mask need no change."""
-    cfg = getattr(model, "cfg", None)
-    if cfg is None or getattr(cfg, "image_attention", "bidirectional") == "bidirectional":
-        return mask
-    from transfusion.attention.backends import build_attention_mask
-
-    backend = "sdpa" if mask is None or isinstance(mask, Tensor) else "flex"
-    return build_attention_mask(batch.doc_ids, batch.image_ids, backend, bidirectional_images=False,
-                                hidden_ids=getattr(batch, "hidden_ids", None))
 
 
 def mar_inputs(batch: Batch, schedule: NoiseSchedule, model_cfg, generator: torch.Generator | None):

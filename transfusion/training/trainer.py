@@ -311,7 +311,8 @@ class Trainer:
         norms = all_reduce_sum(sum(self.loss_counts(b) for _, b in micro)) if len(micro) > 1 else None
         stats = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss, text sum, image sum, counts
         for consumer, batch in micro:
-            mask = build_attention_mask(batch.doc_ids, batch.image_ids, self.backend, hidden_ids=batch.hidden_ids)
+            mask = build_attention_mask(batch.doc_ids, batch.image_ids, self.backend, hidden_ids=batch.hidden_ids,
+                                        bidirectional_images=cfg.model.image_attention == "bidirectional")
             with self.autocast():
                 parts = compute_loss_parts(self.model, batch, mask, self.schedule, cfg.loss,
                                            self.noise_generator(consumer))
