@@ -88,15 +88,6 @@ def decode_latent_member(raw: RawSample) -> Tensor:
     return decode_latent(raw[ext], ext)
 
 
-def image_bytes(raw: RawSample) -> bytes:
-    """The pixel image of a pair sample: the untagged member (png, jpg, jpeg, webp order), else the first tagged
-    one in name order; ``SkipSample("no_image")`` when there is none."""
-    members = image_members(raw)
-    if not members:
-        raise SkipSample("no_image")
-    return raw[members[""] if "" in members else members[sorted(members)[0]]]
-
-
 def read_json(raw: RawSample) -> dict[str, Any] | None:
     """The sample's ``json`` member parsed, or None when absent or unreadable."""
     if "json" not in raw:

@@ -47,10 +47,8 @@ from braceexpand import braceexpand
 from torch import Tensor
 from webdataset import gopen
 
-from data_pipelines.documents import (IMAGE_EXTENSIONS, DecodeOptions, RawSample, check_caption_field,  # noqa: F401
-                                      decode_document, decode_image, image_bytes, read_caption, read_json)
-from data_pipelines.errors import (COUNT_KEYS, SAMPLE_SKIP_REASONS, SHARD_ERROR_REASONS, SKIP_REASONS,  # noqa: F401
-                                   DataError, ShardSpecError, SkipSample, new_counts)
+from data_pipelines.documents import DecodeOptions, RawSample, check_caption_field, decode_document
+from data_pipelines.errors import DataError, ShardSpecError, SkipSample, new_counts
 
 MAX_EMPTY_EPOCHS = 3  # a repeating stream that reads nothing this many epochs in a row raises DataError
 
@@ -205,14 +203,6 @@ class _Grouper:
 
     def ext(self, name: str) -> str:
         return name.rpartition("/")[2][len(self.base_key) + 1:].lower()
-
-
-def split_member_name(name: str) -> tuple[str, str] | None:
-    """One member on its own: ``dir/abc.def.PNG`` -> (``dir/abc.def``, ``png``) (rule 3 of the module docstring);
-    None for names without an extension or hidden files. ``iter_tar`` refines this with the neighbours."""
-    grouper = _Grouper()
-    grouper.add(name)
-    return (grouper.key, grouper.ext(name)) if grouper.ok else None
 
 
 _BLOCK = 512

@@ -18,8 +18,9 @@ from data_pipelines.loader import MIN_SAMPLES_FOR_SKIP_RATE, PackedDataset, buil
 from data_pipelines.packing import Packer, pack_sequences
 from data_pipelines.samples import (CAPTION, T2I, build_sequence, caption_prompt_tokens, choose_layout,
                                     t2i_prompt_tokens)
-from data_pipelines.shards import (DataError, ShardSpecError, ShardStream, assign_shards, decode_image,
-                                   expand_shard_spec, iter_decoded_samples, iter_tar)
+from data_pipelines.documents import decode_image
+from data_pipelines.shards import (DataError, ShardSpecError, ShardStream, assign_shards, expand_shard_spec,
+                                   iter_decoded_samples, iter_tar)
 from transfusion.batch import IGNORE_INDEX as IGN
 from transfusion.batch import Batch
 from transfusion.config import DataConfig

@@ -161,7 +161,7 @@ def test_sigkill_and_kill_during_save_resume_to_the_same_state(reference, shards
     assert (run / "checkpoints/step_00000004/.metadata").is_file()
     assert not (run / "checkpoints/step_00000004/COMPLETE").exists()
     assert latest_checkpoint(run) == run / "checkpoints/step_00000002"
-    resolve_checkpoint(run)  # loadable
+    assert resolve_checkpoint(run) == run / "checkpoints/step_00000002"  # the run dir resolves past the torn save
     # 2) resumed from step 2, SIGKILLed right after step 5 (step 4 saved this time)
     assert torchrun(2, [*args, "--resume"], fault="after_step@5").returncode != 0
     assert latest_checkpoint(run) == run / "checkpoints/step_00000004"

@@ -92,8 +92,6 @@ def write_synthetic(root: Path, n: int, size: int, grid: int) -> tuple[str, str,
 
 def measure(spec: str, fmt: str, image_size: int, grid: int, args: argparse.Namespace) -> dict[str, float]:
     """One run: stream ``spec`` for ``args.seconds`` through PackedDataset; rates and packing share."""
-    import torch
-
     from data_pipelines import packing
     from data_pipelines.loader import PackedDataset
     from transfusion.config import DataConfig
@@ -129,7 +127,6 @@ def measure(spec: str, fmt: str, image_size: int, grid: int, args: argparse.Name
         elapsed = time.perf_counter() - t0
     finally:
         packing.Packer.add, packing.Packer.emit = add, emit
-    del torch
     return {"samples_s": samples / elapsed, "tokens_s": tokens / elapsed, "pack_ms": 1000 * pack_s / max(batches, 1),
             "pack_share": pack_s / elapsed, "tokens_per_sample": tokens / max(samples, 1)}
 

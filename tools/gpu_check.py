@@ -166,9 +166,6 @@ def main(argv=None) -> int:
         def build_data(self, seed: int) -> SyntheticData:
             return SyntheticData(self.cfg, self.tokenizer, self.patch_grid, [self.env.dp_rank])
 
-        def skip_counts(self) -> dict[str, int]:
-            return {}
-
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as run_dir:
         trainer = CheckTrainer(build_config(args, run_dir), progress=False)
         dev = trainer.device

@@ -47,6 +47,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from transfusion.distributed.env import barrier, is_distributed
+
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -100,21 +102,12 @@ class ObjectState(Stateful):
 # Discovery
 
 
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def _rank() -> int:
-    return dist.get_rank() if _dist_on() else 0
+    return dist.get_rank() if is_distributed() else 0
 
 
 def _world_size() -> int:
-    return dist.get_world_size() if _dist_on() else 1
-
-
-def _barrier() -> None:
-    if _dist_on():
-        dist.barrier()
+    return dist.get_world_size() if is_distributed() else 1
 
 
 @contextlib.contextmanager
@@ -274,7 +267,7 @@ class PendingSave:
     def wait(self) -> Path:
         self._result()
         self.poll()
-        _barrier()
+        barrier()
         return self.path
 
 
@@ -285,7 +278,7 @@ def _async_group() -> Any:
     """A dedicated gloo group for background checkpoint collectives, so they never interleave with training's
     (NCCL or gloo) collectives on the default group. Created collectively on the first async save."""
     global _ASYNC_GROUP
-    if _ASYNC_GROUP is None and _dist_on():
+    if _ASYNC_GROUP is None and is_distributed():
         _ASYNC_GROUP = dist.new_group(backend="gloo")
     return _ASYNC_GROUP
 
@@ -301,28 +294,28 @@ def save_checkpoint(root: Path, step: int, state: dict[str, Any], rank_extras: d
     path = step_dir(root, step)
     rank = _rank()
     info = dict(info or {})
-    if async_save and not _dist_on():  # the background thread warns after _single_process_quiet has exited
+    if async_save and not is_distributed():  # the background thread warns after _single_process_quiet has exited
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
     if rank == 0:
         if path.exists():
             _remove(path)
         path.mkdir(parents=True)
-    _barrier()
+    barrier()
     try:
         torch.save(rank_extras, path / f"rank_{rank}.pt")
         with _single_process_quiet():
             if async_save:
                 future = dcp.async_save(state, checkpoint_id=str(path), process_group=_async_group(),
-                                        no_dist=not _dist_on())
+                                        no_dist=not is_distributed())
                 future = getattr(future, "upload_completion", future)  # AsyncSaveResponse in newer torch
                 return PendingSave(future, root, path, step, info, keep)
-            dcp.save(state, checkpoint_id=str(path), no_dist=not _dist_on())
+            dcp.save(state, checkpoint_id=str(path), no_dist=not is_distributed())
     except CheckpointException as e:  # a BaseException subclass: surface it as a normal error
         raise CheckpointError(f"failed to save checkpoint {path}: {_one_line(e)}") from None
-    _barrier()
+    barrier()
     if rank == 0:
         _write_marker(root, path, step, info, keep)
-    _barrier()
+    barrier()
     return path
 
 
@@ -339,7 +332,7 @@ def load_state(path: Path, state: dict[str, Any]) -> None:
     layout (any world size). Collective under a process group."""
     try:
         with _single_process_quiet():
-            dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
+            dcp.load(state, checkpoint_id=str(path), no_dist=not is_distributed())
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"failed to load checkpoint {path}: {_one_line(e)}") from None
 

@@ -106,26 +106,27 @@ def shutdown(*, graceful: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def _on() -> bool:
+def is_distributed() -> bool:
+    """A process group is initialised (torchrun); False in plain single-process runs."""
     return dist.is_available() and dist.is_initialized()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over all ranks in place (a no-op without a process group); returns ``t``."""
-    if _on():
+    if is_distributed():
         dist.all_reduce(t)
     return t
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if _on():
+    if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 
 def all_ranks_true(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` holds on every rank (one tiny collective)."""
-    if not _on():
+    if not is_distributed():
         return flag
     t = torch.tensor([0.0 if flag else 1.0], device=device)
     dist.all_reduce(t)
@@ -133,5 +134,5 @@ def all_ranks_true(flag: bool, device: torch.device) -> bool:
 
 
 def barrier() -> None:
-    if _on():
+    if is_distributed():
         dist.barrier()

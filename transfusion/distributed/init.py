@@ -44,13 +44,10 @@ def _takes_generator(func) -> bool:
         return func in _RANDOM_METHODS
 
 
-def _seed_for(seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+def mix_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple of integers or names (stable across processes and Python versions)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _global_shape(t: Tensor) -> torch.Size:
-    return t.shape  # a DTensor reports its global shape
 
 
 def _assign(t: Tensor, full: Tensor) -> None:
@@ -73,7 +70,7 @@ class ShardingIndependentInit(TorchFunctionMode):
 
     def _generator(self, key: int) -> torch.Generator:
         if key not in self.generators:
-            self.generators[key] = torch.Generator().manual_seed(_seed_for(self.seed, self.tensors[key][0]))
+            self.generators[key] = torch.Generator().manual_seed(mix_seed(self.seed, self.tensors[key][0]))
         return self.generators[key]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -83,7 +80,7 @@ class ShardingIndependentInit(TorchFunctionMode):
             target = kwargs["tensor"] if in_kwargs else (args[0] if args else None)
             key = id(target)
             if key in self.tensors:
-                full = torch.empty(_global_shape(target), dtype=target.dtype)
+                full = torch.empty(target.shape, dtype=target.dtype)  # a DTensor's shape is global
                 if _takes_generator(func):
                     kwargs["generator"] = self._generator(key)
                 if in_kwargs:

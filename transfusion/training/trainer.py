@@ -21,7 +21,6 @@ overrides one of them instead of forking the loop.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -53,7 +52,7 @@ from transfusion.checkpoint.dcp import (
 from transfusion.config import Config, dumps_toml, to_dict
 from transfusion.distributed.data import DataLayoutError, StepData, check_layout, owner_of
 from transfusion.distributed.env import all_ranks_true, all_reduce_sum, barrier, init_distributed
-from transfusion.distributed.init import materialize
+from transfusion.distributed.init import materialize, mix_seed
 from transfusion.distributed.parallelize import parallelize
 from transfusion.runtime import build_parts
 from transfusion.training.ema import EMA
@@ -106,12 +105,6 @@ def provenance(device: torch.device, parallel: dict | None = None) -> dict:
     return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
             "versions": versions, "python": platform.python_version(), "device": dev, "parallel": parallel or {},
             "host": platform.node(), "argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def mix_seed(*ints: int) -> int:
-    """A 63-bit seed from a tuple of integers (stable across processes and Python versions)."""
-    digest = hashlib.sha256(":".join(str(i) for i in ints).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> float:
