@@ -65,7 +65,7 @@ def test_unet_model_starts_at_zero_and_its_cached_block_equals_the_full_pass(bat
         if hasattr(mod, "conv2"):
             torch.nn.init.normal_(mod.conv2.weight, std=0.1)
     eng = Engine(model, TOK, NoiseSchedule(DiffusionConfig()), PixelCodec(), GRID, torch.device("cpu"),
-                 autocast=False)
+                 precision="fp32")
     seq = [TOK.bos_id] + TOK.encode("blue") + [TOK.boi_id]
     x = torch.randn(1, 3, 8, 8)
     cached = eng.image_block_prediction(eng.prefill([seq]), x, 300)
@@ -119,7 +119,7 @@ def test_causal_image_model_trains_and_samples_causally(batch):
     b = compute_loss_parts(model, batch, causal, schedule, LossConfig(), torch.Generator().manual_seed(0))
     assert not torch.equal(a.image_sum, b.image_sum)
     # in generation, a later patch does not change an earlier patch's prediction
-    eng = Engine(model, TOK, schedule, PixelCodec(), GRID, torch.device("cpu"), autocast=False)
+    eng = Engine(model, TOK, schedule, PixelCodec(), GRID, torch.device("cpu"), precision="fp32")
     pre = eng.prefill([[TOK.bos_id, TOK.boi_id]])
     x = torch.randn(1, 3, 8, 8)
     x2 = x.clone()

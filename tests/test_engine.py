@@ -14,7 +14,7 @@ from transfusion.latents.vae import PixelCodec
 
 def engine(model) -> Engine:
     return Engine(model, TOK, NoiseSchedule(DiffusionConfig()), PixelCodec(), GRID, torch.device("cpu"),
-                  autocast=False)
+                  precision="fp32")
 
 
 def full_forward(model, tokens: list[int], image_start: int | None = None, image=None, t: int = 0):

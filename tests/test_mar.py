@@ -104,7 +104,7 @@ def test_mar_head_learns_a_fixed_batch(batch):
 def test_cached_block_condition_equals_the_full_pass():
     model = wake(mar_model())
     eng = Engine(model, TOK, NoiseSchedule(DiffusionConfig()), PixelCodec(), GRID, torch.device("cpu"),
-                 autocast=False)
+                 precision="fp32")
     seq = [TOK.bos_id] + TOK.encode("red") + [TOK.boi_id]
     img = torch.rand(1, 3, 8, 8) * 2 - 1
     pmask = torch.tensor([[True, False, False, True]])
@@ -125,7 +125,7 @@ def test_cached_block_condition_equals_the_full_pass():
 def test_generation_reveals_patches_once_and_is_reproducible(objective, sampler):
     model = wake(mar_model(num_iter=3))
     eng = Engine(model, TOK, NoiseSchedule(DiffusionConfig(objective=objective)), PixelCodec(), GRID,
-                 torch.device("cpu"), autocast=False)
+                 torch.device("cpu"), precision="fp32")
     cond = eng.prefill([[TOK.bos_id] + TOK.encode("a red circle") + [TOK.boi_id], [TOK.bos_id, TOK.boi_id]])
     unc = eng.prefill([[TOK.bos_id, TOK.boi_id]] * 2)
     trace: list = []

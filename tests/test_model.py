@@ -128,3 +128,21 @@ def test_image_modules_run_without_images():
     # every parameter received a gradient (zeros for image modules), so sharded reductions never hang
     assert all(p.grad is not None for p in model.parameters())
     assert parts.image_count.item() == 0
+
+
+def test_rope_equals_the_textbook_rotation_bitwise():
+    from transfusion.model.layers import apply_rope, rope_tables
+
+    def reference(x, positions, head_dim, theta):  # the naive form: rotate (x1, x2) pairs by position * freq
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        ang = positions.float()[..., None] * inv_freq
+        cos, sin = ang.cos()[:, None], ang.sin()[:, None]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.randint(0, 300, (3, 17), generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 4, 17, 16, generator=gen).to(dtype)
+        got = apply_rope(x, *rope_tables(positions, 16, 10000.0))
+        assert got.dtype == dtype and torch.equal(got, reference(x, positions, 16, 10000.0))

@@ -42,7 +42,7 @@ def test_sampler_fed_the_oracle_recovers_the_clean_sample(objective, sampler):
     from helpers import tiny_model
 
     schedule = NoiseSchedule(DiffusionConfig(objective=objective, shift=3.0 if objective == "flow" else 1.0))
-    eng = Engine(tiny_model(), TOK, schedule, PixelCodec(), GRID, torch.device("cpu"), autocast=False)
+    eng = Engine(tiny_model(), TOK, schedule, PixelCodec(), GRID, torch.device("cpu"), precision="fp32")
     x0 = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 1.8 - 0.9
     calls = []
 

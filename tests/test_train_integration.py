@@ -69,6 +69,13 @@ def test_outputs_generate_and_evaluate(shards, tmp_path):
     assert list((run_dir / "tb").iterdir()) and list((run_dir / "samples").glob("step_*.png"))
     prov = json.loads((run_dir / "provenance.json").read_text())
     assert "torch" in prov["versions"] and "git_commit" in prov
+    # the precision choice, the probe's figures and the CPU facts behind them are recorded with the run
+    assert prov["precision"]["precision"] in ("fp32", "bf16") and prov["precision"]["requested"] == "auto"
+    assert prov["precision"]["measured_peak_gflops"] > 0 and prov["cpu"]["capability"]
+    assert "precision: " in (run_dir / "train.log").read_text()
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(0 < r["peak_share"] and r["tflops_per_s"] > 0 for r in rows)
+    assert "% of measured peak" in (run_dir / "train.log").read_text()
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "tools/generate.py", "--export", str(run_dir / "export"), "--prompt",
@@ -81,11 +88,12 @@ def test_outputs_generate_and_evaluate(shards, tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0 and "000.png" in out.stdout, out.stderr
     out = subprocess.run([sys.executable, "tools/evaluate.py", "--run", str(run_dir), "--steps", "2",
-                          "--guidance", "2", "--guidance-schedule", "linear", "--no-progress"], cwd=REPO, env=env,
-                         capture_output=True, text=True)
+                          "--guidance", "2", "--guidance-schedule", "linear", "--no-progress", "--precision", "fp32"],
+                         cwd=REPO, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     report = json.loads((run_dir / "eval/report.json").read_text())
     assert report["settings"]["guidance"] == 2.0 and report["settings"]["guidance_schedule"] == "linear"
+    assert report["settings"]["precision"] == "fp32" and "precision: fp32 (set explicitly)" in out.stderr
     for sec, key in (("t2i", "color_accuracy"), ("t2i", "shape_accuracy"), ("t2i", "position_accuracy"),
                      ("caption", "exact_match"), ("caption", "color_accuracy"), ("caption", "shape_accuracy"),
                      ("text", "perplexity"), ("diffusion", "val_loss")):

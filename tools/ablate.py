@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--figure", metavar="PNG", help="also write a sample figure: one row per variant, the first row of "
                    "its final training sample grid (same prompts and seed)")
     p.add_argument("--skip-done", action="store_true", help="keep variants whose ablation.json already exists")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="compute precision for training and sampling (auto: measured on this machine)")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: train + evaluate one variant in this process
     args = p.parse_args(argv)
@@ -75,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def overrides_for(args: argparse.Namespace, name: str) -> list[str]:
-    out = [f"--run.dir={Path(args.runs) / name}", f"--sample.guidance={args.guidance}", *VARIANTS[name][1], *args.set]
+    out = [f"--run.dir={Path(args.runs) / name}", f"--sample.guidance={args.guidance}",
+           f"--train.autocast={args.precision}", *VARIANTS[name][1], *args.set]
     if args.steps is not None:
         out.append(f"--train.steps={args.steps}")
     return out
@@ -110,7 +113,8 @@ def run_one(args: argparse.Namespace, name: str) -> dict:
     wall = time.perf_counter() - t0
     del trainer
     run = Path(cfg.run.dir)
-    engine = Engine.from_export(str(run / "export"), device=cfg.run.device if cfg.run.device != "auto" else "cpu")
+    engine = Engine.from_export(str(run / "export"), device=cfg.run.device if cfg.run.device != "auto" else "cpu",
+                                precision=cfg.train.autocast)
     torch.manual_seed(0)
     report = evaluate(engine, shards=cfg.data.eval_shards,
                       num_t2i=cfg.eval.num_t2i if args.num_t2i is None else args.num_t2i,

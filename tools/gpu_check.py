@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=64, help="pixels; with 4x4 patches: 256 tokens per image")
     p.add_argument("--ac", default="selective", choices=("none", "selective", "full"))
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="compute precision (auto: bf16 on CUDA with bf16 support; measured on CPU)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", ""))
     return p.parse_args(argv)
@@ -145,7 +147,7 @@ def build_config(args, run_dir: str):
         f"--model.n_heads={args.heads}", "--model.patch_size=4", f"--model.attention={'flex' if gpu else 'sdpa'}",
         "--diffusion.objective=flow", "--diffusion.timestep_sampling=logit_normal", "--sample.sampler=euler",
         f"--train.steps={args.warmup + args.steps + 10}", "--train.warmup_steps=10", "--train.lr=1e-4",
-        f"--train.autocast={'bf16' if gpu else 'none'}", f"--parallel.activation_checkpointing={args.ac}",
+        f"--train.autocast={args.precision}", f"--parallel.activation_checkpointing={args.ac}",
         f"--parallel.compile={str(gpu and not args.no_compile).lower()}",
         f"--parallel.param_dtype={'bf16' if gpu else 'fp32'}", "--parallel.timeout_s=1800",
     ])
@@ -186,19 +188,20 @@ def main(argv=None) -> int:
                 first_s = dt
             if i >= args.warmup:
                 window.add(step_s=dt, data_s=0.0, text_tokens=text, image_tokens=image, metrics=metrics)
-        s = window.summary(trainer.flops, dev)
+        s = window.summary(trainer.flops, dev, trainer.measured_peak)
         n_params = sum(p.numel() for p in trainer.model.parameters())
         if trainer.env.is_main:
             card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
             mfu = f"{100 * s['mfu']:.1f}%" if "mfu" in s else "n/a"
             head = ["card", "torch", "commit", "GPUs", "params", "rows x seq", "attention", "compile", "AC",
-                    "tokens/s/GPU", "text tok/s", "image tok/s", "MFU (bf16 dense)", "TFLOP/s/GPU",
+                    "precision", "tokens/s/GPU", "text tok/s", "image tok/s", "MFU (bf16 dense)", "TFLOP/s/GPU",
+                    "share of measured peak",
                     "peak mem GiB", "first step s", "loss"]
             row = [card, torch.__version__, args.commit or git_commit(), str(trainer.env.world_size),
                    f"{n_params / 1e6:.1f}M", f"{args.rows} x {args.seq_len}", trainer.backend,
-                   str(trainer.cfg.parallel.compile).lower(), args.ac, f"{s['tokens_per_s']:.0f}",
+                   str(trainer.cfg.parallel.compile).lower(), args.ac, trainer.precision.name, f"{s['tokens_per_s']:.0f}",
                    f"{s['text_tokens_per_s']:.0f}", f"{s['image_tokens_per_s']:.0f}", mfu,
-                   f"{s['tflops_per_s']:.1f}", f"{s['peak_memory_gib']:.1f}", f"{first_s:.1f}", f"{s['loss']:.3f}"]
+                   f"{s['tflops_per_s']:.1f}", f"{100 * s['peak_share']:.0f}%", f"{s['peak_memory_gib']:.1f}", f"{first_s:.1f}", f"{s['loss']:.3f}"]
             print("| " + " | ".join(head) + " |")
             print("|" + "---|" * len(head))
             print("| " + " | ".join(row) + " |")

@@ -10,21 +10,63 @@ that name the offending key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be mapped onto the config dataclasses."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed numeric values of a config key: ``lo`` <= v <= ``hi`` (strict with ``*_open``), or one of
+    ``also`` (e.g. -1 = "the rest of the world"). Used as ``Annotated[int, Range(1)]`` on the field itself."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple = ()
+
+    def check(self, value: float) -> bool:
+        if value in self.also:
+            return True
+        if value != value or value in (float("inf"), float("-inf")):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
+
+    def describe(self) -> str:
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
+        if self.hi is not None:
+            parts.append(f"{'<' if self.hi_open else '<='} {self.hi:g}")
+        text = " and ".join(parts) or "finite"
+        return text + "".join(f" (or {a:g})" for a in self.also)
+
+
+# Value types used by the sections below: every numeric key carries its range, every choice key its values.
+Positive = Annotated[int, Range(1)]  # >= 1
+Count = Annotated[int, Range(0)]  # >= 0
+Share = Annotated[float, Range(0.0, 1.0)]  # [0, 1]
+PosFloat = Annotated[float, Range(0.0, lo_open=True)]  # > 0
+NonNegFloat = Annotated[float, Range(0.0)]  # >= 0
+AnyFloat = Annotated[float, Range()]  # any finite number
+Beta = Annotated[float, Range(0.0, 1.0, hi_open=True)]  # [0, 1)
+PrecisionName = Literal["auto", "bf16", "fp32", "none"]  # "none" = fp32 (older exports)
+
+
 @dataclass(kw_only=True, slots=True)
 class RunConfig:
     dir: str = "runs/shapes_tiny"  # run directory: checkpoints/, export/, tb/, samples/, eval/
-    seed: int = 0
+    seed: Count = 0
     device: str = "auto"  # "auto" (cuda if available else cpu), "cpu", "cuda", "cuda:1", ...
 
 
@@ -32,34 +74,38 @@ class RunConfig:
 class DataConfig:
     shards: str = "data/shapes/train-{000000..000007}.tar"  # paths, globs, brace lists, pipe: URLs; comma-separated
     eval_shards: str = "data/shapes/heldout-000000.tar"
-    image_size: int = 32  # images are fitted to image_size x image_size by data.resize (pixels, before any VAE)
-    seq_len: int = 192  # tokens per packed row
-    batch_rows: int = 16  # packed rows per micro-batch
-    num_workers: int = 1  # DataLoader workers per data consumer (per rank x train.grad_accum)
-    shuffle_buffer: int = 256  # block size of the deterministic windowed shuffle (1 = no shuffle)
+    image_size: Positive = 32  # images are fitted to image_size x image_size by data.resize (pixels, before any VAE)
+    seq_len: Positive = 192  # tokens per packed row; at least one shortest document (checked at load)
+    batch_rows: Positive = 16  # packed rows per micro-batch
+    num_workers: Count = 1  # DataLoader workers per data consumer (per rank x train.grad_accum)
+    shuffle_buffer: Positive = 256  # block size of the deterministic windowed shuffle (1 = no shuffle)
     repeat: bool = True  # cycle over epochs (training); False = one finite pass
-    t2i_ratio: float = 0.8  # share of samples laid out caption -> image; the rest image -> caption
-    caption_dropout: float = 0.1  # share of text->image samples whose caption is dropped (for CFG)
-    caption_field: str = "txt"  # "txt", or "json:<field>" to read the caption from the json record
-    max_text_tokens: int = 96  # longer captions are skipped (counted as "caption_too_long")
+    t2i_ratio: Share = 0.8  # share of samples laid out caption -> image; the rest image -> caption
+    caption_dropout: Share = 0.1  # share of text->image samples whose caption is dropped (for CFG)
+    caption_field: str = "txt"  # a text member's extension ("txt"), or "json:<field>" to read the json record
+    max_text_tokens: Positive = 96  # longer captions are skipped (counted as "caption_too_long")
     tokenizer: str = "bytes"  # "bytes", or a local path to a Hugging Face tokenizer.json
-    max_skip_rate: float = 0.5  # stop the run when more than this share of samples is skipped
+    max_skip_rate: Share = 0.5  # stop the run when more than this share of samples is skipped
     # -- formats, filters and document policies (data_pipelines/documents.py, samples.py) --
-    format: str = "auto"  # "pixels" (decode images), "latents" (<key>.latent.npy/.safetensors), "auto" (peek)
-    resize: str = "center_crop"  # "center_crop", "resize" (squash to a square) or "pad" (fit, pad with grey)
-    min_image_size: int = 0  # images whose shorter side is below this many pixels are skipped ("image_too_small")
-    max_caption_chars: int = 0  # longer captions are skipped ("caption_too_long"); 0 = no limit
+    format: Literal["auto", "pixels", "latents"] = "auto"  # "pixels" (decode images), "latents"
+    # (<key>.latent.npy/.safetensors), "auto" (peek)
+    resize: Literal["center_crop", "resize", "pad"] = "center_crop"  # "resize" squashes to a square, "pad" fits
+    # and pads with grey
+    min_image_size: Count = 0  # images whose shorter side is below this many pixels are skipped ("image_too_small")
+    max_caption_chars: Count = 0  # longer captions are skipped ("caption_too_long"); 0 = no limit
     segments_field: str = "segments"  # json field listing an interleaved document's text and image segments
-    long_documents: str = "truncate"  # interleaved documents longer than seq_len: "truncate" or "skip"
-    image_then_text_role: str = "condition"  # role of an image with text after it: "condition" or "target"
-    noise_limit: float = 0.5  # target images with text after them are noised at most this share of the schedule..
-    noise_limit_share: float = 0.8  # ..in this share of documents (Transfusion: t <= 500/1000 in 80%)
+    long_documents: Literal["truncate", "skip"] = "truncate"  # interleaved documents longer than seq_len
+    image_then_text_role: Literal["condition", "target"] = "condition"  # role of an image with text after it
+    noise_limit: Annotated[float, Range(0.0, 1.0, lo_open=True)] = 0.5  # target images with text after them are
+    # noised at most this share of the schedule..
+    noise_limit_share: Share = 0.8  # ..in this share of documents (Transfusion: t <= 500/1000 in 80%)
     clean_copy: bool = False  # give later text a clean copy of such target images; the noisy copy is hidden
 
 
 @dataclass(kw_only=True, slots=True)
 class LatentConfig:
-    kind: str = "pixels"  # "pixels" (identity codec, values in [-1, 1]) or "vae" (diffusers AutoencoderKL)
+    kind: Literal["pixels", "vae"] = "pixels"  # "pixels" (identity codec, values in [-1, 1]) or "vae" (diffusers
+    # AutoencoderKL)
     vae_path: str = ""  # local diffusers AutoencoderKL directory (config.json + weights) when kind = "vae"
 
 
@@ -67,90 +113,95 @@ class LatentConfig:
 class UNetConfig:
     """U-Net patch adapters (``model.adapter = "unet"``): one level per factor 2 from pixels to the patch grid."""
 
-    channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # widths, full resolution first; the
+    channels: list[Positive] = field(default_factory=lambda: [32, 64, 128])  # widths, full resolution first; the
     # length must be log2(model.patch_size) + 1
-    blocks: int = 1  # residual blocks per level, on each path
-    groups: int = 8  # GroupNorm groups
+    blocks: Positive = 1  # residual blocks per level, on each path
+    groups: Positive = 8  # GroupNorm groups
 
 
 @dataclass(kw_only=True, slots=True)
 class MARConfig:
     """The MAR per-token diffusion head (``model.head = "mar"``) and its masked, random-order generation."""
 
-    depth: int = 3  # residual adaLN MLP blocks of the per-token denoiser
-    width: int = 256
-    diffusion_batch_mul: int = 4  # each masked token is noised this many times per step (cheap extra samples)
-    mask_ratio_min: float = 0.7  # training mask ratio ~ truncated N(1, 0.25) on [mask_ratio_min, 1]
-    num_iter: int = 16  # generation: patches are revealed over this many steps (cosine schedule)
-    temperature: float = 1.0  # generation: scale of the head's initial noise
+    depth: Positive = 3  # residual adaLN MLP blocks of the per-token denoiser
+    width: Positive = 256
+    diffusion_batch_mul: Positive = 4  # each masked token is noised this many times per step (cheap extra samples)
+    mask_ratio_min: Share = 0.7  # training mask ratio ~ truncated N(1, 0.25) on [mask_ratio_min, 1]
+    num_iter: Positive = 16  # generation: patches are revealed over this many steps (cosine schedule)
+    temperature: PosFloat = 1.0  # generation: scale of the head's initial noise
 
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    dim: int = 256
-    n_layers: int = 6
-    n_heads: int = 8
-    mlp_hidden: int = 0  # 0 = 8/3 * dim rounded up to a multiple of 64 (Llama SwiGLU sizing)
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    dim: Positive = 256  # divisible by n_heads, with an even head dim (rotary embeddings)
+    n_layers: Positive = 6
+    n_heads: Positive = 8
+    mlp_hidden: Count = 0  # 0 = 8/3 * dim rounded up to a multiple of 64 (Llama SwiGLU sizing)
+    norm_eps: PosFloat = 1e-5
+    rope_theta: PosFloat = 10000.0
     qk_norm: bool = True
-    patch_size: int = 4  # patch side in pixels (or latent cells)
-    time_freq_dim: int = 256  # sinusoidal features fed to the timestep MLP
-    attention: str = "auto"  # "auto" (flex on CUDA, sdpa elsewhere), "flex", "sdpa"
-    init_std: float = 0.02
-    image_attention: str = "bidirectional"  # inside an image block: "bidirectional" or "causal" (raster order)
-    image_pos_dim: int = 64  # 2D sin-cos features of each patch's grid position, mapped to dim by a learned
+    patch_size: Positive = 4  # patch side in pixels (or latent cells)
+    time_freq_dim: Annotated[int, Range(2)] = 256  # sinusoidal features fed to the timestep MLP
+    attention: Literal["auto", "flex", "sdpa"] = "auto"  # "auto" (flex on CUDA, sdpa elsewhere)
+    init_std: PosFloat = 0.02
+    image_attention: Literal["bidirectional", "causal"] = "bidirectional"  # inside an image block (causal: raster)
+    image_pos_dim: Count = 64  # 2D sin-cos features of each patch's grid position, mapped to dim by a learned
     # linear and added to the image tokens (RoPE alone gives only 1D offsets); 0 = none
-    adapter: str = "linear"  # image <-> token adapters: "linear" patch projections or "unet" down/up blocks
-    head: str = "transformer"  # image head: "transformer" (whole-image diffusion) or "mar" (per-token MLP head)
+    adapter: Literal["linear", "unet"] = "linear"  # image <-> token adapters: patch projections or U-Net blocks
+    head: Literal["transformer", "mar"] = "transformer"  # image head: whole-image diffusion or MAR per-token MLP
     unet: UNetConfig = field(default_factory=UNetConfig)
     mar: MARConfig = field(default_factory=MARConfig)
 
 
 @dataclass(kw_only=True, slots=True)
 class DiffusionConfig:
-    objective: str = "epsilon"  # what the image head predicts: "epsilon", "v" (v-prediction), "flow" (velocity)
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"  # diffusers name; squaredcos_cap_v2 is the cosine schedule
+    objective: Literal["epsilon", "v", "flow"] = "epsilon"  # what the image head predicts: noise, v-prediction, or
+    # the rectified-flow velocity
+    num_train_timesteps: Annotated[int, Range(2)] = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"  # diffusers name;
+    # squaredcos_cap_v2 is the cosine schedule (epsilon / v)
     clip_sample: bool = True  # clip x0 estimates to [-1, 1] while sampling (pixels); set False for latents
-    timestep_sampling: str = "uniform"  # flow: "uniform" or "logit_normal" noise levels while training
-    logit_mean: float = 0.0  # logit-normal: sigma = sigmoid(N(logit_mean, logit_std))
-    logit_std: float = 1.0
-    shift: float = 1.0  # flow: resolution shift, sigma -> shift*sigma / (1 + (shift-1)*sigma), train and sample
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"  # flow: noise levels drawn while training
+    logit_mean: AnyFloat = 0.0  # logit-normal: sigma = sigmoid(N(logit_mean, logit_std))
+    logit_std: PosFloat = 1.0
+    shift: PosFloat = 1.0  # flow: resolution shift, sigma -> shift*sigma / (1 + (shift-1)*sigma), train and sample
 
 
 @dataclass(kw_only=True, slots=True)
 class LossConfig:
-    text_weight: float = 1.0
-    image_weight: float = 1.0  # lambda in  L = L_text + lambda * L_diffusion
-    text_reduction: str = "token"  # "token": mean over every text target in the batch
-    image_reduction: str = "element"  # "element": mean over every target image element; "image": per image first
-    snr_gamma: float = 0.0  # min-SNR-gamma weighting of the diffusion loss (Hang et al. 2023; 5 is usual); 0 = off
+    text_weight: NonNegFloat = 1.0
+    image_weight: NonNegFloat = 1.0  # lambda in  L = L_text + lambda * L_diffusion
+    text_reduction: Literal["token"] = "token"  # "token": mean over every text target in the batch
+    image_reduction: Literal["element", "image"] = "element"  # "element": mean over every target image element;
+    # "image": per image first
+    snr_gamma: NonNegFloat = 0.0  # min-SNR-gamma weighting of the diffusion loss (Hang et al. 2023; 5 is usual);
+    # 0 = off
 
 
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
-    steps: int = 800
-    lr: float = 1e-3
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    ema_decay: float = 0.995
-    autocast: str = "bf16"  # "bf16" or "none"
-    log_interval: int = 10
-    sample_interval: int = 0  # 0 = only at the end
-    num_threads: int = 0  # torch intra-op threads on CPU; 0 = torch default
-    grad_accum: int = 1  # micro-batches per optimizer step on each rank; global batch = dp ranks x grad_accum
+    steps: Positive = 800
+    lr: PosFloat = 1e-3
+    warmup_steps: Count = 50
+    min_lr_ratio: Share = 0.05  # cosine decays to lr * min_lr_ratio
+    weight_decay: NonNegFloat = 0.05
+    beta1: Beta = 0.9
+    beta2: Beta = 0.95
+    grad_clip: NonNegFloat = 1.0  # 0 = no clipping
+    ema_decay: Share = 0.995
+    autocast: PrecisionName = "auto"  # compute precision: "auto" (bf16 on CUDA; on CPU bf16 only where a short probe
+    # of the model's matmuls shows it faster than fp32, see transfusion/precision.py), "bf16", "fp32"
+    log_interval: Positive = 10
+    sample_interval: Count = 0  # 0 = only at the end
+    num_threads: Count = 0  # torch intra-op threads on CPU; 0 = torch default
+    grad_accum: Positive = 1  # micro-batches per optimizer step on each rank; global batch = dp ranks x grad_accum
     trace_data: bool = False  # write the sample keys of every micro-batch to <run>/data_trace/rank_<r>.jsonl
 
 
 @dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
-    interval: int = 200  # steps between checkpoints; 0 = only at the end
-    keep: int = 2  # keep the newest k complete checkpoints
+    interval: Count = 200  # steps between checkpoints; 0 = only at the end
+    keep: Positive = 2  # keep the newest k complete checkpoints
     async_save: bool = False  # stage to CPU, write in a background thread; training goes on meanwhile
 
 
@@ -158,31 +209,33 @@ class CheckpointConfig:
 class ParallelConfig:
     """Data parallelism under torchrun (FSDP2 / HSDP) and per-block compute options; see transfusion/distributed."""
 
-    dp_replicate: int = 1  # HSDP: replica groups (e.g. nodes); 1 = plain FSDP over every rank
-    dp_shard: int = -1  # ranks that shard one replica; -1 = world size / dp_replicate
-    activation_checkpointing: str = "none"  # "none", "selective" (recompute all but matmuls/attention) or "full"
+    dp_replicate: Positive = 1  # HSDP: replica groups (e.g. nodes); 1 = plain FSDP over every rank
+    dp_shard: Annotated[int, Range(1, also=(-1,))] = -1  # ranks that shard one replica; -1 = world / dp_replicate
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"  # "selective" recomputes all but
+    # matmuls/attention
     compile: bool = False  # torch.compile each transformer block
-    param_dtype: str = "auto"  # FSDP compute dtype of parameters: "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp32"
-    reduce_dtype: str = "fp32"  # gradient reduce-scatter / all-reduce dtype: "fp32" or "bf16"
-    timeout_s: int = 600  # collective timeout: a rank stuck this long fails the job instead of hanging it
+    param_dtype: Literal["auto", "bf16", "fp32"] = "auto"  # FSDP compute dtype of parameters: "auto" (bf16 on CUDA,
+    # fp32 on CPU)
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient reduce-scatter / all-reduce dtype
+    timeout_s: Positive = 600  # collective timeout: a rank stuck this long fails the job instead of hanging it
 
 
 @dataclass(kw_only=True, slots=True)
 class SampleConfig:
-    sampler: str = "ddim"  # "ddim" or "ddpm" (epsilon, v); "euler" or "heun" (flow)
-    steps: int = 50
-    guidance: float = 3.0
-    guidance_schedule: str = "constant"  # "constant", or "linear": the scale rises from 1 to `guidance`
-    seed: int = 0
+    sampler: Literal["ddim", "ddpm", "euler", "heun"] = "ddim"  # ddim / ddpm (epsilon, v); euler / heun (flow)
+    steps: Positive = 50
+    guidance: NonNegFloat = 3.0  # classifier-free guidance scale: 1 = off, 0 = unconditional
+    guidance_schedule: Literal["constant", "linear"] = "constant"  # "linear": the scale rises from 1 to `guidance`
+    seed: Count = 0
     prompts: list[str] = field(default_factory=list)  # grid prompts; empty = held-out captions
 
 
 @dataclass(kw_only=True, slots=True)
 class EvalConfig:
-    num_t2i: int = 200
-    num_caption: int = 200
-    batch_size: int = 50
-    max_caption_tokens: int = 48
+    num_t2i: Count = 200
+    num_caption: Count = 200
+    batch_size: Positive = 50
+    max_caption_tokens: Positive = 48
 
 
 @dataclass(kw_only=True, slots=True)
@@ -205,12 +258,24 @@ class Config:
 
 
 def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     origin = typing.get_origin(typ)
+    if origin is Annotated:
+        base, *rules = typing.get_args(typ)
+        value = _coerce(value, base, where)
+        for rule in rules:
+            if isinstance(rule, Range) and not rule.check(value):
+                raise ConfigError(f"config key '{where}' must be {rule.describe()}, got {value!r}")
+        return value
+    if origin is Literal:
+        known = typing.get_args(typ)
+        if value not in known:
+            raise ConfigError(f"unknown value {value!r} for '{where}' (known: {', '.join(map(str, known))})")
+        return value
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"config section '{where}' must be a table, got {value!r}")
@@ -302,89 +367,65 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 # The samplers that fit each objective (the diffusion package builds them from the run's one schedule object).
 SAMPLERS = {"epsilon": ("ddim", "ddpm"), "v": ("ddim", "ddpm"), "flow": ("euler", "heun")}
-HEADS = ("transformer", "mar")
-ADAPTERS = ("linear", "unet")
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a dataclass type alone cannot express."""
-    choices = {
-        "latents.kind": (cfg.latents.kind, ("pixels", "vae")),
-        "model.attention": (cfg.model.attention, ("auto", "flex", "sdpa")),
-        "model.image_attention": (cfg.model.image_attention, ("bidirectional", "causal")),
-        "model.adapter": (cfg.model.adapter, ADAPTERS),
-        "model.head": (cfg.model.head, HEADS),
-        "diffusion.objective": (cfg.diffusion.objective, tuple(SAMPLERS)),
-        "diffusion.timestep_sampling": (cfg.diffusion.timestep_sampling, ("uniform", "logit_normal")),
-        "loss.text_reduction": (cfg.loss.text_reduction, ("token",)),
-        "loss.image_reduction": (cfg.loss.image_reduction, ("element", "image")),
-        "train.autocast": (cfg.train.autocast, ("bf16", "none")),
-        "parallel.activation_checkpointing": (cfg.parallel.activation_checkpointing, ("none", "selective", "full")),
-        "parallel.param_dtype": (cfg.parallel.param_dtype, ("auto", "bf16", "fp32")),
-        "parallel.reduce_dtype": (cfg.parallel.reduce_dtype, ("fp32", "bf16")),
-        "sample.guidance_schedule": (cfg.sample.guidance_schedule, ("constant", "linear")),
-    }
-    for key, (value, known) in choices.items():
-        if value not in known:
-            raise ConfigError(f"unknown value {value!r} for '{key}' (known: {', '.join(known)})")
+    """Cross-field checks that a field's own type and range cannot express (those are checked by ``from_dict``)."""
     known = SAMPLERS[cfg.diffusion.objective]
     if cfg.sample.sampler not in known:
         raise ConfigError(f"unknown value {cfg.sample.sampler!r} for 'sample.sampler' with diffusion.objective = "
                           f"{cfg.diffusion.objective!r} (known: {', '.join(known)})")
     _validate_image_model(cfg)
-    par = cfg.parallel
-    if min(cfg.train.grad_accum, par.dp_replicate, par.timeout_s) < 1 or not (par.dp_shard >= 1 or par.dp_shard == -1):
-        raise ConfigError("train.grad_accum, parallel.dp_replicate and parallel.timeout_s must be >= 1, and "
-                          "parallel.dp_shard >= 1 or -1 (the rest of the world)")
     if cfg.model.dim % cfg.model.n_heads:
         raise ConfigError(f"model.dim ({cfg.model.dim}) must be divisible by model.n_heads ({cfg.model.n_heads})")
     if (cfg.model.dim // cfg.model.n_heads) % 2:
         raise ConfigError("model.dim / model.n_heads must be even for rotary embeddings")
     if cfg.latents.kind == "vae" and not cfg.latents.vae_path:
         raise ConfigError("latents.kind = 'vae' needs latents.vae_path (a local diffusers AutoencoderKL directory)")
-    for key, value in (("data.t2i_ratio", cfg.data.t2i_ratio), ("data.caption_dropout", cfg.data.caption_dropout),
-                       ("data.noise_limit_share", cfg.data.noise_limit_share)):
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"'{key}' must lie in [0, 1], got {value}")
-    _validate_data(cfg)
+    if not _DEVICE.fullmatch(cfg.run.device):
+        raise ConfigError(f"run.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.run.device!r}")
+    if cfg.data.caption_field in ("", "json:"):
+        raise ConfigError(f"data.caption_field must be a text extension like 'txt' or 'json:<field>', got "
+                          f"{cfg.data.caption_field!r}")
+    if cfg.latents.kind == "pixels":  # the codec's downsample is known without loading anything: check the grid now
+        check_image_grid(cfg, downsample=1)
 
 
-def _validate_data(cfg: Config) -> None:
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def check_image_grid(cfg: Config, downsample: int) -> tuple[int, int]:
+    """The patch grid of ``cfg``'s images under a codec that downsamples by ``downsample``; raises ConfigError when
+    the image size does not divide into patches or the row cannot hold the shortest document. Called at load for
+    pixels and again once a VAE's downsample is known (``runtime.patch_grid``)."""
     d = cfg.data
-    choices = {"data.format": (d.format, ("auto", "pixels", "latents")),
-               "data.resize": (d.resize, ("center_crop", "resize", "pad")),
-               "data.long_documents": (d.long_documents, ("truncate", "skip")),
-               "data.image_then_text_role": (d.image_then_text_role, ("condition", "target"))}
-    for key, (value, known) in choices.items():
-        if value not in known:
-            raise ConfigError(f"unknown value {value!r} for '{key}' (known: {', '.join(known)})")
-    if not 0.0 < d.noise_limit <= 1.0:
-        raise ConfigError(f"'data.noise_limit' must lie in (0, 1], got {d.noise_limit}")
-    if min(d.min_image_size, d.max_caption_chars) < 0:
-        raise ConfigError("data.min_image_size and data.max_caption_chars must be >= 0")
+    side = d.image_size // downsample
+    if d.image_size % downsample or side % cfg.model.patch_size or side == 0:
+        raise ConfigError(f"data.image_size {d.image_size} is not divisible by codec downsample {downsample} x "
+                          f"model.patch_size {cfg.model.patch_size}")
+    grid = (side // cfg.model.patch_size, side // cfg.model.patch_size)
+    shortest = grid[0] * grid[1] + 5  # BOS, one caption token, BOI, the image slots, EOI, EOS
+    if d.clean_copy:
+        shortest += grid[0] * grid[1] + 1  # a noisy copy before the clean one: BOI, its slots
+    if d.seq_len < shortest:
+        raise ConfigError(f"data.seq_len {d.seq_len} cannot hold one document: a {grid[0]}x{grid[1]} patch image "
+                          f"with a one-token caption needs {shortest} tokens")
+    return grid
 
 
 def _validate_image_model(cfg: Config) -> None:
-    m, d = cfg.model, cfg.diffusion
-    if d.shift <= 0 or d.logit_std <= 0:
-        raise ConfigError("diffusion.shift and diffusion.logit_std must be positive")
+    m = cfg.model
     if m.adapter == "unet":
         levels = (m.patch_size - 1).bit_length() + 1  # log2(patch_size) + 1
         if m.patch_size & (m.patch_size - 1) or len(m.unet.channels) != levels:
             raise ConfigError(f"model.unet.channels needs log2(model.patch_size) + 1 = {levels} widths for "
                               f"patch_size {m.patch_size} (a power of two), got {m.unet.channels}")
-        if m.unet.blocks < 1 or any(c <= 0 or c % m.unet.groups for c in m.unet.channels):
-            raise ConfigError(f"model.unet.channels must be positive multiples of model.unet.groups "
-                              f"({m.unet.groups}) and model.unet.blocks >= 1")
-    if m.head == "mar":
-        if m.adapter != "linear" or m.image_attention != "bidirectional":
-            raise ConfigError("model.head = 'mar' needs model.adapter = 'linear' (a U-Net down path would leak "
-                              "masked patches into their visible neighbours) and model.image_attention = "
-                              "'bidirectional' (patches are revealed in random order)")
-        if not 0.0 <= m.mar.mask_ratio_min <= 1.0:
-            raise ConfigError(f"'model.mar.mask_ratio_min' must lie in [0, 1], got {m.mar.mask_ratio_min}")
-        if min(m.mar.depth, m.mar.width, m.mar.diffusion_batch_mul, m.mar.num_iter) < 1 or m.mar.temperature <= 0:
-            raise ConfigError("model.mar.depth, width, diffusion_batch_mul, num_iter and temperature must be positive")
+        if any(c % m.unet.groups for c in m.unet.channels):
+            raise ConfigError(f"model.unet.channels must be multiples of model.unet.groups ({m.unet.groups})")
+    if m.head == "mar" and (m.adapter != "linear" or m.image_attention != "bidirectional"):
+        raise ConfigError("model.head = 'mar' needs model.adapter = 'linear' (a U-Net down path would leak "
+                          "masked patches into their visible neighbours) and model.image_attention = "
+                          "'bidirectional' (patches are revealed in random order)")
 
 
 def dumps_toml(cfg: Config) -> str:

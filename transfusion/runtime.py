@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from transfusion.config import Config, ConfigError, from_dict, validate
+from transfusion.config import Config, ConfigError, check_image_grid, from_dict, validate
 from transfusion.diffusion.schedule import NoiseSchedule
 from transfusion.model import TransfusionModel, build_model
 from transfusion.tokenizer import build_tokenizer
@@ -28,11 +28,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def patch_grid(cfg: Config, downsample: int) -> tuple[int, int]:
-    side = cfg.data.image_size // downsample
-    if cfg.data.image_size % downsample or side % cfg.model.patch_size:
-        raise ConfigError(f"data.image_size {cfg.data.image_size} is not divisible by codec downsample "
-                          f"{downsample} x model.patch_size {cfg.model.patch_size}")
-    return side // cfg.model.patch_size, side // cfg.model.patch_size
+    return check_image_grid(cfg, downsample)
 
 
 @dataclass

@@ -19,7 +19,6 @@ Legend: N requests, S cached key length, P patches per image, D model dim, C/H/W
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -31,6 +30,7 @@ from transfusion.diffusion.schedule import guidance_scale
 from transfusion.model.adapters import unpatchify
 from transfusion.model.layers import KV
 from transfusion.model.mar import reveal_counts
+from transfusion.precision import PROBE_ROWS, Precision, model_matmul_shapes, resolve_precision
 
 
 @dataclass
@@ -44,30 +44,34 @@ class Prefix:
 
 
 class Engine:
+    """``precision``: a ``transfusion.precision.Precision``, or "auto" / "bf16" / "fp32" to resolve for the machine
+    the engine runs on (``auto`` probes this machine's matmuls, whatever the model was trained with)."""
+
     def __init__(self, model, tokenizer, schedule, codec, patch_grid: tuple[int, int], device: torch.device,
-                 autocast: bool = True, cfg=None) -> None:
+                 precision: Precision | str = "auto", cfg=None) -> None:
         self.model, self.tok, self.schedule, self.codec = model.eval(), tokenizer, schedule, codec
         self.cfg = cfg  # the run config (Config) when built from an export
         self.patch_grid, self.device = patch_grid, torch.device(device)
         self.num_patches = patch_grid[0] * patch_grid[1]
-        self.autocast = autocast
+        if not isinstance(precision, Precision):
+            shapes = model_matmul_shapes(model.cfg, model.vocab_size, model.image_channels, PROBE_ROWS)
+            precision = resolve_precision(precision, self.device, shapes)
+        self.precision = precision
         self.bidirectional_images = getattr(model.cfg, "image_attention", "bidirectional") == "bidirectional"
 
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
-    def from_export(cls, export_dir: str, device: str | torch.device = "cpu", autocast: bool = True) -> "Engine":
+    def from_export(cls, export_dir: str, device: str | torch.device = "cpu", precision: str = "auto") -> "Engine":
         from transfusion.checkpoint.export import load_export
         from transfusion.runtime import build_inference_parts
 
         state, cfg_dict = load_export(export_dir)
         model, tokenizer, schedule, codec, grid, cfg = build_inference_parts(cfg_dict, device, export_dir)
         model.load_state_dict(state)
-        return cls(model, tokenizer, schedule, codec, grid, torch.device(device), autocast, cfg)
+        return cls(model, tokenizer, schedule, codec, grid, torch.device(device), precision, cfg)
 
     def _ctx(self):
-        if self.autocast:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return self.precision.autocast(self.device)
 
     # -- prefix / cache --------------------------------------------------------------------------------------
     def prefill(self, seqs: list[list[int]], images: Tensor | None = None,

@@ -26,17 +26,23 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(positions_BL: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin tables [B, 1, L, Dh/2] for per-token integer positions (documents restart at 0)."""
+    """Rotation tables [B, 1, L, Dh] for per-token integer positions (documents restart at 0): ``cos`` repeated over
+    both halves, and ``sin`` negated on the first half, so that ``apply_rope`` is two products and a sum."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions_BL.device, dtype=torch.float32)
                                / head_dim)
     angles = positions_BL.float()[..., None] * inv_freq  # [B, L, Dh/2]
-    return angles.cos()[:, None], angles.sin()[:, None]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1)[:, None], torch.cat((-sin, sin), dim=-1)[:, None]
 
 
-def apply_rope(x_BHLDh: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    x1, x2 = x_BHLDh.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.type_as(x_BHLDh)
+def apply_rope(x_BHLDh: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """Rotate the (first half, second half) pairs of the head dim: ``(x1 cos - x2 sin, x2 cos + x1 sin)``, computed
+    as ``x * cos + swap_halves(x) * sin_signed`` (bitwise equal to the textbook form, fewer kernels; see
+    tests/test_model.py for the reference)."""
+    xf = x_BHLDh.float()
+    half = xf.shape[-1] // 2
+    swapped = xf.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # (x2, x1)
+    return (xf * cos + swapped * sin_signed).type_as(x_BHLDh)
 
 
 class Attention(nn.Module):

@@ -1,5 +1,6 @@
-"""Throughput accounting: model FLOPs per token from the config, MFU against known GPU peaks, peak memory, and the
-per-log-interval window the trainer reports.
+"""Throughput accounting: model FLOPs per token from the config, achieved FLOP/s and its share of the device's measured
+matmul peak (``transfusion.precision.measure_peak_flops``; the CPU analogue of MFU), MFU against datasheet peaks on
+known GPUs, peak memory, and the per-log-interval window the trainer reports.
 
 FLOPs are counted the way torchtitan counts them: 6 FLOPs per matmul parameter per token (2 forward, 4 backward)
 plus attention scores and values over the packed row, ``12 x layers x dim x seq_len`` per token (full rows: neither
@@ -101,9 +102,11 @@ class Window:
         for k, v in metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
 
-    def summary(self, flops: FlopsPerToken, device: torch.device) -> dict[str, float]:
-        """Averages of the step metrics (already global) and per-device throughput averaged over ranks. Collective
-        under a process group."""
+    def summary(self, flops: FlopsPerToken, device: torch.device, measured_peak: float | None = None
+                ) -> dict[str, float]:
+        """Averages of the step metrics (already global) and per-device throughput averaged over ranks; with
+        ``measured_peak`` (FLOP/s of this device's matmuls in the run's dtype) also ``peak_share``. Collective under a
+        process group."""
         from transfusion.distributed.env import all_reduce_max, all_reduce_sum
 
         n = max(self.steps, 1)
@@ -116,7 +119,11 @@ class Window:
         out["image_tokens_per_s"] = image / step_s
         out["tokens_per_s"] = (text + image) / step_s
         out["data_wait_share"] = data_s / step_s
-        out["tflops_per_s"] = flops.step(text, image) / step_s / 1e12
+        achieved = flops.step(text, image) / step_s
+        out["tflops_per_s"] = achieved / 1e12
+        if measured_peak:
+            out["measured_peak_tflops"] = measured_peak / 1e12
+            out["peak_share"] = achieved / measured_peak
         peak = peak_flops(device)
         if peak is not None:
             out["mfu"] = flops.step(text, image) / step_s / peak

@@ -54,6 +54,14 @@ from transfusion.distributed.data import DataLayoutError, StepData, check_layout
 from transfusion.distributed.env import all_ranks_true, all_reduce_sum, barrier, init_distributed
 from transfusion.distributed.init import materialize, mix_seed
 from transfusion.distributed.parallelize import parallelize
+from transfusion.precision import (
+    Precision,
+    agree_across_ranks,
+    cpu_features,
+    measure_peak_flops,
+    model_matmul_shapes,
+    resolve_precision,
+)
 from transfusion.runtime import build_parts
 from transfusion.training.ema import EMA
 from transfusion.training.losses import compute_loss_parts
@@ -103,7 +111,8 @@ def provenance(device: torch.device, parallel: dict | None = None) -> dict:
     if device.type == "cuda":
         dev += f" ({torch.cuda.get_device_name(device)})"
     return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
-            "versions": versions, "python": platform.python_version(), "device": dev, "parallel": parallel or {},
+            "versions": versions, "python": platform.python_version(), "device": dev, "cpu": cpu_features(),
+            "parallel": parallel or {},
             "host": platform.node(), "argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -146,6 +155,7 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
         self.ema = EMA(self.model, cfg.train.ema_decay)
         self.flops = flops_per_token(cfg.model, self.tokenizer.vocab_size, self.codec.channels, cfg.data.seq_len)
+        self.precision, self.measured_peak = self.choose_precision()
         self.step = 0
         self.pending: PendingSave | None = None
         self.writer = None
@@ -162,6 +172,17 @@ class Trainer:
                  f"{self.env.dp_replicate}x{self.env.dp_shard}" if self.env.distributed else "none",
                  self.patch_grid, cfg.train.grad_accum, self.step)
 
+    def choose_precision(self) -> tuple[Precision, float]:
+        """The compute dtype for this machine (``train.autocast``; ``auto`` measures, the same on every rank) and the
+        device's measured matmul peak in that dtype, the denominator of the logged ``peak_share``."""
+        cfg = self.cfg
+        shapes = model_matmul_shapes(cfg.model, self.tokenizer.vocab_size, self.codec.channels,
+                                     cfg.data.batch_rows * cfg.data.seq_len)
+        prec = agree_across_ranks(resolve_precision(cfg.train.autocast, self.device, shapes), self.device)
+        peak = measure_peak_flops(self.device, prec.dtype, shapes)
+        log.info("precision: %s | measured %s matmul peak %.1f GFLOP/s", prec.reason, prec.name, peak / 1e9)
+        return prec, peak
+
     # -- data ------------------------------------------------------------------------------------------------
     def build_data(self, seed: int) -> StepData:
         return StepData(self.cfg.data, self.tokenizer, self.patch_grid, seed=seed, dp_rank=self.env.dp_rank,
@@ -175,7 +196,9 @@ class Trainer:
         (self.run_dir / "config.toml").write_text(dumps_toml(self.cfg))
         layout = {"world_size": self.env.world_size, "dp_replicate": self.env.dp_replicate,
                   "dp_shard": self.env.dp_shard, "fsdp": self.env.distributed}
-        (self.run_dir / "provenance.json").write_text(json.dumps(provenance(self.device, layout), indent=2) + "\n")
+        prov = provenance(self.device, layout) | {
+            "precision": self.precision.as_dict() | {"measured_peak_gflops": round(self.measured_peak / 1e9, 2)}}
+        (self.run_dir / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
 
     def checkpoint_state(self) -> dict:
         return {"model_optim": ModelOptimizerState(self.model, self.optimizer),
@@ -262,7 +285,7 @@ class Trainer:
 
     # -- one optimisation step -------------------------------------------------------------------------------
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.autocast == "bf16")
+        return self.precision.autocast(self.device)
 
     def prepare(self, batch: Batch) -> Batch:
         """Move a batch to the device; encode pixel batches when the run diffuses VAE latents. Latents read from
@@ -399,7 +422,7 @@ class Trainer:
 
     def log(self, window: Window) -> None:
         """Averages over the window; throughput per device averaged over ranks (collective: every rank calls it)."""
-        avg = window.summary(self.flops, self.device)
+        avg = window.summary(self.flops, self.device, self.measured_peak)
         skipped = self.skip_counts()
         if not self.env.is_main:
             return
@@ -410,11 +433,12 @@ class Trainer:
                 self.writer.add_scalar(f"data/skipped_{reason}", count, self.step)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, **avg, **{f"skipped_{k}": v for k, v in skipped.items()}}) + "\n")
-        mfu = f" | MFU {100 * avg['mfu']:.1f}%" if "mfu" in avg else ""
+        eff = f" | {1e3 * avg['tflops_per_s']:.1f} GFLOP/s = {100 * avg['peak_share']:.0f}% of measured peak"
+        eff += f" | MFU {100 * avg['mfu']:.1f}%" if "mfu" in avg else ""
         log.info("step %d | loss %.4f text %.4f image %.4f | lr %.2e | gnorm %.2f | %.0f tok/s/device (text %.0f, "
                  "image %.0f)%s | mem %.2f GiB | data %.0f%%%s",
                  self.step, avg["loss"], avg["text_loss"], avg["image_loss"], avg["lr"], avg["grad_norm"],
-                 avg["tokens_per_s"], avg["text_tokens_per_s"], avg["image_tokens_per_s"], mfu,
+                 avg["tokens_per_s"], avg["text_tokens_per_s"], avg["image_tokens_per_s"], eff,
                  avg["peak_memory_gib"], 100 * avg["data_wait_share"],
                  (" | skipped " + ", ".join(f"{k}={v}" for k, v in skipped.items() if v)) if any(skipped.values())
                  else "")
@@ -483,7 +507,7 @@ class Trainer:
         if self.env.is_main:
             prompts = self.cfg.sample.prompts or default_prompts()
             engine = Engine(self.inference_model(state), self.tokenizer, self.schedule, self.codec, self.patch_grid,
-                            self.device, autocast=self.cfg.train.autocast == "bf16", cfg=self.cfg)
+                            self.device, precision=self.precision, cfg=self.cfg)
             images = engine.text_to_image(prompts, steps=self.cfg.sample.steps, guidance=self.cfg.sample.guidance,
                                           sampler=self.cfg.sample.sampler, seed=self.cfg.sample.seed)
             grid = make_grid(images, prompts)
@@ -506,7 +530,7 @@ class Trainer:
         out = None
         if self.env.is_main:
             out = export_model(self.run_dir / "export", state, to_dict(self.cfg),
-                               {"step": str(self.step), "weights": "ema"})
+                               {"step": str(self.step), "weights": "ema", "trained_precision": self.precision.name})
             log.info("exported EMA weights to %s", out)
         barrier()
         return out

@@ -1,0 +1,179 @@
+"""Compute precision chosen by measurement, and the machine's measured matmul peak.
+
+    prec = resolve_precision("auto", device, model_matmul_shapes(cfg.model, vocab, channels, tokens=3072))
+    with prec.autocast(device): ...                       # bf16 autocast, or a no-op for fp32
+    peak = measure_peak_flops(device, prec.dtype, shapes)  # FLOP/s: the denominator of the CPU "share of peak"
+
+Why measure: a bf16 matmul is ~10x faster than fp32 on CPUs with AMX / AVX-512-BF16 and ~100x *slower* on CPUs
+with only AVX2 (no native bf16: every product is converted in software). So on CPU, ``auto`` times the model's own
+matmul shapes in both dtypes (well under a second) and picks bf16 only when it is clearly faster; on CUDA it picks
+bf16 when the device supports it. ``bf16`` / ``fp32`` force a choice. The legacy value ``none`` means fp32.
+
+Legend: M rows (tokens), K inner dim, N output dim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+PRECISIONS = ("auto", "bf16", "fp32")
+BF16_MIN_SPEEDUP = 1.3  # auto picks bf16 on CPU only when its probe is at least this much faster than fp32
+PROBE_ROWS = 256  # rows of the probe matmuls: small enough that even emulated bf16 (~1 GFLOP/s) stays well under 1 s
+
+Shape = tuple[int, int, int]  # (M, K, N): [M, K] @ [K, N]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The compute dtype of a run or an engine on one machine, and why it was chosen."""
+
+    name: str  # "bf16" or "fp32": what runs
+    requested: str  # "auto", "bf16" or "fp32"
+    reason: str  # one line for the log
+    probe_gflops: dict[str, float] = field(default_factory=dict)  # {"fp32": ..., "bf16": ...} when probed
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.name == "bf16" else torch.float32
+
+    def autocast(self, device: torch.device | str):
+        """bf16 autocast on ``device``, or a no-op context for fp32."""
+        if self.name == "bf16":
+            return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def as_dict(self) -> dict:
+        return {"precision": self.name, "requested": self.requested, "reason": self.reason,
+                "probe_gflops": dict(self.probe_gflops)}
+
+
+def model_matmul_shapes(model_cfg, vocab_size: int, image_channels: int, rows: int) -> list[Shape]:
+    """The distinct weight matmuls of one transformer pass over ``rows`` tokens (qkv, out, SwiGLU in/out, LM head,
+    patch in)."""
+    from transfusion.model.transfusion import mlp_hidden_size
+
+    d, h = model_cfg.dim, mlp_hidden_size(model_cfg)
+    patch = image_channels * model_cfg.patch_size ** 2
+    return [(rows, d, 3 * d), (rows, d, d), (rows, d, 2 * h), (rows, h, d), (rows, d, vocab_size), (rows, patch, d)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_matmuls(shapes: list[Shape], dtype: torch.dtype, device: torch.device, *, min_time_s: float = 0.02,
+                 max_time_s: float = 0.25, seed: int = 0) -> float:
+    """Achieved FLOP/s of ``shapes`` run back to back in ``dtype``: one untimed warm-up pass (kernel selection,
+    oneDNN primitive creation), then as many timed passes as fit ``min_time_s``, at most ``max_time_s`` in all.
+    The best pass counts (a peak, robust to other processes on a shared machine)."""
+    gen = torch.Generator().manual_seed(seed)
+    pairs = [(torch.randn(m, k, generator=gen).to(device, dtype), torch.randn(k, n, generator=gen).to(device, dtype))
+             for m, k, n in shapes]
+    flops = sum(2.0 * m * k * n for m, k, n in shapes)
+
+    def one_pass() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for a, b in pairs:
+            a @ b
+        _sync(device)
+        return time.perf_counter() - t0
+
+    start = time.perf_counter()
+    best = one_pass()  # warm-up; counts only if nothing faster follows (a very slow dtype gets one pass)
+    spent = 0.0
+    while spent < min_time_s and time.perf_counter() - start + best < max_time_s:
+        dt = one_pass()
+        best, spent = min(best, dt), spent + dt
+    return flops / max(best, 1e-9)
+
+
+@functools.lru_cache(maxsize=32)
+def _probe_cpu(shapes: tuple[Shape, ...]) -> tuple[float, float]:
+    """(fp32, bf16) FLOP/s of the probe shapes on this CPU; cached per process (the answer is a machine fact)."""
+    cpu = torch.device("cpu")
+    return time_matmuls(list(shapes), torch.float32, cpu), time_matmuls(list(shapes), torch.bfloat16, cpu)
+
+
+def probe_shapes(shapes: list[Shape]) -> tuple[Shape, ...]:
+    """The probe's version of the model's shapes: the same K and N, ``PROBE_ROWS`` rows."""
+    return tuple(sorted({(min(m, PROBE_ROWS), k, n) for m, k, n in shapes}))
+
+
+def cuda_supports_bf16(device: torch.device) -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def resolve_precision(requested: str, device: torch.device | str, shapes: list[Shape], *,
+                      probe=None, cuda_bf16=None) -> Precision:
+    """Decide the compute precision for ``device``. ``probe(shapes) -> (fp32_flops, bf16_flops)`` and
+    ``cuda_bf16(device) -> bool`` default to real measurements; tests inject fakes."""
+    device = torch.device(device)
+    requested = "fp32" if requested == "none" else requested
+    if requested not in PRECISIONS:
+        raise ValueError(f"unknown precision {requested!r} (known: {', '.join(PRECISIONS)})")
+    if requested != "auto":
+        return Precision(requested, requested, f"{requested} (set explicitly)")
+    if device.type == "cuda":
+        ok = (cuda_bf16 or cuda_supports_bf16)(device)
+        return Precision("bf16" if ok else "fp32", "auto",
+                         "bf16: the CUDA device supports it" if ok else "fp32: the CUDA device has no bf16 support")
+    if device.type != "cpu":
+        return Precision("fp32", "auto", f"fp32: no bf16 probe for device type {device.type!r}")
+    fp32, bf16 = (probe or _probe_cpu)(probe_shapes(shapes))
+    gflops = {"fp32": round(fp32 / 1e9, 2), "bf16": round(bf16 / 1e9, 2)}
+    ratio = bf16 / max(fp32, 1e-9)
+    name = "bf16" if ratio >= BF16_MIN_SPEEDUP else "fp32"
+    why = (f"{name}: bf16 matmuls at the model's shapes run at {gflops['bf16']:.1f} GFLOP/s vs fp32 "
+           f"{gflops['fp32']:.1f} GFLOP/s ({ratio:.2f}x; bf16 needs >= {BF16_MIN_SPEEDUP}x) on {cpu_summary()}")
+    return Precision(name, "auto", why, gflops)
+
+
+def agree_across_ranks(prec: Precision, device: torch.device) -> Precision:
+    """Under a process group every rank must compute in the same dtype: bf16 only if every rank chose it."""
+    from transfusion.distributed.env import all_ranks_true, is_distributed
+
+    if not is_distributed() or prec.requested != "auto":
+        return prec
+    if all_ranks_true(prec.name == "bf16", device) or prec.name == "fp32":  # collective: every rank calls it
+        return prec
+    return Precision("fp32", "auto", prec.reason + "; fp32 because another rank measured bf16 slower",
+                     prec.probe_gflops)
+
+
+def measure_peak_flops(device: torch.device | str, dtype: torch.dtype, shapes: list[Shape]) -> float:
+    """The device's matmul peak in ``dtype`` (FLOP/s): the best of the model's own matmul shapes at full size and a
+    2048-square matmul, about a fifth of a second in all."""
+    device = torch.device(device)
+    candidates = [[s] for s in sorted(set(shapes))] + [[(2048, 2048, 2048)]]
+    return max(time_matmuls(c, dtype, device, min_time_s=0.02, max_time_s=0.1) for c in candidates)
+
+
+def cpu_features() -> dict:
+    """The CPU facts that decide matmul speed: torch's kernel capability and the relevant ISA flags."""
+    flags: set[str] = set()
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                elif line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "model": model,
+            "flags": [f for f in wanted if f in flags], "threads": torch.get_num_threads()}
+
+
+def cpu_summary() -> str:
+    feats = cpu_features()
+    flags = " ".join(feats["flags"]) or "flags unknown"
+    return f"CPU capability {feats['capability']} ({flags}), {feats['threads']} threads"
