@@ -8,7 +8,11 @@ RECIPE ?= recipes/shapes_tiny.toml
 RUN ?= runs/shapes_tiny
 DATA ?= data/shapes
 
-.PHONY: install demo test data train grid evaluate clean
+# An AVX2-only CPU (no AVX-512, no native bf16), emulated on a newer x86 CPU: torch's own kernels, oneDNN and MKL
+# are each held to AVX2. `make demo-avx2` runs the whole demo that way (bf16 matmuls then run ~100x slower than fp32).
+AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+
+.PHONY: install demo demo-avx2 bench test data train grid evaluate clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,6 +37,12 @@ evaluate: install
 
 demo: install
 	$(MAKE) --no-print-directory data train grid evaluate
+
+demo-avx2:
+	$(AVX2_ENV) $(MAKE) --no-print-directory demo
+
+bench: install
+	$(PY) tools/bench_step.py $(RECIPE)
 
 test: install
 	$(PY) -m pytest

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TOK, make_batch
+from helpers import TOK, make_batch, tiny_model
 
 from transfusion.config import DiffusionConfig, LossConfig, ModelConfig, ParallelConfig
 from transfusion.diffusion.schedule import NoiseSchedule
@@ -204,3 +204,19 @@ def test_gpu_check_runs_on_cpu():
     table = [ln for ln in out.stdout.splitlines() if ln.startswith("|")]
     assert len(table) == 3 and "tokens/s/GPU" in table[0] and "MFU" in table[0]
     assert table[2].startswith("| CPU | " + torch.__version__)
+
+
+def test_compile_on_cpu_without_a_compiler_stays_eager(monkeypatch):
+    import shutil
+
+    from transfusion.distributed import parallelize as par
+
+    model = tiny_model()
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert par.cpu_compile_missing() == "no C++ compiler (g++ / clang++) on PATH"
+    assert par.apply_compile(model, torch.device("cpu")) is False
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in model.layers)
+    monkeypatch.undo()
+    if par.cpu_compile_missing() is None:  # this machine can build CPU kernels: the blocks are compiled
+        assert par.apply_compile(model, torch.device("cpu")) is True
+        assert all(b._compiled_call_impl is not None for b in model.layers)

@@ -76,6 +76,10 @@ def test_outputs_generate_and_evaluate(shards, tmp_path):
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(0 < r["peak_share"] and r["tflops_per_s"] > 0 for r in rows)
     assert "% of measured peak" in (run_dir / "train.log").read_text()
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "export/model.safetensors"), "pt") as f:  # what it was trained with
+        assert f.metadata()["trained_precision"] == prov["precision"]["precision"]
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "tools/generate.py", "--export", str(run_dir / "export"), "--prompt",
@@ -132,6 +136,20 @@ def test_bad_input_gives_one_clear_line(shards, tmp_path):
     _one_line_error(_cli("tools/evaluate.py", "--run", str(tmp_path / "nope")), "nope")
 
 
+@pytest.mark.parametrize("override,needle", [
+    ("--model.n_heads=0", "'model.n_heads' must be >= 1"),
+    ("--data.seq_len=10", "data.seq_len 10 cannot hold one document"),
+    ("--data.image_size=0", "'data.image_size' must be >= 1"),
+    ("--sample.guidance=-5", "'sample.guidance' must be >= 0"),
+    ("--train.lr=nan", "'train.lr' must be > 0"),
+])
+def test_bad_config_values_stop_before_anything_is_built(tmp_path, override, needle):
+    run_dir = tmp_path / "run"
+    _one_line_error(_cli("-m", "transfusion.train", "recipes/shapes_tiny.toml", f"--run.dir={run_dir}", override),
+                    needle)
+    assert not run_dir.exists()  # nothing was written: the config failed before the run directory was made
+
+
 def test_ablation_tool_trains_evaluates_and_rewrites_only_its_table_block(shards, tmp_path):
     page = tmp_path / "ablation.md"
     page.write_text("# intro kept\n<!-- ablation:begin -->\nold table\n<!-- ablation:end -->\nouter text kept\n")
@@ -160,3 +178,17 @@ def test_ablation_tool_trains_evaluates_and_rewrites_only_its_table_block(shards
     bad = subprocess.run([sys.executable, "tools/ablate.py", "--variants", "eps_linear,nope"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown variant(s) nope (known: eps_linear" in bad.stderr
+
+
+def test_bench_step_reports_throughput_and_share_of_measured_peak(shards, tmp_path):
+    args = [a for a in tiny_overrides(shards, tmp_path / "unused", 4) if not a.startswith(("--run.dir", "--train.steps"))]
+    out = _cli("tools/bench_step.py", "recipes/shapes_tiny.toml", "--steps", "2", "--warmup", "1", "--profile", "5",
+               "--precision", "fp32", *args)
+    assert out.returncode == 0, out.stderr
+    rows = dict(line.split(None, 1) for line in out.stdout.splitlines() if line.startswith(("precision ", "tokens/s ")))
+    assert rows["precision"].strip() == "fp32" and float(rows["tokens/s"]) > 0
+    share = next(ln for ln in out.stdout.splitlines() if ln.startswith("share of peak"))
+    assert 0 < float(share.split()[-1].rstrip("%")) <= 150
+    assert "Self CPU" in out.stdout  # the profile table
+    assert not (tmp_path / "unused").exists()  # the run's files went to a temporary directory
+    _one_line_error(_cli("tools/bench_step.py", "recipes/shapes_tiny.toml", "--model.n_heads=0"), "model.n_heads")

@@ -4,6 +4,7 @@ device's measured matmul peak (the CPU analogue of MFU), in the precision the tr
     python tools/bench_step.py recipes/shapes_tiny.toml
     python tools/bench_step.py recipes/shapes_tiny.toml --precision fp32 --steps 20 --parallel.compile=true
     python tools/bench_step.py recipes/shapes_tiny.toml --data.batch_rows=8 --model.dim=128
+    python tools/bench_step.py recipes/shapes_tiny.toml --profile 15       # + the top ops by self time
 
 Any recipe key can be overridden with --section.key=value. The run's files go to a temporary directory (nothing is
 checkpointed or exported). Data loading is timed apart: s/step is the optimisation step alone. The table names the CPU
@@ -32,6 +33,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
                    help="override train.autocast (default: the recipe's, normally auto)")
     p.add_argument("--markdown", action="store_true", help="print the result as a markdown table row with header")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile the timed steps (torch.profiler) and print the top N ops by self time (the "
+                        "timings then include the profiler's overhead)")
     args, rest = p.parse_known_args(argv)
     bad = [r for r in rest if not r.startswith("--") or "=" not in r]
     if bad:
@@ -59,6 +63,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.recipe, overrides + extra)
         trainer = Trainer(cfg, progress=False)
         window, times = Window(), []
+        prof = None
         try:
             for i in range(args.warmup + args.steps):
                 micro = trainer.data.next_step()
@@ -73,10 +78,19 @@ def main(argv=None) -> int:
                     torch.cuda.synchronize(trainer.device)
                 dt = time.perf_counter() - t0
                 trainer.step += 1
+                if i + 1 == args.warmup and args.profile:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    prof = profile(activities=[ProfilerActivity.CPU]
+                                   + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else []))
+                    prof.__enter__()
                 if i >= args.warmup:
                     times.append(dt)
                     window.add(step_s=dt, data_s=0.0, text_tokens=text, image_tokens=image, metrics=metrics)
             s = window.summary(trainer.flops, trainer.device, trainer.measured_peak)
+            if prof is not None:
+                prof.__exit__(None, None, None)
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
         finally:
             trainer.close()
 
@@ -86,7 +100,9 @@ def main(argv=None) -> int:
     row = {
         "recipe": Path(args.recipe).name,
         "device": str(trainer.device),
-        "cpu": f"{feats['capability']} ({' '.join(feats['flags'])})" if trainer.device.type == "cpu" else "",
+        "cpu": (f"{feats['capability']} (host flags: {' '.join(feats['flags'])}"
+                + "".join(f", {k}={v}" for k, v in feats["isa_limits"].items()) + ")")
+        if trainer.device.type == "cpu" else "",
         "threads": str(torch.get_num_threads()),
         "precision": trainer.precision.name,
         "s/step (median)": f"{statistics.median(times):.3f}",
@@ -94,7 +110,7 @@ def main(argv=None) -> int:
         "useful tokens": f"{100 * useful / slots:.0f}%",
         "GFLOP/s": f"{1e3 * s['tflops_per_s']:.1f}",
         "peak GFLOP/s": f"{1e3 * s['measured_peak_tflops']:.1f}",
-        "share of peak": f"{100 * s['peak_share']:.0f}%",
+        "share of peak": f"{100 * s['peak_share']:.1f}%",
     }
     if "mfu" in s:
         row["MFU"] = f"{100 * s['mfu']:.1f}%"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -147,12 +148,21 @@ def agree_across_ranks(prec: Precision, device: torch.device) -> Precision:
                      prec.probe_gflops)
 
 
+PEAK_MAX_ROWS = 2048  # rows of the peak's model-shaped matmuls (more adds time, not speed)
+
+
 def measure_peak_flops(device: torch.device | str, dtype: torch.dtype, shapes: list[Shape]) -> float:
-    """The device's matmul peak in ``dtype`` (FLOP/s): the best of the model's own matmul shapes at full size and a
-    2048-square matmul, about a fifth of a second in all."""
+    """The device's matmul peak in ``dtype`` (FLOP/s): the best of the model's own matmul shapes (at most
+    ``PEAK_MAX_ROWS`` rows) and a 1024-square matmul, each timed on its own; a fifth of a second or so on a CPU.
+    Cached per process and argument set."""
     device = torch.device(device)
-    candidates = [[s] for s in sorted(set(shapes))] + [[(2048, 2048, 2048)]]
-    return max(time_matmuls(c, dtype, device, min_time_s=0.02, max_time_s=0.1) for c in candidates)
+    rows = tuple(sorted({(min(m, PEAK_MAX_ROWS), k, n) for m, k, n in shapes} | {(1024, 1024, 1024)}))
+    return _peak(str(device), dtype, rows)
+
+
+@functools.lru_cache(maxsize=32)
+def _peak(device: str, dtype: torch.dtype, shapes: tuple[Shape, ...]) -> float:
+    return max(time_matmuls([s], dtype, torch.device(device), min_time_s=0.02, max_time_s=0.1) for s in shapes)
 
 
 def cpu_features() -> dict:
@@ -169,11 +179,18 @@ def cpu_features() -> dict:
     except OSError:
         pass
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    limits = {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k)}
     return {"capability": torch.backends.cpu.get_cpu_capability(), "model": model,
-            "flags": [f for f in wanted if f in flags], "threads": torch.get_num_threads()}
+            "flags": [f for f in wanted if f in flags], "isa_limits": limits, "threads": torch.get_num_threads()}
+
+
+# Environment variables that hold torch's kernels, oneDNN and MKL to an older instruction set (how an AVX2-only CPU is
+# emulated on a newer one: `make demo-avx2`). /proc/cpuinfo still lists the host's flags then, so they are reported.
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def cpu_summary() -> str:
     feats = cpu_features()
     flags = " ".join(feats["flags"]) or "flags unknown"
-    return f"CPU capability {feats['capability']} ({flags}), {feats['threads']} threads"
+    limits = "".join(f", {k}={v}" for k, v in feats["isa_limits"].items())
+    return f"CPU capability {feats['capability']} (host flags: {flags}{limits}), {feats['threads']} threads"

@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                    help="when resuming under a data layout the checkpoint cannot serve (a different number of "
                         "dp ranks x train.grad_accum, or data.num_workers): load weights, optimizer and step, and "
                         "start fresh data streams instead of failing")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                   help="compute precision, same as --train.autocast=...: auto (bf16 on CUDA; on CPU bf16 only where a "
+                        "short probe of the model's matmuls shows it faster than fp32), bf16 or fp32")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     args, rest = p.parse_known_args(argv)
     bad = [r for r in rest if not r.startswith("--") or "=" not in r]
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from transfusion.training.trainer import Trainer
 
     try:
+        if args.precision:
+            overrides = [*overrides, f"--train.autocast={args.precision}"]
         cfg = load_config(args.recipe, overrides)
         trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress, reset_data=args.reset_data)
         trainer.fit()

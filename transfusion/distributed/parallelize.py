@@ -21,6 +21,8 @@ pointwise / norm / rotary ops in backward: most of the memory of ``full`` at a f
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import warnings
 
 import torch
@@ -69,11 +71,31 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False, **extra)  # non-reentrant default
 
 
-def apply_compile(model: nn.Module) -> None:
+def cpu_compile_missing() -> str | None:
+    """Why inductor cannot build CPU kernels here (no C++ compiler, or no Python headers), or None when it can."""
+    import shutil
+    import sysconfig
+    from pathlib import Path
+
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+        return "no C++ compiler (g++ / clang++) on PATH"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        return "no Python development headers (Python.h)"
+    return None
+
+
+def apply_compile(model: nn.Module, device: torch.device | None = None) -> bool:
     """Compile each block in place (``Module.compile`` keeps parameter names). Blocks are identical, so one
-    compiled graph serves them all."""
+    compiled graph serves them all. On CPU, inductor needs a C++ compiler and Python's headers: without them the
+    blocks stay eager (with a warning) instead of failing at the first step. Returns whether it compiled."""
+    if device is not None and device.type == "cpu":
+        missing = cpu_compile_missing()
+        if missing:
+            logging.getLogger("transfusion").warning("parallel.compile = true but %s: the blocks run eagerly", missing)
+            return False
     for block in model.layers:
         block.compile()
+    return True
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, device: torch.device) -> None:
@@ -101,7 +123,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh | None, 
     """AC -> compile -> FSDP2 (when ``mesh`` is given), in place; returns ``model``. Works on a meta-device model."""
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
-        apply_compile(model)
+        apply_compile(model, device)
     if mesh is not None:
         apply_fsdp(model, mesh, cfg, device)
     return model

@@ -155,11 +155,11 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
         self.ema = EMA(self.model, cfg.train.ema_decay)
         self.flops = flops_per_token(cfg.model, self.tokenizer.vocab_size, self.codec.channels, cfg.data.seq_len)
-        self.precision, self.measured_peak = self.choose_precision()
         self.step = 0
         self.pending: PendingSave | None = None
         self.writer = None
         self.data = self.build_data(cfg.run.seed)
+        self.precision, self.measured_peak = self.choose_precision()
 
         if ckpt is not None:
             self.restore(ckpt, marker, data_ok)
