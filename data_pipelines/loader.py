@@ -36,10 +36,11 @@ from data_pipelines.documents import (DecodeOptions, RawSample, check_caption_fi
                                       decode_latent_member, has_latents)
 from data_pipelines.errors import COUNT_KEYS, SAMPLE_SKIP_REASONS, DataError, ShardSpecError, SkipSample
 from data_pipelines.packing import Packer
-from data_pipelines.samples import Sequence, SequenceBuilder
+from data_pipelines.samples import SequenceBuilder
 from data_pipelines.shards import ShardStream, expand_shard_spec, iter_decoded_samples, peek_first_sample
 from transfusion.batch import Batch
 from transfusion.config import DataConfig
+from transfusion.sequence import Sequence
 from transfusion.tokenizer import Tokenizer
 
 __all__ = ["PackedDataset", "build_loader", "data_counts", "DataError", "ShardSpecError", "iter_decoded_samples"]

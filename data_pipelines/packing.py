@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data_pipelines.samples import Sequence
 from transfusion.batch import IGNORE_INDEX, Batch
+from transfusion.sequence import Sequence
 
 
 class Packer:

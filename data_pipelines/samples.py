@@ -45,31 +45,13 @@ from torch import Tensor
 from data_pipelines.documents import Document
 from data_pipelines.errors import SkipSample
 from transfusion.batch import IGNORE_INDEX
+from transfusion.sequence import Sequence, block_length
 from transfusion.tokenizer import Tokenizer
 
 T2I = "t2i"
 CAPTION = "caption"
 TARGET, CONDITION = "target", "condition"
 LONG_DOCUMENT_POLICIES = ("truncate", "skip")
-
-
-@dataclass(slots=True)
-class Sequence:
-    """One document: its tokens, next-token targets and image blocks (spans are [start, stop) in ``tokens``)."""
-
-    key: str
-    tokens: list[int]
-    text_targets: list[int]
-    image_spans: list[tuple[int, int]] = field(default_factory=list)
-    images: list[Tensor] = field(default_factory=list)  # one [C, H, W] tensor per span
-    image_is_target: list[bool] = field(default_factory=list)  # per image: generation target or conditioning
-    image_noise_limit: list[float] = field(default_factory=list)  # per image: max share of the schedule; [] = 1.0
-    positions: list[int] | None = None  # None = 0, 1, 2, ... (clean copies repeat positions)
-    hidden_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, stop): hidden from later tokens
-    truncated: bool = False
-
-    def __len__(self) -> int:
-        return len(self.tokens)
 
 
 @dataclass(slots=True)
@@ -97,32 +79,6 @@ def choose_layout(seed: int, epoch: int, key: str, t2i_ratio: float, caption_dro
     u_layout, u_drop = stable_uniforms("layout", seed, epoch, key)
     layout = T2I if u_layout < t2i_ratio else CAPTION
     return layout, layout == T2I and u_drop < caption_dropout
-
-
-def next_token_targets(tokens: list[int], is_image_slot: list[bool], boi_id: int) -> list[int]:
-    """Targets for one document: ``tokens[i + 1]``, or IGNORE_INDEX on image slots, on BOI and on the last token."""
-    targets = tokens[1:] + [IGNORE_INDEX]
-    for i, tok in enumerate(tokens):
-        if is_image_slot[i] or tok == boi_id:
-            targets[i] = IGNORE_INDEX
-    return targets
-
-
-def t2i_prompt_tokens(tokenizer: Tokenizer, caption: str | list[int]) -> list[int]:
-    """``[BOS] caption [BOI]``: the prefix after which a text -> image generation starts denoising ("" or [] gives
-    the unconditional prefix ``[BOS][BOI]``, the dropped-caption layout)."""
-    ids = tokenizer.encode(caption) if isinstance(caption, str) else list(caption)
-    return [tokenizer.bos_id, *ids, tokenizer.boi_id]
-
-
-def caption_prompt_tokens(tokenizer: Tokenizer) -> list[int]:
-    """``[BOS][BOI]``: the prefix of a captioning document; the engine appends the image block and ``EOI``."""
-    return [tokenizer.bos_id, tokenizer.boi_id]
-
-
-def block_length(num_slots: int, clean_copy: bool) -> int:
-    """Tokens of one image block: ``BOI IMG*P EOI``, plus ``BOI IMG*P`` for a noisy copy."""
-    return num_slots + 2 + (num_slots + 1 if clean_copy else 0)
 
 
 def assemble(tokenizer: Tokenizer, key: str, parts: list[Part], *, patch_grid: tuple[int, int],

@@ -18,11 +18,12 @@ from data_pipelines.documents import Document, decode_image, decode_latent
 from data_pipelines.errors import DataError, SkipSample
 from data_pipelines.loader import build_loader, data_counts
 from data_pipelines.packing import Packer
-from data_pipelines.samples import ImagePart, SequenceBuilder, assemble, next_token_targets
+from data_pipelines.samples import ImagePart, SequenceBuilder, assemble
 from data_pipelines.shards import iter_tar
 from transfusion.attention.masks import dense_mask
 from transfusion.batch import IGNORE_INDEX as IGN
 from transfusion.config import DataConfig
+from transfusion.sequence import next_token_targets
 from transfusion.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()

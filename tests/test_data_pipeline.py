@@ -16,12 +16,12 @@ from PIL import Image
 
 from data_pipelines.loader import MIN_SAMPLES_FOR_SKIP_RATE, PackedDataset, build_loader, data_counts
 from data_pipelines.packing import Packer, pack_sequences
-from data_pipelines.samples import (CAPTION, T2I, build_sequence, caption_prompt_tokens, choose_layout,
-                                    t2i_prompt_tokens)
+from data_pipelines.samples import CAPTION, T2I, build_sequence, choose_layout
 from data_pipelines.documents import decode_image
 from data_pipelines.shards import (DataError, ShardSpecError, ShardStream, assign_shards, expand_shard_spec,
                                    iter_decoded_samples, iter_tar)
 from transfusion.batch import IGNORE_INDEX as IGN
+from transfusion.sequence import caption_prompt_tokens, t2i_prompt_tokens
 from transfusion.batch import Batch
 from transfusion.config import DataConfig
 from transfusion.tokenizer import ByteTokenizer

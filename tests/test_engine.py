@@ -85,8 +85,6 @@ def test_text_to_image_is_reproducible_and_guidance_changes_output():
     model = tiny_model()
     eng = engine(model)
     eng.model.image_out.proj.weight.data.normal_(std=0.05)
-    from data_pipelines.samples import t2i_prompt_tokens  # noqa: F401  (layout shared with training)
-
     a = eng.text_to_image(["a red circle"], steps=5, guidance=3.0, seed=3)
     b = eng.text_to_image(["a red circle"], steps=5, guidance=3.0, seed=3)
     c = eng.text_to_image(["a red circle"], steps=5, guidance=1.0, seed=3)

@@ -74,8 +74,8 @@ def _single_process_env() -> None:
 
 
 class SyntheticData:
-    """Packed rows like the data pipeline's: documents ``BOS caption BOI <P image slots> EOI EOS`` (captions of
-    16..96 random byte tokens), filled greedily into ``rows x seq_len``; one Batch per consumer and step."""
+    """Packed rows of documents ``BOS caption BOI <P image slots> EOI EOS`` (captions of 16..96 random byte tokens,
+    random images); one Batch per consumer and step."""
 
     def __init__(self, cfg, tokenizer, patch_grid: tuple[int, int], consumers: list[int]) -> None:
         self.cfg, self.tok, self.grid, self.consumers, self.seed = cfg, tokenizer, patch_grid, consumers, 0
@@ -95,45 +95,21 @@ class SyntheticData:
         return [(v, self.batch(torch.Generator().manual_seed(self.calls * 1000 + v))) for v in self.consumers]
 
     def batch(self, g: torch.Generator):
-        from transfusion.batch import IGNORE_INDEX, Batch
+        """One packed Batch of text -> image documents built by the data pipeline's own sequence builder and packer
+        (the training row layout and target rule, from ``transfusion/sequence.py``); filled until a document no
+        longer fits."""
+        from data_pipelines.packing import Packer
+        from data_pipelines.samples import T2I, build_sequence
 
-        cfg, tok = self.cfg.data, self.tok
-        n_patch = self.grid[0] * self.grid[1]
-        B, L = cfg.batch_rows, cfg.seq_len
-        tokens = torch.full((B, L), tok.pad_id, dtype=torch.long)
-        doc_ids = torch.full((B, L), -1, dtype=torch.long)
-        image_ids = torch.full((B, L), -1, dtype=torch.long)
-        positions = torch.zeros((B, L), dtype=torch.long)
-        targets = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
-        rows, starts = [], []
-        for r in range(B):
-            at, d = 0, 0
-            while True:
-                cap = int(torch.randint(16, 97, (1,), generator=g))
-                n = cap + n_patch + 4
-                if at + n > L:
-                    break
-                text = torch.randint(32, 127, (cap,), generator=g)
-                seq = torch.cat([torch.tensor([tok.bos_id]), text, torch.tensor([tok.boi_id]),
-                                 torch.full((n_patch,), tok.image_id), torch.tensor([tok.eoi_id, tok.eos_id])])
-                sl = slice(at, at + n)
-                tokens[r, sl], doc_ids[r, sl], positions[r, sl] = seq, d, torch.arange(n)
-                img_at = at + cap + 2
-                image_ids[r, img_at:img_at + n_patch] = len(rows)
-                rows.append(r)
-                starts.append(img_at)
-                tgt = torch.full((n,), IGNORE_INDEX, dtype=torch.long)
-                tgt[:cap + 1] = seq[1:cap + 2]  # BOS and caption predict the next caption token / BOI ...
-                tgt[cap + 1] = IGNORE_INDEX  # ... but BOI does not predict an image slot
-                tgt[cap + 2 + n_patch] = tok.eos_id  # EOI -> EOS
-                targets[r, sl] = tgt
-                at, d = at + n, d + 1
-        size = cfg.image_size
-        images = torch.randn((len(rows), 3, size, size), generator=g).clamp_(-1, 1)
-        return Batch(tokens=tokens, doc_ids=doc_ids, image_ids=image_ids, positions=positions, text_targets=targets,
-                     images=images, image_rows=torch.tensor(rows), image_starts=torch.tensor(starts),
-                     image_is_target=torch.ones(len(rows), dtype=torch.bool), patch_grid=self.grid,
-                     keys=[f"synthetic-{i}" for i in range(len(rows))])
+        cfg, size = self.cfg.data, self.cfg.data.image_size
+        packer = Packer(cfg.seq_len, cfg.batch_rows, self.tok.pad_id, self.grid, (3, size, size))
+        for i in range(cfg.batch_rows * cfg.seq_len):
+            caption = torch.randint(32, 127, (int(torch.randint(16, 97, (1,), generator=g)),), generator=g).tolist()
+            image = torch.randn((3, size, size), generator=g).clamp_(-1, 1)
+            if not packer.add(build_sequence(self.tok, f"synthetic-{i}", image, caption, patch_grid=self.grid,
+                                             layout=T2I)):
+                break
+        return packer.emit()
 
 
 def build_config(args, run_dir: str):

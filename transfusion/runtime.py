@@ -12,19 +12,10 @@ from pathlib import Path
 
 import torch
 
-from transfusion.config import Config, ConfigError, check_image_grid, from_dict, validate
+from transfusion.config import Config, check_image_grid, from_dict, validate
 from transfusion.diffusion.schedule import NoiseSchedule
 from transfusion.model import TransfusionModel, build_model
 from transfusion.tokenizer import build_tokenizer
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run.device = {name!r} but CUDA is not available on this machine")
-    return dev
 
 
 def patch_grid(cfg: Config, downsample: int) -> tuple[int, int]:

@@ -22,7 +22,15 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from transfusion.config import ConfigError, ParallelConfig
-from transfusion.runtime import resolve_device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device = {name!r} but CUDA is not available on this machine")
+    return dev
 
 
 @dataclass(frozen=True)

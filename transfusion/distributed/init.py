@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.overrides import TorchFunctionMode
 
-from transfusion.training.ema import clean_name
+from transfusion.distributed.parallelize import clean_name
 
 _INIT_FUNCS = {getattr(nn.init, n) for n in (
     "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_", "xavier_uniform_",

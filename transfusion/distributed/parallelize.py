@@ -23,13 +23,23 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import warnings
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from transfusion.config import ParallelConfig
+
+
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """Drop the wrapper segments that activation checkpointing, torch.compile (and FSDP1) add to a parameter FQN, so
+    names match the plain single-device model's."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
 
 
 def _param_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
@@ -103,9 +113,6 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, device: 
 
     mp = MixedPrecisionPolicy(param_dtype=_param_dtype(cfg, device),
                               reduce_dtype=torch.bfloat16 if cfg.reduce_dtype == "bf16" else torch.float32)
-    # A block returns (hidden, (k, v)); k and v are views that training discards (generation uses the plain model),
-    # so FSDP's warning about in-place ops on returned views does not apply.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     shard = functools.partial(fully_shard, mesh=mesh, mp_policy=mp)
     n = len(model.layers)
     for i, block in enumerate(model.layers):

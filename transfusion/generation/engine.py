@@ -102,7 +102,7 @@ class Engine:
             if images is not None and len(images):
                 img_tokens = self.model.embed_images(images.to(dev), t0)
             h = self.model.embed(tokens.to(dev), img_tokens, rows, starts)
-            h, kv = self.model.trunk(h, positions.to(dev), mask)
+            h, kv = self.model.trunk(h, positions.to(dev), mask, use_cache=True)
         lengths = torch.tensor([len(x) for x in seqs], device=dev)
         return Prefix(kv, doc_ids.to(dev) >= 0, lengths, h[:, -1])
 
@@ -234,7 +234,7 @@ class Engine:
                       seed: int = 0, guidance_schedule: str | None = None) -> Tensor:
         """Prompts -> decoded images [N, C, H, W] in [-1, 1] (pixels), on the CPU. ``sampler`` None = the
         objective's first sampler; ``guidance_schedule`` None = the run config's (constant without one)."""
-        from data_pipelines.samples import caption_prompt_tokens, t2i_prompt_tokens
+        from transfusion.sequence import caption_prompt_tokens, t2i_prompt_tokens
 
         gen = torch.Generator().manual_seed(seed)
         cond = self.prefill([t2i_prompt_tokens(self.tok, p) for p in prompts])
@@ -247,7 +247,7 @@ class Engine:
     # -- text ------------------------------------------------------------------------------------------------
     def caption(self, images: Tensor, max_tokens: int = 48) -> list[str]:
         """Greedy captions for pixel images [N, C, H, W] in [-1, 1]."""
-        from data_pipelines.samples import caption_prompt_tokens
+        from transfusion.sequence import caption_prompt_tokens
 
         with torch.no_grad():
             z = self.codec.encode(images.to(self.device))
@@ -290,7 +290,7 @@ class Engine:
                  max_images: int = 4, guidance_schedule: str | None = None) -> Iterator[tuple[str, object]]:
         """Stream an interleaved continuation of ``prompt``: yields ("text", str) pieces and ("image", [C,H,W])
         whenever the model emits BOI; the clean image is appended to the cache, then EOI, and text goes on."""
-        from data_pipelines.samples import caption_prompt_tokens
+        from transfusion.sequence import caption_prompt_tokens
 
         gen = torch.Generator().manual_seed(seed)
         tok = self.tok

@@ -54,9 +54,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else nn.Identity()
 
-    def forward(self, x_BLD: Tensor, rope: tuple[Tensor, Tensor], mask: object,
-                past_kv: KV | None = None) -> tuple[Tensor, KV]:
-        """Returns the output and the present (past + new) keys/values, for the caller to cache or drop."""
+    def forward(self, x_BLD: Tensor, rope: tuple[Tensor, Tensor], mask: object, past_kv: KV | None = None,
+                use_cache: bool = False) -> tuple[Tensor, KV | None]:
+        """Returns the output and, with a cache (``past_kv`` given or ``use_cache``), the present (past + new)
+        keys/values; None in training, so no layer's K/V outlives the attention that used it."""
         bsz, length, dim = x_BLD.shape
         qkv = self.wqkv(x_BLD).view(bsz, length, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, Dh]
@@ -64,7 +65,8 @@ class Attention(nn.Module):
         if past_kv is not None:
             k, v = torch.cat((past_kv[0], k), dim=2), torch.cat((past_kv[1], v), dim=2)
         out = attend(q, k, v, mask)  # [B, H, L, Dh]
-        return self.wo(out.transpose(1, 2).reshape(bsz, length, dim)), (k, v)
+        present = (k, v) if use_cache or past_kv is not None else None
+        return self.wo(out.transpose(1, 2).reshape(bsz, length, dim)), present
 
 
 class FeedForward(nn.Module):
@@ -88,8 +90,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(dim, eps)
         self.ffn = FeedForward(dim, hidden)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: object,
-                past_kv: KV | None = None) -> tuple[Tensor, KV]:
-        h, kv = self.attn(self.attn_norm(x), rope, mask, past_kv)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: object, past_kv: KV | None = None,
+                use_cache: bool = False) -> tuple[Tensor, KV | None]:
+        h, kv = self.attn(self.attn_norm(x), rope, mask, past_kv, use_cache)
         x = x + h
         return x + self.ffn(self.ffn_norm(x)), kv

@@ -161,14 +161,18 @@ class TransfusionModel(nn.Module):
             h = h.index_put((rows, cols), image_tokens_NPD.reshape(-1, h.shape[-1]).to(h.dtype))
         return h
 
-    def trunk(self, h_BLD: Tensor, positions_BL: Tensor, mask: object,
-              past_kv: list[KV] | None = None) -> tuple[Tensor, list[KV]]:
+    def trunk(self, h_BLD: Tensor, positions_BL: Tensor, mask: object, past_kv: list[KV] | None = None,
+              use_cache: bool = False) -> tuple[Tensor, list[KV] | None]:
+        """The transformer layers. With a cache (``past_kv``, or ``use_cache`` to start one) also every layer's
+        present keys/values; without one (training) None, so no layer's K/V is kept alive through the forward."""
         rope = rope_tables(positions_BL, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
+        caching = use_cache or past_kv is not None
         present: list[KV] = []
         for i, layer in enumerate(self.layers):
-            h_BLD, kv = layer(h_BLD, rope, mask, None if past_kv is None else past_kv[i])
-            present.append(kv)
-        return h_BLD, present
+            h_BLD, kv = layer(h_BLD, rope, mask, None if past_kv is None else past_kv[i], caching)
+            if caching:
+                present.append(kv)
+        return h_BLD, present if caching else None
 
     def text_logits(self, h: Tensor) -> Tensor:
         return self.lm_head(self.norm(h))

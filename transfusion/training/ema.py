@@ -19,15 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def clean_name(name: str) -> str:
-    """Drop activation-checkpoint / torch.compile / FSDP1 wrapper segments from a parameter FQN."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
+from transfusion.distributed.parallelize import clean_name
 
 def _floating_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return {clean_name(n): p for n, p in model.named_parameters() if p.is_floating_point()}
