@@ -49,6 +49,33 @@ STATE_FORMAT = "transfusion.packed_dataset/1"
 MIN_SAMPLES_FOR_SKIP_RATE = 100
 
 
+def resolve_format(urls: list[str], fmt: str, image_size: int, patch_grid: tuple[int, int]
+                   ) -> tuple[bool, tuple[int, int, int]]:
+    """(shards hold latents?, [C, H, W] of every image) for ``data.format`` ("pixels", "latents" or "auto": peek at
+    the first readable sample). Latents take their shape from that sample. Training and evaluation both ask here."""
+    pixels = (3, image_size, image_size)
+    if fmt == "pixels":
+        return False, pixels
+    raw = peek_first_sample(urls)
+    if raw is None or not has_latents(raw):
+        if fmt == "latents":
+            raise DataError(f"data.format = 'latents' but the first readable sample of {urls[0]!r} has no "
+                            f"<key>.latent.npy or .latent.safetensors member (see tools/precompute_latents.py)")
+        return False, pixels
+    try:
+        z = decode_latent_member(raw)
+    except SkipSample:
+        raise DataError(f"the first latent of {raw.get('__url__')!r} (key {raw.get('__key__')!r}) does not "
+                        f"parse as [C, h, w] float16/bfloat16/float32") from None
+    c, h, w = z.shape
+    gh, gw = patch_grid
+    if h % gh or w % gw or h // gh != w // gw:
+        raise DataError(f"latents of shape {tuple(z.shape)} in {raw.get('__url__')!r} do not split into the "
+                        f"{patch_grid} patch grid of data.image_size={image_size}; were they computed at another "
+                        f"image size or with another VAE?")
+    return True, (int(c), int(h), int(w))
+
+
 class PackedDataset(IterableDataset):
     """Iterable of packed ``Batch``es for one rank; each DataLoader worker streams its own share of the shards.
 
@@ -80,33 +107,10 @@ class PackedDataset(IterableDataset):
         if self.builder.min_length > cfg.seq_len:
             raise ValueError(f"data.seq_len={cfg.seq_len} cannot hold one image document "
                              f"({self.builder.min_length} tokens for a {self.patch_grid} patch grid)")
-        self.latents, self.image_shape = self._resolve_format()
+        self.latents, self.image_shape = resolve_format(self.urls, self.cfg.format, self.cfg.image_size,
+                                                         self.patch_grid)
         self.decode_options = DecodeOptions.from_config(cfg, self.latents, self.image_shape if self.latents else None)
         self._state: dict[str, Any] | None = None  # position of the next batch; None = start
-
-    def _resolve_format(self) -> tuple[bool, tuple[int, int, int]]:
-        """(read latents?, [C, H, W] of every image). Latents take their shape from the first sample that has one."""
-        fmt, pixels = self.cfg.format, (3, self.cfg.image_size, self.cfg.image_size)
-        if fmt == "pixels":
-            return False, pixels
-        raw = peek_first_sample(self.urls)
-        if raw is None or not has_latents(raw):
-            if fmt == "latents":
-                raise DataError(f"data.format = 'latents' but the first readable sample of {self.urls[0]!r} has no "
-                                f"<key>.latent.npy or .latent.safetensors member (see tools/precompute_latents.py)")
-            return False, pixels
-        try:
-            z = decode_latent_member(raw)
-        except SkipSample:
-            raise DataError(f"the first latent of {raw.get('__url__')!r} (key {raw.get('__key__')!r}) does not "
-                            f"parse as [C, h, w] float16/bfloat16/float32") from None
-        c, h, w = z.shape
-        gh, gw = self.patch_grid
-        if h % gh or w % gw or h // gh != w // gw:
-            raise DataError(f"latents of shape {tuple(z.shape)} in {raw.get('__url__')!r} do not split into the "
-                            f"{self.patch_grid} patch grid of data.image_size={self.cfg.image_size}; were they "
-                            f"computed at another image size or with another VAE?")
-        return True, (int(c), int(h), int(w))
 
     # -- consumer identity and state -----------------------------------------------------------------------------
 

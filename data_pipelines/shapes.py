@@ -81,6 +81,11 @@ class Scene:
     def to_dict(self) -> dict[str, Any]:
         return {"objects": [o.to_dict() for o in self.objects], "background": list(self.background)}
 
+    @staticmethod
+    def is_record(d: Any) -> bool:
+        """Whether a sample's json record describes a shapes-world scene (other datasets' records do not)."""
+        return isinstance(d, dict) and isinstance(d.get("objects"), list)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Scene":
         """Inverse of ``to_dict``; extra keys (e.g. the ``caption`` stored beside a record) are ignored."""

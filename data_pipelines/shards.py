@@ -47,7 +47,8 @@ from braceexpand import braceexpand
 from torch import Tensor
 from webdataset import gopen
 
-from data_pipelines.documents import DecodeOptions, RawSample, check_caption_field, decode_document
+from data_pipelines.documents import (DecodeOptions, RawSample, check_caption_field, decode_document, read_caption,
+                                      read_json)
 from data_pipelines.errors import DataError, ShardSpecError, SkipSample, new_counts
 
 MAX_EMPTY_EPOCHS = 3  # a repeating stream that reads nothing this many epochs in a row raises DataError
@@ -411,14 +412,16 @@ def _close_failed(stream: Any) -> bool:
 
 
 def iter_decoded_samples(spec: str, image_size: int, caption_field: str = "txt", limit: int | None = None,
-                         counts: dict[str, int] | None = None, *, resize: str = "center_crop"
+                         counts: dict[str, int] | None = None, *, resize: str = "center_crop", latents: bool = False
                          ) -> Iterator[tuple[str, Tensor, str, dict | None]]:
-    """``(key, image [3,S,S], caption, json record or None)`` for every usable (image, caption) pair of ``spec``,
-    in file order, no shuffle, no split (evaluation on held-out pixel shards). Unusable samples, interleaved
-    documents and broken shards are skipped; pass ``counts`` (e.g. ``new_counts()``) to receive the tallies."""
+    """``(key, image, caption, json record or None)`` for every usable (image, caption) pair of ``spec``, in file
+    order, no shuffle, no split (evaluation on held-out shards). The image is [3, S, S] pixels, or with ``latents``
+    the sample's precomputed latent [C, h, w] (``data_pipelines.loader.resolve_format`` tells which a spec holds).
+    Unusable samples, interleaved documents and broken shards are skipped; pass ``counts`` (e.g. ``new_counts()``)
+    to receive the tallies."""
     check_caption_field(caption_field)
     counts = counts if counts is not None else new_counts()
-    opts = DecodeOptions(image_size=image_size, resize=resize, caption_field=caption_field)
+    opts = DecodeOptions(image_size=image_size, resize=resize, caption_field=caption_field, latents=latents)
 
     def on_error(reason: str, url: str, exc: BaseException) -> None:
         counts[reason] = counts.get(reason, 0) + 1
@@ -438,6 +441,27 @@ def iter_decoded_samples(spec: str, image_size: int, caption_field: str = "txt",
                 continue
             caption, image = doc.segments
             yield doc.key, image, caption, doc.record
+            produced += 1
+            if limit is not None and produced >= limit:
+                return
+
+
+def iter_captions(spec: str, caption_field: str = "txt", limit: int | None = None, *,
+                  segments_field: str = "segments") -> Iterator[str]:
+    """The captions of the (image, caption) pairs of ``spec`` in file order, without decoding any image (pixel and
+    latent shards alike): prompts for sample grids. Unreadable shards, samples without a caption and interleaved
+    documents are passed over."""
+    produced = 0
+    for url in expand_shard_spec(spec):
+        for _, raw in iter_tar(url, on_error=lambda *a: None):
+            record = read_json(raw)
+            if record is not None and segments_field in record:
+                continue
+            try:
+                caption = read_caption(raw, caption_field, record)
+            except SkipSample:
+                continue
+            yield caption
             produced += 1
             if limit is not None and produced >= limit:
                 return

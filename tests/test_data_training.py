@@ -120,7 +120,9 @@ def test_latent_shards_train_without_reencoding(tmp_path: Path, vae_dir: Path) -
     pixel_run = load_config(REPO / "recipes/shapes_tiny.toml",
                             _overrides(str(tmp_path / "lat/pix-0.tar"), tmp_path / "run2", 3, "--model.patch_size=2",
                                        "--data.seq_len=128"))
-    with pytest.raises(DataError, match=r"latent shards hold 4x8x8 latents but .* expect 3x16x16") as err:
+    from transfusion.latents.prepare import LatentShapeError
+
+    with pytest.raises(LatentShapeError, match=r"latent shards hold 4x8x8 latents but .* expect 3x16x16") as err:
         Trainer(pixel_run, progress=False).fit(stop_after=1)
     assert "\n" not in str(err.value)
 
@@ -143,3 +145,35 @@ def test_clean_copies_and_noise_limits_train(tmp_path: Path) -> None:
         assert batch.hidden_ids is not None and int(batch.hidden_ids.max()) + 1 == len(batch.keys)
         assert batch.image_is_target.tolist() == [True, False] * len(batch.keys)
         assert batch.image_noise_limit.tolist() == [0.5, 1.0] * len(batch.keys)
+
+
+def test_evaluation_reads_latent_shards_without_reencoding(tmp_path: Path, vae_dir: Path) -> None:
+    import math
+
+    from transfusion.eval.metrics import evaluate
+    from transfusion.generation.engine import Engine
+    from transfusion.training.trainer import Trainer
+
+    _write(tmp_path / "pix-0.tar", [_good(i) for i in range(12)])
+    assert _tool("precompute_latents").main(["--shards", str(tmp_path / "pix-0.tar"), "--vae", str(vae_dir),
+                                             "--out", str(tmp_path / "lat"), "--image-size", "16",
+                                             "--decode-workers", "0", "--no-progress", "--batch-size", "5"]) == 0
+    latent_spec = str(tmp_path / "lat/pix-0.tar")
+    overrides = _overrides(latent_spec, tmp_path / "run", 2, "--model.patch_size=2", "--latents.kind=vae",
+                           f"--latents.vae_path={vae_dir}", "--diffusion.clip_sample=false",
+                           f"--data.eval_shards={latent_spec}")
+    Trainer(load_config(REPO / "recipes/shapes_tiny.toml", overrides), progress=False).fit()
+    engine = Engine.from_export(str(tmp_path / "run/export"), precision="fp32")
+    opts = dict(num_t2i=2, num_caption=4, batch_size=4, steps=1, guidance=1.0, sampler="euler", seed=0,
+                max_caption_tokens=4, progress=False)
+    encode = engine.codec.encode
+
+    def no_encoding(x):
+        raise AssertionError("held-out latents must not be encoded again")
+
+    engine.codec.encode = no_encoding
+    report = evaluate(engine, shards=latent_spec, **opts)
+    assert report["held_out_format"] == "latents" and report["caption"]["n"] == 4
+    assert math.isfinite(report["diffusion"]["val_loss"]) and report["text"]["perplexity"] > 1
+    engine.codec.encode = encode  # the pixel shard of the same images goes through the VAE
+    assert evaluate(engine, shards=str(tmp_path / "pix-0.tar"), **opts)["held_out_format"] == "pixels"

@@ -20,7 +20,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--export", required=True, help="export directory (model.safetensors + config.json)")
     p.add_argument("--prompt", action="append", default=[], help="text -> image prompt (repeatable)")
     p.add_argument("--caption-image", action="append", default=[], metavar="PNG", help="image -> text (repeatable)")
-    p.add_argument("--grid", metavar="PNG", help="write a captioned grid for the prompts (default: 16 shapes prompts)")
+    p.add_argument("--grid", metavar="PNG", help="write a captioned grid for the prompts (default: the export's "
+                   "sample.prompts, else 16 held-out captions of its data.eval_shards)")
     p.add_argument("--out", default="samples", help="directory for text -> image PNGs (default: samples/)")
     p.add_argument("--num-per-prompt", type=int, default=1)
     p.add_argument("--sampler", choices=("ddim", "ddpm", "euler", "heun"), default=None,
@@ -70,9 +71,9 @@ def main(argv=None) -> int:
             print(f"{path}\t{prompt}")
 
     if args.grid:
-        from transfusion.training.trainer import default_prompts
+        from transfusion.training.trainer import grid_prompts
 
-        prompts = args.prompt or sample_cfg.prompts or default_prompts()
+        prompts = args.prompt or grid_prompts(engine.cfg)
         images = engine.text_to_image(prompts, **opts)
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
         make_grid(images, prompts).save(args.grid)

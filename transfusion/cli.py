@@ -12,8 +12,9 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from transfusion.checkpoint.dcp import CheckpointError
     from transfusion.checkpoint.export import ExportError
     from transfusion.config import ConfigError
+    from transfusion.latents.prepare import LatentShapeError
 
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, ExportError, FileNotFoundError]
+    errors: list[type[BaseException]] = [ConfigError, CheckpointError, ExportError, FileNotFoundError, LatentShapeError]
     try:
         from data_pipelines.loader import DataError
         from data_pipelines.shards import ShardSpecError

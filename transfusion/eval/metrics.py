@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data_pipelines.shapes import Scene
 from transfusion.eval.judge import accuracy, judge_image, score_caption, score_scene
 from transfusion.generation.grid import make_grid, to_uint8
 
@@ -28,15 +29,17 @@ def _chunks(seq: list, size: int):
 def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size: int, steps: int, guidance: float,
              sampler: str, seed: int, max_caption_tokens: int, out_dir: Path | None = None,
              progress: bool = True, guidance_schedule: str | None = None) -> dict:
-    from data_pipelines.shards import iter_decoded_samples
+    from data_pipelines.loader import resolve_format
+    from data_pipelines.shards import expand_shard_spec, iter_decoded_samples
 
     cfg = engine.cfg
+    latents, _ = resolve_format(expand_shard_spec(shards), cfg.data.format, cfg.data.image_size, engine.patch_grid)
     samples = list(iter_decoded_samples(shards, cfg.data.image_size, cfg.data.caption_field,
-                                        limit=max(num_t2i, num_caption)))
+                                        limit=max(num_t2i, num_caption), resize=cfg.data.resize, latents=latents))
     if not samples:
         raise FileNotFoundError(f"no usable held-out samples in {shards}")
     schedule = engine.resolve_guidance_schedule(guidance_schedule)  # None -> the run's sample.guidance_schedule
-    report: dict = {"num_samples": len(samples), "settings": {"steps": steps, "guidance": guidance, "sampler": sampler,
+    report: dict = {"num_samples": len(samples), "held_out_format": "latents" if latents else "pixels", "settings": {"steps": steps, "guidance": guidance, "sampler": sampler,
                                                               "guidance_schedule": schedule, "seed": seed}}
     timings = {}
 
@@ -49,7 +52,7 @@ def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size:
         images = engine.text_to_image([c for _, _, c, _ in chunk], steps=steps, guidance=guidance, sampler=sampler,
                                       seed=seed + i, guidance_schedule=schedule)
         for (key, _, cap, record), img in zip(chunk, to_uint8(images)):
-            if record is not None:
+            if Scene.is_record(record):  # the judge scores shapes-world scenes only
                 scores.append(score_scene(judge_image(img), record))
         if len(grid_imgs) < 32:
             grid_imgs.append(images[:32])
@@ -65,10 +68,10 @@ def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size:
     exact, cap_scores, examples = [], [], []
     bar = tqdm(total=len(cap), desc="eval captions", unit="img", disable=not progress)
     for chunk in _chunks(cap, batch_size):
-        texts = engine.caption(torch.stack([im for _, im, _, _ in chunk]), max_caption_tokens)
+        texts = engine.caption(torch.stack([im for _, im, _, _ in chunk]), max_caption_tokens, latents=latents)
         for (key, _, ref, record), text in zip(chunk, texts):
             exact.append(text.strip() == ref.strip())
-            if record is not None:
+            if Scene.is_record(record):  # the judge scores shapes-world scenes only
                 cap_scores.append(score_caption(text, record))
             if len(examples) < 10:
                 examples.append({"key": key, "reference": ref, "generated": text})
@@ -80,7 +83,7 @@ def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size:
     report["caption_examples"] = examples
 
     # teacher-forced text perplexity and diffusion validation loss
-    report |= scoring_metrics(engine, samples, batch_size=batch_size, seed=seed)
+    report |= scoring_metrics(engine, samples, batch_size=batch_size, seed=seed, latents=latents)
     report["timings"] = timings
 
     if out_dir is not None and grid_imgs:
@@ -89,19 +92,21 @@ def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size:
     return report
 
 
-def scoring_metrics(engine, samples: list, *, batch_size: int, seed: int) -> dict:
-    """Teacher-forced scores on packed text -> image sequences (no caption dropout)."""
+def scoring_metrics(engine, samples: list, *, batch_size: int, seed: int, latents: bool = False) -> dict:
+    """Teacher-forced scores on packed text -> image sequences (no caption dropout); ``latents``: the samples'
+    images are precomputed latents."""
     from data_pipelines.packing import Packer
     from data_pipelines.samples import T2I, build_sequence
 
     from transfusion.attention.backends import build_attention_mask
+    from transfusion.latents.prepare import prepare_batch
     from transfusion.training.losses import compute_loss_parts
 
     cfg, tok = engine.cfg, engine.tok
     seqs = [build_sequence(tok, key, image, tok.encode(caption), patch_grid=engine.patch_grid, layout=T2I)
             for key, image, caption, _ in samples]
     rows = max(1, batch_size * max(len(s) for s in seqs) // cfg.data.seq_len)
-    batches, packer = [], Packer(cfg.data.seq_len, rows, tok.pad_id, engine.patch_grid)
+    batches, packer = [], Packer(cfg.data.seq_len, rows, tok.pad_id, engine.patch_grid, latents=latents)
     for seq in seqs:
         if not packer.add(seq):
             batches.append(packer.emit())
@@ -112,9 +117,7 @@ def scoring_metrics(engine, samples: list, *, batch_size: int, seed: int) -> dic
     text_sum = text_n = img_sum = img_n = 0.0
     with torch.no_grad():
         for batch in batches:
-            batch = batch.to(engine.device)
-            if cfg.latents.kind != "pixels":
-                batch.images = engine.codec.encode(batch.images)
+            batch = prepare_batch(batch, engine.codec, engine.device, engine.patch_grid, cfg.model.patch_size)
             mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa",
                                         bidirectional_images=engine.bidirectional_images)
             with engine._ctx():

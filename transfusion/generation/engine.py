@@ -245,12 +245,13 @@ class Engine:
             return self.codec.decode(z).clamp(-1, 1).float().cpu()
 
     # -- text ------------------------------------------------------------------------------------------------
-    def caption(self, images: Tensor, max_tokens: int = 48) -> list[str]:
-        """Greedy captions for pixel images [N, C, H, W] in [-1, 1]."""
+    def caption(self, images: Tensor, max_tokens: int = 48, *, latents: bool = False) -> list[str]:
+        """Greedy captions for pixel images [N, 3, H, W] in [-1, 1], or with ``latents`` for images already in the
+        codec's space [N, c, h, w] (latent shards)."""
         from transfusion.sequence import caption_prompt_tokens
 
         with torch.no_grad():
-            z = self.codec.encode(images.to(self.device))
+            z = images.to(self.device) if latents else self.codec.encode(images.to(self.device))
         head = caption_prompt_tokens(self.tok)  # [BOS][BOI]
         seq = head + [self.tok.image_id] * self.num_patches + [self.tok.eoi_id]
         n = len(images)

@@ -54,6 +54,7 @@ from transfusion.distributed.data import DataLayoutError, StepData, check_layout
 from transfusion.distributed.env import all_ranks_true, all_reduce_sum, barrier, init_distributed
 from transfusion.distributed.init import materialize, mix_seed
 from transfusion.distributed.parallelize import parallelize
+from transfusion.latents.prepare import prepare_batch
 from transfusion.precision import (
     Precision,
     agree_across_ranks,
@@ -159,6 +160,7 @@ class Trainer:
         self.pending: PendingSave | None = None
         self.writer = None
         self.data = self.build_data(cfg.run.seed)
+        self.grid_prompts = grid_prompts(cfg)  # before training: a run without grid prompts fails now, on every rank
         self.precision, self.measured_peak = self.choose_precision()
 
         if ckpt is not None:
@@ -288,23 +290,9 @@ class Trainer:
         return self.precision.autocast(self.device)
 
     def prepare(self, batch: Batch) -> Batch:
-        """Move a batch to the device; encode pixel batches when the run diffuses VAE latents. Latents read from
-        latent shards (``batch.images_are_latents``) are used as they are, never re-encoded."""
-        batch = batch.to(self.device, non_blocking=True)
-        if batch.images_are_latents:
-            c, h, w = batch.images.shape[1:]
-            p = self.cfg.model.patch_size
-            if c != self.codec.channels or (h, w) != (self.patch_grid[0] * p, self.patch_grid[1] * p):
-                from data_pipelines.errors import DataError
-
-                raise DataError(f"latent shards hold {c}x{h}x{w} latents but this run's codec ({self.codec!r}) and "
-                                f"data.image_size={self.cfg.data.image_size} expect {self.codec.channels}x"
-                                f"{self.patch_grid[0] * p}x{self.patch_grid[1] * p}; set latents.kind='vae' and "
-                                f"latents.vae_path to the VAE the shards were encoded with")
-        elif self.cfg.latents.kind != "pixels" and batch.num_images:
-            with torch.no_grad():
-                batch.images = self.codec.encode(batch.images)
-        return batch
+        """Move a batch to the device; pixel batches are encoded when the run diffuses VAE latents, latent batches
+        are checked and used as they are (``transfusion.latents.prepare``)."""
+        return prepare_batch(batch, self.codec, self.device, self.patch_grid, self.cfg.model.patch_size)
 
     def noise_generator(self, consumer: int) -> torch.Generator:
         """Timesteps, noise and masks of one micro-batch: a function of (seed, step, consumer), so the same on any
@@ -505,7 +493,7 @@ class Trainer:
         state = self.consolidated_state() if state is None else state
         out = None
         if self.env.is_main:
-            prompts = self.cfg.sample.prompts or default_prompts()
+            prompts = self.grid_prompts
             engine = Engine(self.inference_model(state), self.tokenizer, self.schedule, self.codec, self.patch_grid,
                             self.device, precision=self.precision, cfg=self.cfg)
             images = engine.text_to_image(prompts, steps=self.cfg.sample.steps, guidance=self.cfg.sample.guidance,
@@ -541,10 +529,20 @@ class Trainer:
         self.data.close()
 
 
-def default_prompts() -> list[str]:
-    """16 shapes-world prompts that cycle through every color, shape and position."""
-    from data_pipelines.shapes import COLORS, POSITION_PHRASES, POSITIONS, SHAPES
+def grid_prompts(cfg: Config, n: int = 16) -> list[str]:
+    """Prompts for sample grids: the recipe's ``sample.prompts``, else the first ``n`` held-out captions
+    (``data.eval_shards``), so a grid shows the run's own domain. Raises DataError when there are neither."""
+    from data_pipelines.errors import DataError
+    from data_pipelines.shards import ShardSpecError, iter_captions
 
-    colors, shapes, positions = list(COLORS), list(SHAPES), list(POSITIONS)
-    return [f"a {colors[i % len(colors)]} {shapes[i % len(shapes)]} {POSITION_PHRASES[positions[i % len(positions)]]}"
-            for i in range(16)]
+    if cfg.sample.prompts:
+        return list(cfg.sample.prompts)
+    try:
+        prompts = list(iter_captions(cfg.data.eval_shards, cfg.data.caption_field, n,
+                                     segments_field=cfg.data.segments_field)) if cfg.data.eval_shards else []
+    except ShardSpecError:
+        prompts = []
+    if not prompts:
+        raise DataError(f"no prompts for the sample grid: sample.prompts is empty and data.eval_shards "
+                        f"({cfg.data.eval_shards!r}) has no captions")
+    return prompts
