@@ -38,7 +38,7 @@ without any RNG state.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor
 

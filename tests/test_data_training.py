@@ -95,7 +95,6 @@ def _tool(name: str):
 
 
 def test_latent_shards_train_without_reencoding(tmp_path: Path, vae_dir: Path) -> None:
-    from data_pipelines.errors import DataError
     from transfusion.training.trainer import Trainer
 
     _write(tmp_path / "pix-0.tar", [_good(i) for i in range(12)])

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
             print(f"{path}\t{prompt}")
 
     if args.grid:
-        from transfusion.training.trainer import grid_prompts
+        from transfusion.training.outputs import grid_prompts
 
         prompts = args.prompt or grid_prompts(engine.cfg)
         images = engine.text_to_image(prompts, **opts)

@@ -148,6 +148,18 @@ def agree_across_ranks(prec: Precision, device: torch.device) -> Precision:
                      prec.probe_gflops)
 
 
+def choose_precision(requested: str, device: torch.device, shapes: list[Shape]) -> tuple[Precision, float]:
+    """A run's precision on this machine (the same on every rank) and the device's measured matmul peak in it,
+    the denominator of the logged ``peak_share``; both go to the log."""
+    import logging
+
+    prec = agree_across_ranks(resolve_precision(requested, device, shapes), device)
+    peak = measure_peak_flops(device, prec.dtype, shapes)
+    logging.getLogger("transfusion").info("precision: %s | measured %s matmul peak %.1f GFLOP/s", prec.reason,
+                                          prec.name, peak / 1e9)
+    return prec, peak
+
+
 PEAK_MAX_ROWS = 2048  # rows of the peak's model-shaped matmuls (more adds time, not speed)
 
 

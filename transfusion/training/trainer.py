@@ -15,8 +15,10 @@ so the step equals one big batch of dp_ranks x grad_accum micro-batches, on any 
 per rank the normalisers come from the forward pass itself (exact for any objective, including MAR's random masks);
 with several they are counted from the batches up front (``loss_counts``) and checked against the forward's counts.
 
-Steps are small methods (``train_step``, ``log``, ``save``, ``sample_grid``, ``export``) so that a variant trainer
-overrides one of them instead of forking the loop.
+Steps are small methods (``train_step``, ``log``, ``save``, ``sample_grid``) so that a variant trainer overrides one
+of them instead of forking the loop. Everything else is a collaborator built once: the checkpoint policy
+(``checkpoint/manager.py``: find, check, restore, save, poll, wait), grids and the export (``training/outputs.py``),
+the run's files and data trace (``training/run_files.py``) and the precision choice (``precision.py``).
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,85 +36,24 @@ from tqdm import tqdm
 
 from transfusion.attention.backends import build_attention_mask, resolve_backend
 from transfusion.batch import IGNORE_INDEX, Batch
-from transfusion.checkpoint.dcp import (
-    CheckpointError,
-    ModelOptimizerState,
-    ObjectState,
-    PendingSave,
-    fault_point,
-    latest_checkpoint,
-    load_rank_extras,
-    load_state,
-    read_marker,
-    resolve_checkpoint,
-    save_checkpoint,
-)
-from transfusion.config import Config, dumps_toml, to_dict
-from transfusion.distributed.data import DataLayoutError, StepData, check_layout, owner_of
-from transfusion.distributed.env import all_ranks_true, all_reduce_sum, barrier, init_distributed
+from transfusion.checkpoint.dcp import ModelOptimizerState, ObjectState, fault_point
+from transfusion.checkpoint.manager import CheckpointManager
+from transfusion.config import Config
+from transfusion.distributed.data import StepData
+from transfusion.distributed.env import all_ranks_true, all_reduce_sum, init_distributed
 from transfusion.distributed.init import materialize, mix_seed
 from transfusion.distributed.parallelize import parallelize
 from transfusion.latents.prepare import prepare_batch
-from transfusion.precision import (
-    Precision,
-    agree_across_ranks,
-    cpu_features,
-    measure_peak_flops,
-    model_matmul_shapes,
-    resolve_precision,
-)
+from transfusion.precision import choose_precision, model_matmul_shapes
 from transfusion.runtime import build_parts
 from transfusion.training.ema import EMA
 from transfusion.training.losses import compute_loss_parts
 from transfusion.training.metrics import Window, flops_per_token
 from transfusion.training.optim import build_lr_scheduler, build_optimizer
+from transfusion.training.outputs import RunOutputs
+from transfusion.training.run_files import DataTrace, setup_logging, write_run_files
 
 log = logging.getLogger("transfusion")
-
-
-def setup_logging(run_dir: Path, rank: int = 0) -> None:
-    """Rank 0 logs INFO to stderr and ``train.log``; other ranks log warnings and errors to stderr only."""
-    log.setLevel(logging.INFO)
-    log.handlers.clear()
-    log.propagate = False
-    sh = logging.StreamHandler(sys.stderr)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-        fh = logging.FileHandler(run_dir / "train.log")
-        fh.setFormatter(fmt)
-        log.addHandler(fh)
-    else:
-        fmt = logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(message)s", "%H:%M:%S")
-        sh.setLevel(logging.WARNING)
-    sh.setFormatter(fmt)
-    log.addHandler(sh)
-
-
-def provenance(device: torch.device, parallel: dict | None = None) -> dict:
-    """Git commit, library versions, device and parallel layout, saved with every run."""
-    import importlib.metadata as md
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
-                                  cwd=Path(__file__).resolve().parents[2]).stdout.strip()
-        except Exception:
-            return ""
-
-    versions = {}
-    for pkg in ("torch", "diffusers", "webdataset", "torchdata", "safetensors", "numpy", "pillow", "tokenizers"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    dev = str(device)
-    if device.type == "cuda":
-        dev += f" ({torch.cuda.get_device_name(device)})"
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
-            "versions": versions, "python": platform.python_version(), "device": dev, "cpu": cpu_features(),
-            "parallel": parallel or {},
-            "host": platform.node(), "argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> float:
@@ -143,8 +82,9 @@ class Trainer:
             torch.set_num_threads(cfg.train.num_threads)
         torch.manual_seed(cfg.run.seed)
         # Fail fast, and identically on every rank, before building anything heavy or entering a collective.
-        ckpt = self.find_checkpoint(resume)
-        marker, data_ok = self.check_resumable(ckpt, reset_data) if ckpt is not None else (None, True)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint, self.env)
+        ckpt = self.checkpoints.find(resume)
+        marker, data_ok = self.checkpoints.check(ckpt, self.data_layout(), reset_data) if ckpt else (None, True)
 
         parts = build_parts(cfg, self.device, model_device="meta")
         self.tokenizer, self.schedule, self.codec = parts.tokenizer, parts.schedule, parts.codec
@@ -157,33 +97,26 @@ class Trainer:
         self.ema = EMA(self.model, cfg.train.ema_decay)
         self.flops = flops_per_token(cfg.model, self.tokenizer.vocab_size, self.codec.channels, cfg.data.seq_len)
         self.step = 0
-        self.pending: PendingSave | None = None
         self.writer = None
         self.data = self.build_data(cfg.run.seed)
-        self.grid_prompts = grid_prompts(cfg)  # before training: a run without grid prompts fails now, on every rank
-        self.precision, self.measured_peak = self.choose_precision()
+        self.precision, self.measured_peak = choose_precision(
+            cfg.train.autocast, self.device,
+            model_matmul_shapes(cfg.model, self.tokenizer.vocab_size, self.codec.channels,
+                                cfg.data.batch_rows * cfg.data.seq_len))
+        self.outputs = RunOutputs(cfg, self.run_dir, self.env, parts, self.precision)
 
         if ckpt is not None:
-            self.restore(ckpt, marker, data_ok)
+            self.step, self.data = self.checkpoints.restore(ckpt, marker, data_ok, self.checkpoint_state(),
+                                                            self.data, self.build_data, cfg.run.seed)
         if self.env.is_main:
-            self._write_run_files()
-        self._truncate_trace()
+            write_run_files(self.run_dir, cfg, self.env, self.precision, self.measured_peak)
+        self.trace = DataTrace(self.run_dir, self.env, enabled=cfg.train.trace_data)
+        self.trace.truncate(self.step)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info("model: %.2fM parameters, attention=%s, device=%s x %d rank(s) (mesh %s), patch grid %s, "
                  "grad_accum %d, start step %d", n_params / 1e6, self.backend, self.device, self.env.world_size,
                  f"{self.env.dp_replicate}x{self.env.dp_shard}" if self.env.distributed else "none",
                  self.patch_grid, cfg.train.grad_accum, self.step)
-
-    def choose_precision(self) -> tuple[Precision, float]:
-        """The compute dtype for this machine (``train.autocast``; ``auto`` measures, the same on every rank) and the
-        device's measured matmul peak in that dtype, the denominator of the logged ``peak_share``."""
-        cfg = self.cfg
-        shapes = model_matmul_shapes(cfg.model, self.tokenizer.vocab_size, self.codec.channels,
-                                     cfg.data.batch_rows * cfg.data.seq_len)
-        prec = agree_across_ranks(resolve_precision(cfg.train.autocast, self.device, shapes), self.device)
-        peak = measure_peak_flops(self.device, prec.dtype, shapes)
-        log.info("precision: %s | measured %s matmul peak %.1f GFLOP/s", prec.reason, prec.name, peak / 1e9)
-        return prec, peak
 
     # -- data ------------------------------------------------------------------------------------------------
     def build_data(self, seed: int) -> StepData:
@@ -193,97 +126,13 @@ class Trainer:
     def data_layout(self) -> dict:
         return {"consumers": self.env.dp_size * self.cfg.train.grad_accum, "num_workers": self.cfg.data.num_workers}
 
-    # -- run files and checkpoints ---------------------------------------------------------------------------
-    def _write_run_files(self) -> None:
-        (self.run_dir / "config.toml").write_text(dumps_toml(self.cfg))
-        layout = {"world_size": self.env.world_size, "dp_replicate": self.env.dp_replicate,
-                  "dp_shard": self.env.dp_shard, "fsdp": self.env.distributed}
-        prov = provenance(self.device, layout) | {
-            "precision": self.precision.as_dict() | {"measured_peak_gflops": round(self.measured_peak / 1e9, 2)}}
-        (self.run_dir / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
-
+    # -- checkpoints (policy in transfusion/checkpoint/manager.py) -------------------------------------------
     def checkpoint_state(self) -> dict:
         return {"model_optim": ModelOptimizerState(self.model, self.optimizer),
                 "lr_scheduler": ObjectState(self.lr_scheduler), "ema": ObjectState(self.ema)}
 
     def save(self, *, final: bool = False) -> None:
-        """Checkpoint at ``self.step`` (collective). With ``checkpoint.async_save`` the write goes on in the background
-        after the state is staged; the final save is always blocking."""
-        self.wait_for_save()
-        extras = {"step": self.step, "torch_rng": torch.get_rng_state(), "data": self.data.state_dict()}
-        if self.device.type == "cuda":
-            extras["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        info = {"data": self.data.layout(), "mesh": [self.env.dp_replicate, self.env.dp_shard]}
-        out = save_checkpoint(self.run_dir / "checkpoints", self.step, self.checkpoint_state(), extras,
-                              keep=self.cfg.checkpoint.keep, info=info,
-                              async_save=self.cfg.checkpoint.async_save and not final)
-        if isinstance(out, PendingSave):
-            self.pending = out
-            log.info("staged checkpoint %s (writing in the background)", out.path)
-        else:
-            log.info("saved checkpoint %s", out)
-
-    def poll_save(self) -> None:
-        if self.pending is not None and self.pending.poll():
-            log.info("saved checkpoint %s", self.pending.path)
-            self.pending = None
-
-    def wait_for_save(self) -> None:
-        if self.pending is not None:
-            log.info("saved checkpoint %s", self.pending.wait())
-            self.pending = None
-
-    def find_checkpoint(self, resume: str | bool | None) -> Path | None:
-        """``True``: this run's latest complete checkpoint (None when there is none yet); a path: that run or step
-        directory, which must hold a complete checkpoint."""
-        if not resume:
-            return None
-        if resume is True:
-            found = latest_checkpoint(self.run_dir / "checkpoints")
-            if found is None:
-                log.info("no complete checkpoint under %s: starting from scratch", self.run_dir / "checkpoints")
-            return found
-        return resolve_checkpoint(resume)
-
-    def check_resumable(self, ckpt: Path, reset_data: bool) -> tuple[dict, bool]:
-        """(marker, whether the data position can be restored). Weights and optimizer load into any world size
-        (DCP reshards); the data position only into the same number of data consumers and workers. Otherwise this
-        raises one line, or with ``reset_data`` warns that the data streams start afresh."""
-        marker = read_marker(ckpt)
-        try:
-            check_layout(marker.get("data"), self.data_layout())
-        except DataLayoutError as e:
-            if not reset_data:
-                raise CheckpointError(f"cannot resume the data position of {ckpt}: {e}; or pass --reset-data to "
-                                      f"load weights and optimizer and start fresh data streams") from None
-            log.warning("--reset-data: %s; the data streams start afresh (samples may repeat within this epoch)", e)
-            return marker, False
-        return marker, True
-
-    def restore(self, ckpt: Path, marker: dict, data_ok: bool) -> None:
-        load_state(ckpt, self.checkpoint_state())
-        self.step = int(marker["step"])
-        same_world = int(marker.get("world_size", -1)) == self.env.world_size
-        if same_world:  # RNG states are per rank: only meaningful for the same ranks
-            extras = load_rank_extras(ckpt, self.env.rank)
-            torch.set_rng_state(extras["torch_rng"])
-            if "cuda_rng" in extras and self.device.type == "cuda":
-                torch.cuda.set_rng_state(extras["cuda_rng"], self.device)
-        layout = marker.get("data")
-        if data_ok:
-            if layout["seed"] != self.data.seed:
-                self.data = self.build_data(layout["seed"])
-            saved: dict[int, dict] = {}
-            states = {}
-            for v in self.data.consumers:  # each consumer's position, from whichever rank owned it then
-                owner = owner_of(v, layout["grad_accum"])
-                if owner not in saved:
-                    saved[owner] = load_rank_extras(ckpt, owner)
-                states[v] = saved[owner]["data"][v]
-            self.data.load_state_dict(states)
-        else:
-            self.data = self.build_data(mix_seed(self.cfg.run.seed, 0xDA7A, self.step))
-        log.info("resumed from %s at step %d%s", ckpt, self.step, "" if data_ok else " (fresh data streams)")
+        self.checkpoints.save(self.step, self.checkpoint_state(), self.data, final=final)
 
     # -- one optimisation step -------------------------------------------------------------------------------
     def autocast(self):
@@ -368,7 +217,7 @@ class Trainer:
                 if not math.isfinite(metrics["loss"]):
                     raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {self.step}")
                 self.step += 1
-                self.trace(micro)
+                self.trace.write(self.step, micro)
                 window.add(step_s=t2 - t0, data_s=t1 - t0, text_tokens=text_tokens, image_tokens=image_tokens,
                            metrics=metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", text=f"{metrics['text_loss']:.3f}",
@@ -377,22 +226,21 @@ class Trainer:
                 if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
                     self.log(window)
                     window = Window()
-                self.poll_save()
-                if self.cfg.checkpoint.interval and self.step % self.cfg.checkpoint.interval == 0 \
-                        and self.step < cfg.steps:
+                self.checkpoints.poll()
+                if self.checkpoints.due(self.step, cfg.steps):
                     self.save()
                 if cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.step < cfg.steps:
                     self.sample_grid()
                 fault_point("after_step", self.step)
                 if stop_after is not None and self.step >= stop_after:
-                    self.wait_for_save()
+                    self.checkpoints.wait()
                     return
             if window.steps:
                 self.log(window)
             self.save(final=True)
-            state = self.consolidated_state()
+            state = self.outputs.consolidated_state(self.model, self.ema)
             self.sample_grid(state)
-            self.export(state)
+            self.outputs.export(state, self.step)
         finally:
             bar.close()
             if self.writer is not None:
@@ -444,105 +292,13 @@ class Trainer:
                                              device=self.device)).tolist()
         return {k: int(v) for k, v in zip(keys, summed)}
 
-    def trace(self, micro: list[tuple[int, Batch]]) -> None:
-        """With ``train.trace_data``: the keys each consumer fed into this step, one JSON line per micro-batch."""
-        if not self.cfg.train.trace_data:
-            return
-        path = self.run_dir / "data_trace" / f"rank_{self.env.rank}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            for consumer, batch in micro:
-                f.write(json.dumps({"step": self.step, "consumer": consumer, "keys": list(batch.keys)}) + "\n")
-
-    def _truncate_trace(self) -> None:
-        """Drop trace lines of steps after the resume point (they were trained by a run that died before saving)."""
-        if self.cfg.train.trace_data and self.env.is_main:
-            for path in (self.run_dir / "data_trace").glob("rank_*.jsonl"):
-                lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
-                path.write_text("".join(ln + "\n" for ln in lines))
-        barrier()
-
-    # -- outputs ---------------------------------------------------------------------------------------------
-    def consolidated_state(self) -> dict[str, Tensor]:
-        """The EMA weights as full CPU tensors under clean parameter names, on rank 0 (empty on other ranks).
-        Collective: parameters are gathered one at a time, so no rank but 0 ever holds more than one in full."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        from torch.distributed.tensor import DTensor
-
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        for name, shadow in self.ema.shadow_state_dict().items():
-            full = shadow.full_tensor() if isinstance(shadow, DTensor) else shadow
-            if self.env.is_main:
-                state[name] = full.detach().to("cpu", state[name].dtype, copy=True)
-        return state if self.env.is_main else {}
-
-    def inference_model(self, state: dict[str, Tensor]) -> torch.nn.Module:
-        """A plain single-device model holding ``state`` (for sampling: no FSDP hooks, no compiled blocks)."""
-        from transfusion.model import build_model
-
-        with torch.device(self.device):
-            model = build_model(self.cfg.model, self.tokenizer.vocab_size, self.codec.channels)
-        model.load_state_dict(state)
-        return model.eval()
-
+    # -- outputs (transfusion/training/outputs.py) --------------------------------------------------------------
     def sample_grid(self, state: dict[str, Tensor] | None = None) -> Path | None:
-        """A grid of EMA samples, drawn on rank 0 from a consolidated copy of the weights (collective)."""
-        from transfusion.generation.engine import Engine
-        from transfusion.generation.grid import make_grid
-
-        state = self.consolidated_state() if state is None else state
-        out = None
-        if self.env.is_main:
-            prompts = self.grid_prompts
-            engine = Engine(self.inference_model(state), self.tokenizer, self.schedule, self.codec, self.patch_grid,
-                            self.device, precision=self.precision, cfg=self.cfg)
-            images = engine.text_to_image(prompts, steps=self.cfg.sample.steps, guidance=self.cfg.sample.guidance,
-                                          sampler=self.cfg.sample.sampler, seed=self.cfg.sample.seed)
-            grid = make_grid(images, prompts)
-            out = self.run_dir / "samples" / f"step_{self.step:08d}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            grid.save(out)
-            if self.writer is not None:
-                import numpy as np
-
-                self.writer.add_image("samples/t2i", np.asarray(grid), self.step, dataformats="HWC")
-            log.info("wrote sample grid %s", out)
-        barrier()
-        return out
-
-    def export(self, state: dict[str, Tensor] | None = None) -> Path | None:
-        """Consolidated EMA weights + config as safetensors, written by rank 0 (collective)."""
-        from transfusion.checkpoint.export import export_model
-
-        state = self.consolidated_state() if state is None else state
-        out = None
-        if self.env.is_main:
-            out = export_model(self.run_dir / "export", state, to_dict(self.cfg),
-                               {"step": str(self.step), "weights": "ema", "trained_precision": self.precision.name})
-            log.info("exported EMA weights to %s", out)
-        barrier()
-        return out
+        """A grid of EMA samples at this step (collective)."""
+        state = self.outputs.consolidated_state(self.model, self.ema) if state is None else state
+        return self.outputs.sample_grid(state, self.step, self.writer)
 
     def close(self) -> None:
         """Finish an async save in flight and stop the data workers."""
-        self.wait_for_save()
+        self.checkpoints.wait()
         self.data.close()
-
-
-def grid_prompts(cfg: Config, n: int = 16) -> list[str]:
-    """Prompts for sample grids: the recipe's ``sample.prompts``, else the first ``n`` held-out captions
-    (``data.eval_shards``), so a grid shows the run's own domain. Raises DataError when there are neither."""
-    from data_pipelines.errors import DataError
-    from data_pipelines.shards import ShardSpecError, iter_captions
-
-    if cfg.sample.prompts:
-        return list(cfg.sample.prompts)
-    try:
-        prompts = list(iter_captions(cfg.data.eval_shards, cfg.data.caption_field, n,
-                                     segments_field=cfg.data.segments_field)) if cfg.data.eval_shards else []
-    except ShardSpecError:
-        prompts = []
-    if not prompts:
-        raise DataError(f"no prompts for the sample grid: sample.prompts is empty and data.eval_shards "
-                        f"({cfg.data.eval_shards!r}) has no captions")
-    return prompts
