@@ -55,7 +55,7 @@ LONG_DOCUMENT_POLICIES = ("truncate", "skip")
 
 
 @dataclass(slots=True)
-class ImagePart:
+class ImageSegment:
     """One image of a document being assembled."""
 
     image: Tensor
@@ -64,7 +64,7 @@ class ImagePart:
     clean_copy: bool = False
 
 
-Part = list[int] | ImagePart  # text ids, or an image
+Segment = list[int] | ImageSegment  # text ids, or an image
 
 
 def stable_uniforms(*parts: object, n: int = 2) -> list[float]:
@@ -81,7 +81,7 @@ def choose_layout(seed: int, epoch: int, key: str, t2i_ratio: float, caption_dro
     return layout, layout == T2I and u_drop < caption_dropout
 
 
-def assemble(tokenizer: Tokenizer, key: str, parts: list[Part], *, patch_grid: tuple[int, int],
+def assemble(tokenizer: Tokenizer, key: str, parts: list[Segment], *, patch_grid: tuple[int, int],
              max_len: int | None = None) -> Sequence:
     """``BOS parts... EOS`` as a Sequence (see the module docstring). With ``max_len``, assembly stops at the first
     image block that does not fit, or cuts a text part at a token; a cut sequence has no EOS and ``truncated``."""
@@ -93,7 +93,7 @@ def assemble(tokenizer: Tokenizer, key: str, parts: list[Part], *, patch_grid: t
     limit = max_len if max_len is not None else 1 << 62
     for part in parts:
         room = limit - len(tokens)
-        if isinstance(part, ImagePart):
+        if isinstance(part, ImageSegment):
             if block_length(num_slots, part.clean_copy) > room:
                 seq.truncated = True
                 break
@@ -147,13 +147,13 @@ def _add_image(seq: Sequence, start: int, image: Tensor, target: bool, noise_lim
 
 def build_sequence(tokenizer: Tokenizer, key: str, image: Tensor, caption_ids: list[int], *,
                    patch_grid: tuple[int, int], layout: str, drop_caption: bool = False,
-                   caption_image: ImagePart | None = None) -> Sequence:
+                   caption_image: ImageSegment | None = None) -> Sequence:
     """One (image, caption) document in the given layout (see the module docstring). ``caption_image`` overrides
     the image part of the image -> text layout (default: conditioning, clean)."""
     if layout == T2I:
-        parts: list[Part] = [[] if drop_caption else list(caption_ids), ImagePart(image, True)]
+        parts: list[Segment] = [[] if drop_caption else list(caption_ids), ImageSegment(image, True)]
     elif layout == CAPTION:
-        parts = [caption_image or ImagePart(image, False), list(caption_ids)]
+        parts = [caption_image or ImageSegment(image, False), list(caption_ids)]
     else:
         raise ValueError(f"unknown layout {layout!r} (expected {T2I!r} or {CAPTION!r})")
     return assemble(tokenizer, key, parts, patch_grid=patch_grid)
@@ -198,10 +198,10 @@ class SequenceBuilder:
                    image_then_text_role=cfg.image_then_text_role, noise_limit=cfg.noise_limit,
                    noise_limit_share=cfg.noise_limit_share, clean_copy=cfg.clean_copy)
 
-    def _image(self, image: Tensor, role: str | None, text_after: bool, limited: "_Lazy") -> ImagePart:
+    def _image(self, image: Tensor, role: str | None, text_after: bool, limited: "_Lazy") -> ImageSegment:
         role = role or (self.image_then_text_role if text_after else TARGET)
         target = role == TARGET
-        return ImagePart(image, target, self.noise_limit if target and text_after and limited() else 1.0,
+        return ImageSegment(image, target, self.noise_limit if target and text_after and limited() else 1.0,
                          clean_copy=self.clean_copy and target and text_after)
 
     def __call__(self, doc: Document, epoch: int) -> Sequence:
@@ -221,7 +221,7 @@ class SequenceBuilder:
                 raise SkipSample("too_long_for_row")
             return seq
 
-        parts: list[Part] = []
+        parts: list[Segment] = []
         roles = iter(doc.roles)
         is_text = [isinstance(s, str) for s in doc.segments]
         text_after = [any(is_text[i + 1:]) for i in range(len(is_text))]

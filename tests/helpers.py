@@ -75,13 +75,13 @@ def fit_fixed_batch(model, batch: Batch, schedule, steps: int, lr: float = 1e-2)
     each averaged over the same two draws."""
     from transfusion.attention.backends import build_attention_mask
     from transfusion.config import LossConfig
-    from transfusion.training.losses import compute_loss_parts
+    from transfusion.training.losses import compute_loss_terms
 
     mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa")
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
 
     def parts(seed: int):
-        return compute_loss_parts(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(seed))
+        return compute_loss_terms(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(seed))
 
     def image_loss() -> float:
         with torch.no_grad():

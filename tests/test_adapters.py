@@ -14,7 +14,7 @@ from transfusion.generation.engine import Engine
 from transfusion.latents.vae import PixelCodec
 from transfusion.model import build_model
 from transfusion.model.adapters import UNetDown, UNetUp, patchify
-from transfusion.training.losses import compute_loss_parts
+from transfusion.training.losses import compute_loss_terms
 
 
 def unet_model(seed: int = 0, **kw):
@@ -115,8 +115,8 @@ def test_causal_image_model_trains_and_samples_causally(batch):
     # block changes the image loss of the same model and draws, the text loss of this batch stays the same
     default = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa")
     causal = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa", bidirectional_images=False)
-    a = compute_loss_parts(model, batch, default, schedule, LossConfig(), torch.Generator().manual_seed(0))
-    b = compute_loss_parts(model, batch, causal, schedule, LossConfig(), torch.Generator().manual_seed(0))
+    a = compute_loss_terms(model, batch, default, schedule, LossConfig(), torch.Generator().manual_seed(0))
+    b = compute_loss_terms(model, batch, causal, schedule, LossConfig(), torch.Generator().manual_seed(0))
     assert not torch.equal(a.image_sum, b.image_sum)
     # in generation, a later patch does not change an earlier patch's prediction
     eng = Engine(model, TOK, schedule, PixelCodec(), GRID, torch.device("cpu"), precision="fp32")
@@ -133,7 +133,7 @@ def test_unet_modules_run_without_images():
     model = unet_model().train()
     b = make_batch([["only text"]], 16, torch.zeros(0, 3, 8, 8))
     mask = build_attention_mask(b.doc_ids, b.image_ids, "sdpa")
-    parts = compute_loss_parts(model, b, mask, NoiseSchedule(DiffusionConfig(objective="flow")), LossConfig(),
+    parts = compute_loss_terms(model, b, mask, NoiseSchedule(DiffusionConfig(objective="flow")), LossConfig(),
                                torch.Generator().manual_seed(0))
     parts.total(LossConfig()).backward()
     assert all(p.grad is not None for p in model.parameters()) and parts.image_count.item() == 0

@@ -18,7 +18,7 @@ from data_pipelines.documents import Document, decode_image, decode_latent
 from data_pipelines.errors import DataError, SkipSample
 from data_pipelines.loader import build_loader, data_counts
 from data_pipelines.packing import Packer
-from data_pipelines.samples import ImagePart, SequenceBuilder, assemble
+from data_pipelines.samples import ImageSegment, SequenceBuilder, assemble
 from data_pipelines.shards import iter_tar
 from transfusion.attention.masks import dense_mask
 from transfusion.batch import IGNORE_INDEX as IGN
@@ -286,7 +286,7 @@ def test_truncation_never_cuts_an_image() -> None:
     with pytest.raises(SkipSample, match="too_long_for_row"):  # nothing to learn from what is left
         _builder(seq_len=1)(doc, 0)
     # the loader counts truncations (kept) apart from skips
-    part = assemble(TOK, "x", [[H], ImagePart(torch.zeros(3, 2, 2), True)], patch_grid=(1, 2), max_len=3)
+    part = assemble(TOK, "x", [[H], ImageSegment(torch.zeros(3, 2, 2), True)], patch_grid=(1, 2), max_len=3)
     assert part.tokens == [BOS, H] and part.truncated
 
 
@@ -296,7 +296,7 @@ def test_noise_limit_reaches_the_noising_function() -> None:
     from transfusion.training.losses import noised_images
 
     schedule = NoiseSchedule(DiffusionConfig())
-    seqs = [assemble(TOK, f"d{i}", [ImagePart(torch.zeros(3, 2, 2), True, 0.5 if i % 2 else 1.0), [H]],
+    seqs = [assemble(TOK, f"d{i}", [ImageSegment(torch.zeros(3, 2, 2), True, 0.5 if i % 2 else 1.0), [H]],
                      patch_grid=(1, 2)) for i in range(64)]
     packer = Packer(len(seqs[0]) * 64, 1, PAD, (1, 2))
     for s in seqs:

@@ -20,7 +20,7 @@ from transfusion.distributed.data import DataLayoutError, check_layout, consumer
 from transfusion.distributed.init import materialize
 from transfusion.distributed.parallelize import parallelize
 from transfusion.model import build_model
-from transfusion.training.losses import compute_loss_parts
+from transfusion.training.losses import compute_loss_terms
 from transfusion.training.metrics import flops_per_token, peak_flops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def _loss_parts(model, batch, seed):
     from transfusion.attention.backends import build_attention_mask
 
     mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa")
-    return compute_loss_parts(model, batch, mask, NoiseSchedule(DiffusionConfig()), LOSS,
+    return compute_loss_terms(model, batch, mask, NoiseSchedule(DiffusionConfig()), LOSS,
                               torch.Generator().manual_seed(seed))
 
 

@@ -18,7 +18,7 @@ from transfusion.latents.vae import PixelCodec
 from transfusion.model import build_model
 from transfusion.model.adapters import patchify
 from transfusion.model.mar import reveal_counts, sample_patch_mask, truncated_normal
-from transfusion.training.losses import compute_loss_parts, mar_inputs
+from transfusion.training.losses import compute_loss_terms, mar_inputs
 
 
 def mar_model(seed: int = 0, num_iter: int = 3):
@@ -88,15 +88,15 @@ def test_mar_head_learns_a_fixed_batch(batch):
     assert all(p.grad is not None for p in model.parameters())
     # per-image reduction works too
     mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa")
-    parts = compute_loss_parts(model, batch, mask, schedule, LossConfig(image_reduction="image"),
+    parts = compute_loss_terms(model, batch, mask, schedule, LossConfig(image_reduction="image"),
                                torch.Generator().manual_seed(0))
     assert parts.image_count.item() == 2
     # the counts do not depend on the random masks (trainers normalise micro-steps before the forward)
     for seed in range(2):
-        parts = compute_loss_parts(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(seed))
+        parts = compute_loss_terms(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(seed))
         assert parts.image_count.item() == 2 * 3 * 8 * 8
     # min-SNR weighting reaches the per-token loss: epsilon weights are <= 1, a huge cap is plain epsilon
-    plain, capped, uncapped = (compute_loss_parts(model, batch, mask, schedule, LossConfig(snr_gamma=g),
+    plain, capped, uncapped = (compute_loss_terms(model, batch, mask, schedule, LossConfig(snr_gamma=g),
                                                   torch.Generator().manual_seed(0)) for g in (0.0, 5.0, 1e12))
     assert capped.image_sum < plain.image_sum and torch.allclose(uncapped.image_sum, plain.image_sum, rtol=1e-5)
 
@@ -157,7 +157,7 @@ def test_mar_modules_run_without_images():
     model = mar_model().train()
     b = make_batch([["only text"]], 16, torch.zeros(0, 3, 8, 8))
     mask = build_attention_mask(b.doc_ids, b.image_ids, "sdpa")
-    parts = compute_loss_parts(model, b, mask, NoiseSchedule(DiffusionConfig()), LossConfig(),
+    parts = compute_loss_terms(model, b, mask, NoiseSchedule(DiffusionConfig()), LossConfig(),
                                torch.Generator().manual_seed(0))
     parts.total(LossConfig()).backward()
     assert all(p.grad is not None for p in model.parameters()) and parts.image_count.item() == 0

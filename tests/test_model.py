@@ -13,7 +13,7 @@ from transfusion.config import DiffusionConfig, LossConfig, ModelConfig
 from transfusion.diffusion.schedule import NoiseSchedule
 from transfusion.model import build_model
 from helpers import GRID, P, TOK, make_batch, tiny_model
-from transfusion.training.losses import compute_loss_parts
+from transfusion.training.losses import compute_loss_terms
 
 
 def run(model, batch: Batch, backend: str = "sdpa", t: torch.Tensor | None = None):
@@ -105,7 +105,7 @@ def test_loss_decreases_on_fixed_batch(batch):
     losses = []
     for step in range(40):
         gen = torch.Generator().manual_seed(step % 4)  # a few fixed noise draws
-        parts = compute_loss_parts(model, batch, mask, sched, LossConfig(), gen)
+        parts = compute_loss_terms(model, batch, mask, sched, LossConfig(), gen)
         loss = parts.total(LossConfig())
         opt.zero_grad()
         loss.backward()
@@ -123,7 +123,7 @@ def test_image_modules_run_without_images():
     sched = NoiseSchedule(DiffusionConfig())
     mask = build_attention_mask(b.doc_ids, b.image_ids, "sdpa")
     model.train()
-    parts = compute_loss_parts(model, b, mask, sched, LossConfig(), torch.Generator().manual_seed(0))
+    parts = compute_loss_terms(model, b, mask, sched, LossConfig(), torch.Generator().manual_seed(0))
     parts.total(LossConfig()).backward()
     # every parameter received a gradient (zeros for image modules), so sharded reductions never hang
     assert all(p.grad is not None for p in model.parameters())

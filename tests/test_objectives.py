@@ -17,7 +17,7 @@ from transfusion.diffusion.schedule import NoiseSchedule, guidance_scale
 from transfusion.generation.engine import Engine
 from transfusion.latents.vae import PixelCodec
 from transfusion.model import build_model
-from transfusion.training.losses import compute_loss_parts
+from transfusion.training.losses import compute_loss_terms
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = [("epsilon", "ddim"), ("epsilon", "ddpm"), ("v", "ddim"), ("v", "ddpm"), ("flow", "euler"), ("flow", "heun")]
@@ -110,13 +110,13 @@ def test_training_on_a_fixed_batch_lowers_the_objective_loss(objective):
 
     def image_loss() -> float:  # over the fixed noise draws used for training
         with torch.no_grad():
-            parts = [compute_loss_parts(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(s))
+            parts = [compute_loss_terms(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(s))
                      for s in range(4)]
         return sum((p.image_sum / p.image_count).item() for p in parts) / 4
 
     before = image_loss()
     for step in range(40):
-        parts = compute_loss_parts(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(step % 4))
+        parts = compute_loss_terms(model, batch, mask, schedule, LossConfig(), torch.Generator().manual_seed(step % 4))
         opt.zero_grad()
         parts.total(LossConfig()).backward()
         opt.step()
@@ -182,7 +182,7 @@ def test_min_snr_changes_only_the_image_term_and_a_huge_cap_is_plain_epsilon():
 
     def parts(gamma):
         with torch.no_grad():
-            return compute_loss_parts(model, batch, mask, schedule, LossConfig(snr_gamma=gamma),
+            return compute_loss_terms(model, batch, mask, schedule, LossConfig(snr_gamma=gamma),
                                       torch.Generator().manual_seed(0))
 
     plain, capped, uncapped = parts(0.0), parts(5.0), parts(1e12)

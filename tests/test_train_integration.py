@@ -181,7 +181,8 @@ def test_ablation_tool_trains_evaluates_and_rewrites_only_its_table_block(shards
 
 
 def test_bench_step_reports_throughput_and_share_of_measured_peak(shards, tmp_path):
-    args = [a for a in tiny_overrides(shards, tmp_path / "unused", 4) if not a.startswith(("--run.dir", "--train.steps"))]
+    args = [a for a in tiny_overrides(shards, tmp_path / "unused", 4)
+            if not a.startswith(("--run.dir", "--train.steps"))]
     out = _cli("tools/bench_step.py", "recipes/shapes_tiny.toml", "--steps", "2", "--warmup", "1", "--profile", "5",
                "--precision", "fp32", *args)
     assert out.returncode == 0, out.stderr

@@ -175,9 +175,10 @@ def main(argv=None) -> int:
                     "peak mem GiB", "first step s", "loss"]
             row = [card, torch.__version__, args.commit or git_commit(), str(trainer.env.world_size),
                    f"{n_params / 1e6:.1f}M", f"{args.rows} x {args.seq_len}", trainer.backend,
-                   str(trainer.cfg.parallel.compile).lower(), args.ac, trainer.precision.name, f"{s['tokens_per_s']:.0f}",
-                   f"{s['text_tokens_per_s']:.0f}", f"{s['image_tokens_per_s']:.0f}", mfu,
-                   f"{s['tflops_per_s']:.1f}", f"{100 * s['peak_share']:.0f}%", f"{s['peak_memory_gib']:.1f}", f"{first_s:.1f}", f"{s['loss']:.3f}"]
+                   str(trainer.cfg.parallel.compile).lower(), args.ac, trainer.precision.name,
+                   f"{s['tokens_per_s']:.0f}", f"{s['text_tokens_per_s']:.0f}", f"{s['image_tokens_per_s']:.0f}", mfu,
+                   f"{s['tflops_per_s']:.1f}", f"{100 * s['peak_share']:.0f}%", f"{s['peak_memory_gib']:.1f}",
+                   f"{first_s:.1f}", f"{s['loss']:.3f}"]
             print("| " + " | ".join(head) + " |")
             print("|" + "---|" * len(head))
             print("| " + " | ".join(row) + " |")

@@ -397,7 +397,7 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 def check_image_grid(cfg: Config, downsample: int) -> tuple[int, int]:
     """The patch grid of ``cfg``'s images under a codec that downsamples by ``downsample``; raises ConfigError when
     the image size does not divide into patches or the row cannot hold the shortest document. Called at load for
-    pixels and again once a VAE's downsample is known (``runtime.patch_grid``)."""
+    pixels and again once a VAE's downsample is known (``components.patch_grid``)."""
     d = cfg.data
     side = d.image_size // downsample
     if d.image_size % downsample or side % cfg.model.patch_size or side == 0:

@@ -43,12 +43,20 @@ def build_attention_mask(doc_ids: Tensor, image_ids: Tensor, backend: str, bidir
     if backend == "sdpa":
         return dense_mask(doc_ids, image_ids, bidirectional_images, hidden_ids=hidden_ids)[:, None]  # [B, 1, L, L]
     if backend == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
-
         bsz, length = doc_ids.shape
         mod = hybrid_mask_mod(doc_ids, image_ids, bidirectional_images, hidden_ids=hidden_ids)
-        return create_block_mask(mod, bsz, None, length, length, device=doc_ids.device)
+        return _block_mask_fn(doc_ids.device.type == "cuda")(mod, bsz, None, length, length, device=doc_ids.device)
     raise ValueError(f"unknown attention backend {backend!r} (known: {', '.join(BACKENDS)})")
+
+
+@functools.cache
+def _block_mask_fn(compiled: bool):
+    """``create_block_mask``, compiled once per process on CUDA (as torchtitan does: eager, it materialises the dense
+    [L, L] mask on every call; compiled, it evaluates the mask function block by block). The mask function's tensors
+    are inputs of the compiled graph, so a new batch of the same shape does not recompile."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask) if compiled else create_block_mask
 
 
 @functools.cache

@@ -39,8 +39,9 @@ def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size:
     if not samples:
         raise FileNotFoundError(f"no usable held-out samples in {shards}")
     schedule = engine.resolve_guidance_schedule(guidance_schedule)  # None -> the run's sample.guidance_schedule
-    report: dict = {"num_samples": len(samples), "held_out_format": "latents" if latents else "pixels", "settings": {"steps": steps, "guidance": guidance, "sampler": sampler,
-                                                              "guidance_schedule": schedule, "seed": seed}}
+    report: dict = {"num_samples": len(samples), "held_out_format": "latents" if latents else "pixels",
+                    "settings": {"steps": steps, "guidance": guidance, "sampler": sampler,
+                                 "guidance_schedule": schedule, "seed": seed}}
     timings = {}
 
     # text -> image, judged from pixels
@@ -100,7 +101,7 @@ def scoring_metrics(engine, samples: list, *, batch_size: int, seed: int, latent
 
     from transfusion.attention.backends import build_attention_mask
     from transfusion.latents.prepare import prepare_batch
-    from transfusion.training.losses import compute_loss_parts
+    from transfusion.training.losses import compute_loss_terms
 
     cfg, tok = engine.cfg, engine.tok
     seqs = [build_sequence(tok, key, image, tok.encode(caption), patch_grid=engine.patch_grid, layout=T2I)
@@ -121,7 +122,7 @@ def scoring_metrics(engine, samples: list, *, batch_size: int, seed: int, latent
             mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa",
                                         bidirectional_images=engine.bidirectional_images)
             with engine._ctx():
-                parts = compute_loss_parts(engine.model, batch, mask, engine.schedule, cfg.loss, gen)
+                parts = compute_loss_terms(engine.model, batch, mask, engine.schedule, cfg.loss, gen)
             text_sum += float(parts.text_sum)
             text_n += float(parts.text_count)
             img_sum += float(parts.image_sum)

@@ -63,10 +63,10 @@ class Engine:
     @classmethod
     def from_export(cls, export_dir: str, device: str | torch.device = "cpu", precision: str = "auto") -> "Engine":
         from transfusion.checkpoint.export import load_export
-        from transfusion.runtime import build_inference_parts
+        from transfusion.components import build_inference_components
 
         state, cfg_dict = load_export(export_dir)
-        model, tokenizer, schedule, codec, grid, cfg = build_inference_parts(cfg_dict, device, export_dir)
+        model, tokenizer, schedule, codec, grid, cfg = build_inference_components(cfg_dict, device, export_dir)
         model.load_state_dict(state)
         return cls(model, tokenizer, schedule, codec, grid, torch.device(device), precision, cfg)
 

@@ -27,7 +27,7 @@ from transfusion.model.mar import MARInputs, sample_patch_mask
 
 
 @dataclass
-class LossParts:
+class LossTerms:
     text_sum: Tensor  # summed CE over text targets (fp32 scalar)
     text_count: Tensor  # number of text targets
     image_sum: Tensor  # summed squared error over target image elements (or per-image means, "image" reduction)
@@ -61,8 +61,8 @@ def noised_images(batch: Batch, schedule: NoiseSchedule, generator: torch.Genera
     return x_t, t, schedule.target(x0, noise, t)
 
 
-def compute_loss_parts(model, batch: Batch, mask: object, schedule: NoiseSchedule, cfg: LossConfig,
-                       generator: torch.Generator | None) -> LossParts:
+def compute_loss_terms(model, batch: Batch, mask: object, schedule: NoiseSchedule, cfg: LossConfig,
+                       generator: torch.Generator | None) -> LossTerms:
     if getattr(model, "is_mar", False):
         x_in, t, mar, target = mar_inputs(batch, schedule, model.cfg, generator)
     else:
@@ -76,7 +76,7 @@ def compute_loss_parts(model, batch: Batch, mask: object, schedule: NoiseSchedul
     if mar is not None:
         weight = schedule.loss_weight(mar.t, cfg.snr_gamma).to(pred.device)
         image_sum, image_count = _mar_image_loss(pred, target, mar, batch, cfg, weight)
-        return LossParts(text_sum, text_count, image_sum, image_count.to(text_sum.device))
+        return LossTerms(text_sum, text_count, image_sum, image_count.to(text_sum.device))
     sel = batch.image_is_target
     weight = schedule.loss_weight(t, cfg.snr_gamma).to(pred.device) * sel  # [N]; zero for non-targets
     err = (pred - target.float()).pow(2) * weight[:, None, None, None]  # [N, C, H, W]
@@ -84,7 +84,7 @@ def compute_loss_parts(model, batch: Batch, mask: object, schedule: NoiseSchedul
         image_sum, image_count = err.sum(), sel.sum() * math.prod(pred.shape[1:])
     else:  # "image": mean within each image, then over images
         image_sum, image_count = err.flatten(1).mean(1).sum(), sel.sum()
-    return LossParts(text_sum, text_count, image_sum, torch.as_tensor(image_count, device=text_sum.device))
+    return LossTerms(text_sum, text_count, image_sum, torch.as_tensor(image_count, device=text_sum.device))
 
 
 def mar_inputs(batch: Batch, schedule: NoiseSchedule, model_cfg, generator: torch.Generator | None):

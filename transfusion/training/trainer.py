@@ -45,9 +45,9 @@ from transfusion.distributed.init import materialize, mix_seed
 from transfusion.distributed.parallelize import parallelize
 from transfusion.latents.prepare import prepare_batch
 from transfusion.precision import choose_precision, model_matmul_shapes
-from transfusion.runtime import build_parts
+from transfusion.components import build_components
 from transfusion.training.ema import EMA
-from transfusion.training.losses import compute_loss_parts
+from transfusion.training.losses import compute_loss_terms
 from transfusion.training.metrics import Window, flops_per_token
 from transfusion.training.optim import build_lr_scheduler, build_optimizer
 from transfusion.training.outputs import RunOutputs
@@ -86,7 +86,7 @@ class Trainer:
         ckpt = self.checkpoints.find(resume)
         marker, data_ok = self.checkpoints.check(ckpt, self.data_layout(), reset_data) if ckpt else (None, True)
 
-        parts = build_parts(cfg, self.device, model_device="meta")
+        parts = build_components(cfg, self.device, model_device="meta")
         self.tokenizer, self.schedule, self.codec = parts.tokenizer, parts.schedule, parts.codec
         self.patch_grid = parts.patch_grid
         self.model = parallelize(parts.model, cfg.parallel, self.env.mesh, self.device)
@@ -167,7 +167,7 @@ class Trainer:
             mask = build_attention_mask(batch.doc_ids, batch.image_ids, self.backend, hidden_ids=batch.hidden_ids,
                                         bidirectional_images=cfg.model.image_attention == "bidirectional")
             with self.autocast():
-                parts = compute_loss_parts(self.model, batch, mask, self.schedule, cfg.loss,
+                parts = compute_loss_terms(self.model, batch, mask, self.schedule, cfg.loss,
                                            self.noise_generator(consumer))
             counts = torch.stack([parts.text_count.to(self.device), parts.image_count.to(self.device)]).double()
             if norms is None:  # one micro-step: the forward's own counts, summed over ranks

@@ -1,4 +1,4 @@
-"""Build the parts a run needs from a config: device, tokenizer, codec, model, noise schedule, patch grid.
+"""Build the components a run needs from a config: tokenizer, codec, model, noise schedule, patch grid.
 
 Training, generation, evaluation and export all go through here, so they can never disagree on how a config maps
 onto objects.
@@ -23,7 +23,7 @@ def patch_grid(cfg: Config, downsample: int) -> tuple[int, int]:
 
 
 @dataclass
-class Parts:
+class RunComponents:
     model: TransfusionModel
     tokenizer: object
     schedule: NoiseSchedule
@@ -32,7 +32,8 @@ class Parts:
     cfg: Config
 
 
-def build_parts(cfg: Config, device: torch.device, *, model_device: torch.device | str | None = None) -> Parts:
+def build_components(cfg: Config, device: torch.device, *, model_device: torch.device | str | None = None
+                     ) -> RunComponents:
     """``model_device`` = "meta" builds the model without allocating it (for sharded materialisation)."""
     from transfusion.latents.vae import build_codec
 
@@ -41,15 +42,15 @@ def build_parts(cfg: Config, device: torch.device, *, model_device: torch.device
     grid = patch_grid(cfg, codec.downsample)
     with torch.device(model_device or device):
         model = build_model(cfg.model, tokenizer.vocab_size, codec.channels)
-    return Parts(model, tokenizer, NoiseSchedule(cfg.diffusion), codec, grid, cfg)
+    return RunComponents(model, tokenizer, NoiseSchedule(cfg.diffusion), codec, grid, cfg)
 
 
-def build_inference_parts(cfg_dict: dict, device: str | torch.device, base_dir: str | Path | None = None):
+def build_inference_components(cfg_dict: dict, device: str | torch.device, base_dir: str | Path | None = None):
     """From an export's config dict: (model, tokenizer, schedule, codec, patch_grid, cfg). A tokenizer path stored
     relative to the export directory is resolved against ``base_dir``."""
     cfg = from_dict(Config, cfg_dict)
     validate(cfg)
     if base_dir is not None and cfg.data.tokenizer != "bytes" and not os.path.isabs(cfg.data.tokenizer):
         cfg.data.tokenizer = str(Path(base_dir) / cfg.data.tokenizer)
-    parts = build_parts(cfg, torch.device(device))
+    parts = build_components(cfg, torch.device(device))
     return parts.model, parts.tokenizer, parts.schedule, parts.codec, parts.patch_grid, cfg
