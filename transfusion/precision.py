@@ -1,6 +1,6 @@
 """Compute precision chosen by measurement, and the machine's measured matmul peak.
 
-    prec = resolve_precision("auto", device, model_matmul_shapes(cfg.model, vocab, channels, tokens=3072))
+    prec = resolve_precision("auto", device, model_matmul_shapes(cfg.model, vocab, channels, rows=3072))
     with prec.autocast(device): ...                       # bf16 autocast, or a no-op for fp32
     peak = measure_peak_flops(device, prec.dtype, shapes)  # FLOP/s: the denominator of the CPU "share of peak"
 
