@@ -26,7 +26,7 @@ SAMPLE_SKIP_REASONS = ("bad_image", "no_image", "missing_caption", "caption_too_
 SHARD_ERROR_REASONS = ("corrupt_shard", "missing_shard")
 SKIP_REASONS = SAMPLE_SKIP_REASONS + SHARD_ERROR_REASONS
 INFO_COUNTS = ("truncated",)
-COUNT_KEYS = ("seen",) + SKIP_REASONS + INFO_COUNTS  # "seen": raw samples a consumer took from its stream
+COUNT_KEYS = ("seen",) + SKIP_REASONS + INFO_COUNTS  # "seen": raw samples a reader took from its stream
 
 
 class ShardSpecError(ValueError):

@@ -85,11 +85,11 @@ class PackedDataset(IterableDataset):
          "stream": {"epoch", "shard_cursor", "sample_offset", "block", "index", "exhausted", "empty_epochs",
                     "counts": {"seen": int, "<reason>": int, ...}}}
 
-    ``shard_cursor`` indexes this consumer's shard list for ``epoch``, ``sample_offset`` is the raw sample (inside
+    ``shard_cursor`` indexes this reader's shard list for ``epoch``, ``sample_offset`` is the raw sample (inside
     that shard) where the current shuffle block starts, ``block`` its number in the epoch and ``index`` how many of
     its permuted samples were consumed. A finite pass (``repeat=False``) that was consumed to its end (``"ended"``)
-    starts over when iterated again (same order, counts kept); a state saved with a consumer's last batch resumes to
-    nothing more from that consumer (with several workers, the others carry on)."""
+    starts over when iterated again (same order, counts kept); a state saved with a reader's last batch resumes to
+    nothing more from that reader (with several workers, the others carry on)."""
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, patch_grid: tuple[int, int], *, seed: int,
                  rank: int = 0, world_size: int = 1, shards: str | None = None, repeat: bool | None = None) -> None:
@@ -112,7 +112,7 @@ class PackedDataset(IterableDataset):
         self.decode_options = DecodeOptions.from_config(cfg, self.latents, self.image_shape if self.latents else None)
         self._state: dict[str, Any] | None = None  # position of the next batch; None = start
 
-    # -- consumer identity and state -----------------------------------------------------------------------------
+    # -- reader identity and state -----------------------------------------------------------------------------
 
     @staticmethod
     def _worker() -> tuple[int, int]:
@@ -172,10 +172,10 @@ class PackedDataset(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         stream = self._new_stream()
         if self._state is not None:
-            self.load_state_dict(self._state)  # validates the consumer identity
+            self.load_state_dict(self._state)  # validates the reader identity
             stream.load_state_dict(self._state["stream"])
             if stream.exhausted and not self._state.get("ended"):
-                # saved with this consumer's last batch (the loader snapshots at every batch): nothing is left of
+                # saved with this reader's last batch (the loader snapshots at every batch): nothing is left of
                 # this pass, so a resume must not replay it
                 self._state = self._state | {"ended": True}
                 return

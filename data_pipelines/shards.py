@@ -1,6 +1,7 @@
 """WebDataset tar shards: spec expansion, rank x worker split, tar reading, decoding and a resumable shuffle.
 
-A *consumer* is one (rank, DataLoader worker) pair. Each consumer reads its own share of the shards as a stream of
+A *reader* is one (data consumer, DataLoader worker) pair (a data consumer is one micro-batch stream, see
+transfusion/distributed/data.py). Each reader reads its own share of the shards as a stream of
 raw samples (``{"__key__", "__url__", "__epoch__", ext: bytes, ...}``), shuffled in fixed-size blocks:
 
     shards (spec order, globs sorted)
@@ -132,11 +133,11 @@ _BLOCK_STREAM = 0xB10C
 
 @dataclass(frozen=True, slots=True)
 class ShardAssignment:
-    """The shards one consumer reads in one epoch, and which of their samples it keeps.
+    """The shards one reader reads in one epoch, and which of their samples it keeps.
 
-    ``stride == 1``: the consumer owns whole shards and keeps every sample. ``stride > 1`` (fewer shards than
-    consumers): every consumer reads every shard and keeps sample ``i`` of the shard at list position ``j`` when
-    ``(i + j) % stride == slot`` (the ``+ j`` rotates which consumer gets a shard's first sample, for balance)."""
+    ``stride == 1``: the reader owns whole shards and keeps every sample. ``stride > 1`` (fewer shards than
+    readers): every reader reads every shard and keeps sample ``i`` of the shard at list position ``j`` when
+    ``(i + j) % stride == slot`` (the ``+ j`` rotates which reader gets a shard's first sample, for balance)."""
 
     urls: tuple[str, ...]
     stride: int = 1
@@ -149,13 +150,13 @@ class ShardAssignment:
 def assign_shards(urls: list[str], *, seed: int, epoch: int, rank: int, world_size: int, worker: int,
                   num_workers: int) -> ShardAssignment:
     """Permute ``urls`` with (seed, epoch), the same on every rank, then take ``[rank::world][worker::workers]``;
-    fall back to splitting samples when there are fewer shards than ``world_size * num_workers`` consumers."""
+    fall back to splitting samples when there are fewer shards than ``world_size * num_workers`` readers."""
     perm = _rng(_SHARD_ORDER_STREAM, seed, epoch).permutation(len(urls))
     ordered = [urls[i] for i in perm]
-    consumers = world_size * num_workers
-    if len(ordered) >= consumers:
+    readers = world_size * num_workers
+    if len(ordered) >= readers:
         return ShardAssignment(tuple(ordered[rank::world_size][worker::num_workers]))
-    return ShardAssignment(tuple(ordered), stride=consumers, slot=rank * num_workers + worker)
+    return ShardAssignment(tuple(ordered), stride=readers, slot=rank * num_workers + worker)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -480,11 +481,11 @@ def peek_first_sample(urls: list[str], max_shards: int = 4) -> RawSample | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The resumable per-consumer stream
+# The resumable per-reader stream
 
 
 class ShardStream:
-    """Deterministically block-shuffled raw samples of one consumer, resumable without storing samples.
+    """Deterministically block-shuffled raw samples of one reader, resumable without storing samples.
 
     ``counts`` is a shared tally (see ``COUNT_KEYS``): the stream adds shard errors to it, the caller adds sample
     skips. ``state_dict()`` captures it together with the position, so a restored stream reproduces the same tallies.
@@ -499,7 +500,7 @@ class ShardStream:
         self.worker, self.num_workers = worker, num_workers
         self.shuffle_buffer, self.repeat = shuffle_buffer, repeat
         self.counts = new_counts()
-        self._empty_epochs = 0  # consecutive epochs in which this consumer read nothing
+        self._empty_epochs = 0  # consecutive epochs in which this reader read nothing
         self._start_epoch(0)
 
     # -- position bookkeeping ------------------------------------------------------------------------------------

@@ -126,6 +126,7 @@ def build_config(args, run_dir: str):
         f"--train.autocast={args.precision}", f"--parallel.activation_checkpointing={args.ac}",
         f"--parallel.compile={str(gpu and not args.no_compile).lower()}",
         f"--parallel.param_dtype={'bf16' if gpu else 'fp32'}", "--parallel.timeout_s=1800",
+        "--sample.prompts=['a synthetic prompt']",  # no data set here: the grid prompts must not come from one
     ])
 
 
