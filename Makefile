@@ -10,7 +10,8 @@ DATA ?= data/shapes
 
 # An AVX2-only CPU (no AVX-512, no native bf16), emulated on a newer x86 CPU: torch's own kernels, oneDNN and MKL
 # are each held to AVX2. `make demo-avx2` runs the whole demo that way (bf16 matmuls then run ~100x slower than fp32).
-AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+	TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor_avx2  # compiled kernels of one CPU capability must not serve another
 
 .PHONY: install demo demo-avx2 bench test data train grid evaluate clean
 

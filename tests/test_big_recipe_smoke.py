@@ -8,6 +8,7 @@ held-out captions -> ``tools/evaluate.py`` on the held-out latent shard.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -20,8 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+def _run(*args: str, inductor_cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    # A private inductor cache: compiled CPU kernels cached by a run under another CPU capability (e.g. the AVX2
+    # emulation of `make demo-avx2` on the same machine) were reused and gave NaN losses and heap corruption.
+    env = dict(os.environ, PYTHONPATH=str(REPO), TORCHINDUCTOR_CACHE_DIR=str(inductor_cache))
     out = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
@@ -29,13 +32,14 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 def test_big_recipe_trains_samples_and_evaluates_on_cpu(tmp_path: Path, vae_dir: Path) -> None:
     pixels, latents, run = tmp_path / "pixels", tmp_path / "latents", tmp_path / "run"
-    _run("tools/make_shapes_shards.py", "--out", str(pixels), "--train-samples", "48", "--heldout-samples", "8",
+    run_tool = functools.partial(_run, inductor_cache=tmp_path / "inductor")
+    run_tool("tools/make_shapes_shards.py", "--out", str(pixels), "--train-samples", "48", "--heldout-samples", "8",
          "--shard-size", "24", "--image-size", "16")
     for name in ("train-000000.tar", "train-000001.tar", "heldout-000000.tar"):
-        _run("tools/precompute_latents.py", "--shards", str(pixels / name), "--vae", str(vae_dir), "--out",
+        run_tool("tools/precompute_latents.py", "--shards", str(pixels / name), "--vae", str(vae_dir), "--out",
              str(latents), "--image-size", "16", "--decode-workers", "0", "--no-progress", "--batch-size", "8")
     heldout = str(latents / "heldout-000000.tar")
-    _run("-m", "transfusion.train", "recipes/t2i_1b_8gpu.toml", "--no-progress",
+    run_tool("-m", "transfusion.train", "recipes/t2i_1b_8gpu.toml", "--no-progress",
          # sizes
          f"--run.dir={run}", f"--data.shards={latents}/train-{{000000..000001}}.tar", f"--data.eval_shards={heldout}",
          "--data.image_size=16", "--data.seq_len=96", "--data.batch_rows=2", "--data.num_workers=1",
@@ -55,7 +59,7 @@ def test_big_recipe_trains_samples_and_evaluates_on_cpu(tmp_path: Path, vae_dir:
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["loss"] > 0 and r["peak_share"] > 0 for r in rows)
 
-    out = _run("tools/evaluate.py", "--run", str(run), "--steps", "2", "--no-progress")
+    out = run_tool("tools/evaluate.py", "--run", str(run), "--steps", "2", "--no-progress")
     report = json.loads((run / "eval/report.json").read_text())
     assert report["held_out_format"] == "latents" and report["caption"]["n"] == 4
     assert report["text"]["perplexity"] > 1 and report["diffusion"]["val_loss"] > 0
