@@ -49,6 +49,8 @@ DEFAULT = ["eps_linear", "v_linear", "flow_linear", "flow_unet", "mar", "v_linea
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from transfusion.config import PRECISIONS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="recipes/shapes_tiny.toml")
     p.add_argument("--variants", default=",".join(DEFAULT), help=f"comma list of {', '.join(VARIANTS)}")
@@ -65,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--figure", metavar="PNG", help="also write a sample figure: one row per variant, the first row of "
                    "its final training sample grid (same prompts and seed)")
     p.add_argument("--skip-done", action="store_true", help="keep variants whose ablation.json already exists")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="compute precision for training and sampling (auto: measured on this machine)")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: train + evaluate one variant in this process

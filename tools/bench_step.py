@@ -26,11 +26,13 @@ from transfusion.cli import fail_cleanly  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    from transfusion.config import PRECISIONS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="TOML recipe, e.g. recipes/shapes_tiny.toml")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3; compilation happens here)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="override train.autocast (default: the recipe's, normally auto)")
     p.add_argument("--markdown", action="store_true", help="print the result as a markdown table row with header")
     p.add_argument("--profile", type=int, default=0, metavar="N",
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
     from transfusion.config import load_config
     from transfusion.precision import cpu_features
     from transfusion.training.metrics import Window
-    from transfusion.training.trainer import Trainer
+    from transfusion.training.trainer import Trainer, token_counts
 
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
         extra = [f"--run.dir={tmp}", "--checkpoint.interval=0", f"--train.steps={args.warmup + args.steps + 1}",
@@ -67,8 +69,7 @@ def main(argv=None) -> int:
         try:
             for i in range(args.warmup + args.steps):
                 micro = trainer.data.next_step()
-                text = sum(int(((b.doc_ids >= 0) & (b.image_ids < 0)).sum()) for _, b in micro)
-                image = sum(int((b.image_ids >= 0).sum()) for _, b in micro)
+                text, image = token_counts(micro)
                 micro = [(v, trainer.prepare(b)) for v, b in micro]
                 if trainer.device.type == "cuda":
                     torch.cuda.synchronize(trainer.device)

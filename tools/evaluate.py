@@ -16,6 +16,8 @@ from transfusion.cli import fail_cleanly
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from transfusion.config import PRECISIONS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run directory (reads <run>/export, writes <run>/eval/)")
     p.add_argument("--export", help="export directory (default: <run>/export)")
@@ -32,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="compute precision on this machine: auto (bf16 on CUDA; on CPU bf16 only where a short probe "
                         "shows it faster than fp32), bf16 or fp32")
     args = p.parse_args(argv)

@@ -16,6 +16,8 @@ from transfusion.cli import fail_cleanly
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from transfusion.config import PRECISIONS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export", required=True, help="export directory (model.safetensors + config.json)")
     p.add_argument("--prompt", action="append", default=[], help="text -> image prompt (repeatable)")
@@ -33,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=48, help="caption length limit")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="compute precision on this machine: auto (bf16 on CUDA; on CPU bf16 only where a short probe "
                         "shows it faster than fp32), bf16 or fp32")
     args = p.parse_args(argv)

@@ -35,6 +35,8 @@ import torch  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from transfusion.config import PRECISIONS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
@@ -46,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=64, help="pixels; with 4x4 patches: 256 tokens per image")
     p.add_argument("--ac", default="selective", choices=("none", "selective", "full"))
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="compute precision (auto: bf16 on CUDA with bf16 support; measured on CPU)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--commit", default=os.environ.get("GIT_COMMIT", ""))
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
     _single_process_env()
     from transfusion.distributed.env import shutdown
     from transfusion.training.metrics import Window
-    from transfusion.training.trainer import Trainer
+    from transfusion.training.trainer import Trainer, token_counts
 
     class CheckTrainer(Trainer):
         def build_data(self, seed: int) -> SyntheticData:
@@ -152,8 +154,7 @@ def main(argv=None) -> int:
         window, first_s = Window(), 0.0
         for i in range(args.warmup + args.steps):
             micro = trainer.data.next_step()
-            text = sum(int(((b.doc_ids >= 0) & (b.image_ids < 0)).sum()) for _, b in micro)
-            image = sum(int((b.image_ids >= 0).sum()) for _, b in micro)
+            text, image = token_counts(micro)
             micro = [(v, trainer.prepare(b)) for v, b in micro]
             sync()
             t0 = time.perf_counter()

@@ -61,6 +61,7 @@ NonNegFloat = Annotated[float, Range(0.0)]  # >= 0
 AnyFloat = Annotated[float, Range()]  # any finite number
 Beta = Annotated[float, Range(0.0, 1.0, hi_open=True)]  # [0, 1)
 PrecisionName = Literal["auto", "bf16", "fp32", "none"]  # "none" = fp32 (older exports)
+PRECISIONS = ("auto", "bf16", "fp32")  # what the tools' --precision offers (transfusion/precision.py decides)
 
 
 @dataclass(kw_only=True, slots=True)

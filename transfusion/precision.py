@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-PRECISIONS = ("auto", "bf16", "fp32")
+from transfusion.config import PRECISIONS
+
 BF16_MIN_SPEEDUP = 1.3  # auto picks bf16 on CPU only when its probe is at least this much faster than fp32
 PROBE_ROWS = 256  # rows of the probe matmuls: small enough that even emulated bf16 (~1 GFLOP/s) stays well under 1 s
 

@@ -17,6 +17,8 @@ from transfusion.cli import fail_cleanly
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    from transfusion.config import PRECISIONS
+
     p = argparse.ArgumentParser(
         prog="python -m transfusion.train",
         description="Train a hybrid text+image transformer from a TOML recipe, in one process or under torchrun. "
@@ -30,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                    help="when resuming under a data layout the checkpoint cannot serve (a different number of "
                         "dp ranks x train.grad_accum, or data.num_workers): load weights, optimizer and step, and "
                         "start fresh data streams instead of failing")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="compute precision, same as --train.autocast=...: auto (bf16 on CUDA; on CPU bf16 only where a "
                         "short probe of the model's matmuls shows it faster than fp32), bf16 or fp32")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")

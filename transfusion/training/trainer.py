@@ -69,6 +69,12 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> float:
     return float(total)
 
 
+def token_counts(micro: list[tuple[int, Batch]]) -> tuple[int, int]:
+    """(text tokens, image tokens) of a step's micro-batches, padding excluded: what throughput and FLOPs count."""
+    text = sum(int(((b.doc_ids >= 0) & (b.image_ids < 0)).sum()) for _, b in micro)
+    return text, sum(int((b.image_ids >= 0).sum()) for _, b in micro)
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: str | bool | None = None, *, progress: bool = True,
                  reset_data: bool = False) -> None:
@@ -208,8 +214,7 @@ class Trainer:
                     break
                 if micro is None:
                     raise RuntimeError("a repeating data stream ended unexpectedly")
-                text_tokens = sum(int(((b.doc_ids >= 0) & (b.image_ids < 0)).sum()) for _, b in micro)
-                image_tokens = sum(int((b.image_ids >= 0).sum()) for _, b in micro)
+                text_tokens, image_tokens = token_counts(micro)
                 micro = [(v, self.prepare(b)) for v, b in micro]
                 t1 = time.perf_counter()
                 metrics = self.train_step(micro)
