@@ -14,7 +14,8 @@ targets.
 
 Noise limit (Transfusion, section 4.3): for a share ``data.noise_limit_share`` of documents (a stable hash of seed,
 epoch and key), every target image with text after it is noised at most to ``data.noise_limit`` of the schedule
-(the paper: t <= 500 of 1000 for 80% of captioning samples), so the text learns from a recognisable image.
+(the paper: t <= 500 of 1000 for 80% of captioning samples), so the text learns from a recognisable image. An image
+given a clean copy is not limited: the text after it sees the clean copy.
 
 Clean copy (``data.clean_copy``): a target image with text after it is written twice. The noisy copy ``BOI IMG*P``
 is hidden from every later token (``Sequence.hidden_spans`` -> ``Batch.hidden_ids`` -> the attention mask); the
@@ -201,8 +202,11 @@ class SequenceBuilder:
     def _image(self, image: Tensor, role: str | None, text_after: bool, limited: "_Lazy") -> ImageSegment:
         role = role or (self.image_then_text_role if text_after else TARGET)
         target = role == TARGET
-        return ImageSegment(image, target, self.noise_limit if target and text_after and limited() else 1.0,
-                         clean_copy=self.clean_copy and target and text_after)
+        clean_copy = self.clean_copy and target and text_after
+        # the noise limit exists so that later text learns from a recognisable image; with a clean copy the later
+        # text sees the clean image, so the (hidden) noisy copy keeps the whole schedule
+        limit = self.noise_limit if target and text_after and not clean_copy and limited() else 1.0
+        return ImageSegment(image, target, limit, clean_copy=clean_copy)
 
     def __call__(self, doc: Document, epoch: int) -> Sequence:
         limited = _Lazy(lambda: self.noise_limit < 1.0 and self.noise_limit_share > 0.0 and

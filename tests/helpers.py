@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from transfusion.batch import IGNORE_INDEX, Batch
+from transfusion.batch import Batch
 from transfusion.config import ModelConfig
 from transfusion.model import build_model
+from transfusion.sequence import Sequence, next_token_targets, rows_to_batch
 from transfusion.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -19,55 +20,28 @@ def tiny_model(seed: int = 0, attention: str = "sdpa"):
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, patch_size=4, attention=attention)
     model = build_model(cfg, TOK.vocab_size, 3)
     # The image head is zero-initialised; give it weights so image outputs depend on the input.
-    torch.nn.init.normal_(model.image_out.proj.weight, std=0.02)
+    torch.nn.init.normal_(model.image_head.image_out.proj.weight, std=0.02)
     return model.eval()
 
 
 def make_batch(docs: list[list], seq_len: int, images: torch.Tensor) -> Batch:
-    """docs: one row of documents; each document is a list of str (text) or int (index into ``images``)."""
-    tokens, doc_ids, image_ids, positions = [], [], [], []
-    rows, starts = [], []
+    """docs: one row of documents; each document is a list of str (text) or int (index into ``images``). Built with
+    the sequence format's own target rule and row builder (``transfusion/sequence.py``); every image is a target."""
+    seqs = []
     for d, doc in enumerate(docs):
-        pos = 0
-        items = [TOK.bos_id]
+        tokens, spans, imgs = [TOK.bos_id], [], []
         for seg in doc:
             if isinstance(seg, str):
-                items += TOK.encode(seg)
+                tokens += TOK.encode(seg)
             else:
-                items += [TOK.boi_id]
-                starts.append(len(tokens) + len(items))
-                rows.append(0)
-                items += [("img", seg)] * P
-                items += [TOK.eoi_id]
-        items += [TOK.eos_id]
-        for it in items:
-            if isinstance(it, tuple):
-                tokens.append(TOK.image_id)
-                image_ids.append(it[1])
-            else:
-                tokens.append(it)
-                image_ids.append(-1)
-            doc_ids.append(d)
-            positions.append(pos)
-            pos += 1
-    pad = seq_len - len(tokens)
-    tokens += [TOK.pad_id] * pad
-    doc_ids += [-1] * pad
-    image_ids += [-1] * pad
-    positions += [0] * pad
-    t = torch.tensor(tokens)
-    targets = torch.full_like(t, IGNORE_INDEX)
-    d = torch.tensor(doc_ids)
-    im = torch.tensor(image_ids)
-    nxt_same_doc = (d[:-1] == d[1:]) & (d[:-1] >= 0)
-    text_next = (im[1:] < 0)
-    keep = nxt_same_doc & text_next & (im[:-1] < 0)
-    targets[:-1] = torch.where(keep, t[1:], targets[:-1])
-    n = images.shape[0]
-    return Batch(tokens=t[None], doc_ids=d[None], image_ids=im[None], positions=torch.tensor(positions)[None],
-                 text_targets=targets[None], images=images, image_rows=torch.tensor(rows, dtype=torch.long),
-                 image_starts=torch.tensor(starts, dtype=torch.long), image_is_target=torch.ones(n, dtype=torch.bool),
-                 patch_grid=GRID, keys=[str(i) for i in range(len(docs))])
+                tokens.append(TOK.boi_id)
+                spans.append((len(tokens), len(tokens) + P))
+                imgs.append(images[seg])
+                tokens += [TOK.image_id] * P + [TOK.eoi_id]
+        tokens.append(TOK.eos_id)
+        targets = next_token_targets(tokens, [t == TOK.image_id for t in tokens], TOK.boi_id)
+        seqs.append(Sequence(str(d), tokens, targets, spans, imgs, [True] * len(imgs)))
+    return rows_to_batch([seqs], seq_len, TOK.pad_id, GRID, image_shape=tuple(images.shape[1:]))
 
 
 def fit_fixed_batch(model, batch: Batch, schedule, steps: int, lr: float = 1e-2) -> tuple[float, float]:

@@ -58,9 +58,9 @@ def test_unet_model_starts_at_zero_and_its_cached_block_equals_the_full_pass(bat
         _, pred = model(batch.tokens, batch.positions, mask, batch.images, torch.full((3,), 500.0),
                         batch.image_rows, batch.image_starts, batch.patch_grid)
     assert pred.shape == batch.images.shape and pred.abs().max() == 0  # zero-init output conv
-    torch.nn.init.normal_(model.image_out.conv_out.weight, std=0.1)
-    torch.nn.init.normal_(model.image_out.direct.weight, std=0.1)
-    torch.nn.init.ones_(model.image_out.skip_gates)  # open the skips from the down path
+    torch.nn.init.normal_(model.image_head.image_out.conv_out.weight, std=0.1)
+    torch.nn.init.normal_(model.image_head.image_out.direct.weight, std=0.1)
+    torch.nn.init.ones_(model.image_head.image_out.skip_gates)  # open the skips from the down path
     for mod in model.modules():  # wake the zero-init residual branches too
         if hasattr(mod, "conv2"):
             torch.nn.init.normal_(mod.conv2.weight, std=0.1)
@@ -85,7 +85,7 @@ def test_unet_flow_model_learns_a_fixed_batch(batch):
     before, after = fit_fixed_batch(model, batch, schedule, steps=25)
     assert after < 0.8 * before
     assert all(p.grad is not None for p in model.parameters())
-    assert model.image_out.skip_gates.abs().min() > 0  # the closed skip gates learn to open
+    assert model.image_head.image_out.skip_gates.abs().min() > 0  # the closed skip gates learn to open
 
 
 # -- the attention ablation: causal image blocks ---------------------------------------------------------------
@@ -109,7 +109,7 @@ def test_causal_image_model_trains_and_samples_causally(batch):
     torch.manual_seed(0)
     model = build_model(ModelConfig(dim=32, n_layers=2, n_heads=2, patch_size=4, image_attention="causal"),
                         TOK.vocab_size, 3).eval()
-    torch.nn.init.normal_(model.image_out.proj.weight, std=0.1)
+    torch.nn.init.normal_(model.image_head.image_out.proj.weight, std=0.1)
     schedule = NoiseSchedule(DiffusionConfig())
     # the caller's mask decides (the trainer and evaluation build it from model.image_attention): a causal image
     # block changes the image loss of the same model and draws, the text loss of this batch stays the same

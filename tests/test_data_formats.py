@@ -256,6 +256,11 @@ def test_clean_copy_layout_positions_targets_and_mask() -> None:
     assert seq.hidden_spans == [(3, 6)]
     assert seq.image_spans == [(4, 6), (7, 9), (13, 15), (17, 19)]
     assert seq.image_is_target == [True, False, False, True]  # noisy copy, clean copy, conditioning, last image
+    # the noise limit is for text that reads a noisy image: behind a clean copy the noisy copy keeps the whole schedule
+    capped = _builder(image_then_text_role="target", clean_copy=True, noise_limit=0.5, noise_limit_share=1.0)
+    assert capped(_document(), 0).image_noise_limit == [1.0, 1.0, 1.0, 1.0]
+    assert _builder(image_then_text_role="target", noise_limit=0.5,
+                    noise_limit_share=1.0)(_document(), 0).image_noise_limit[0] == 0.5
     assert torch.equal(seq.images[0], seq.images[1])
     assert seq.text_targets == [H, I_, BOI, IGN, IGN, IGN, IGN, IGN, IGN, O, K, BOI, IGN, IGN, IGN, BOI, IGN, IGN, IGN,
                                 EOS, IGN]
@@ -293,7 +298,7 @@ def test_truncation_never_cuts_an_image() -> None:
 def test_noise_limit_reaches_the_noising_function() -> None:
     from transfusion.config import DiffusionConfig
     from transfusion.diffusion.schedule import NoiseSchedule
-    from transfusion.training.losses import noised_images
+    from transfusion.model.image_head import noised_images
 
     schedule = NoiseSchedule(DiffusionConfig())
     seqs = [assemble(TOK, f"d{i}", [ImageSegment(torch.zeros(3, 2, 2), True, 0.5 if i % 2 else 1.0), [H]],

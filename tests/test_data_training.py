@@ -127,7 +127,8 @@ def test_latent_shards_train_without_reencoding(tmp_path: Path, vae_dir: Path) -
 
 
 def test_clean_copies_and_noise_limits_train(tmp_path: Path) -> None:
-    """Captioning samples with a target image, a clean copy for the caption and the Transfusion noise cap."""
+    """Captioning samples with a target image and a clean copy for the caption: the Transfusion noise cap, asked for,
+    does not reach the noisy copy (the caption reads the clean one)."""
     from transfusion.training.trainer import Trainer
 
     _write(tmp_path / "pairs.tar", [_good(i) for i in range(16)])
@@ -140,10 +141,10 @@ def test_clean_copies_and_noise_limits_train(tmp_path: Path) -> None:
     trainer.prepare = lambda batch: seen.append(batch) or prepare(batch)
     trainer.fit(stop_after=2)
     assert trainer.step == 2 and len(seen) == 2
-    for batch in seen:  # every document: hidden noisy copy (target, capped) + clean copy (conditioning)
+    for batch in seen:  # every document: hidden noisy copy (target, not capped) + clean copy (conditioning)
         assert batch.hidden_ids is not None and int(batch.hidden_ids.max()) + 1 == len(batch.keys)
         assert batch.image_is_target.tolist() == [True, False] * len(batch.keys)
-        assert batch.image_noise_limit.tolist() == [0.5, 1.0] * len(batch.keys)
+        assert batch.image_noise_limit.tolist() == [1.0, 1.0] * len(batch.keys)
 
 
 def test_evaluation_reads_latent_shards_without_reencoding(tmp_path: Path, vae_dir: Path) -> None:

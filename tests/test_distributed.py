@@ -42,7 +42,7 @@ def test_materialize_is_deterministic_and_complete():
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
     assert abs(float(sa["layers.0.attn.wqkv.weight"].std()) - MODEL.init_std) < 0.005
-    assert float(sa["image_out.proj.weight"].abs().sum()) == 0.0  # the model's own init decisions are kept
+    assert float(sa["image_head.image_out.proj.weight"].abs().sum()) == 0.0  # the model's own init decisions are kept
     assert not torch.equal(sa["layers.0.attn.wqkv.weight"], sa["layers.1.attn.wqkv.weight"])
 
 
@@ -67,7 +67,7 @@ def test_selective_checkpointing_matches_plain_gradients():
     grads = []
     for mode in ("none", "selective", "full"):
         model = meta_model(ParallelConfig(activation_checkpointing=mode))
-        torch.nn.init.normal_(model.image_out.proj.weight, std=0.02, generator=torch.Generator().manual_seed(1))
+        torch.nn.init.normal_(model.image_head.image_out.proj.weight, std=0.02, generator=torch.Generator().manual_seed(1))
         parts = _loss_parts(model, batch, seed=3)
         parts.total(LOSS).backward()
         grads.append({n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
@@ -173,7 +173,7 @@ def test_flops_per_token_counts_the_model_matmuls():
     f = flops_per_token(MODEL, TOK.vocab_size, 3, seq_len=64)
     assert f.dense == 6 * matmul
     assert f.attention == 12 * MODEL.n_layers * MODEL.dim * 64
-    patch = model.image_in.proj.weight.numel() + model.image_out.proj.weight.numel()
+    patch = model.image_in.proj.weight.numel() + model.image_head.image_out.proj.weight.numel()
     assert f.image_extra == 6 * patch
     assert f.step(10, 5) == 10 * f.text() + 5 * f.image()
     assert peak_flops(torch.device("cpu")) is None

@@ -84,7 +84,7 @@ def test_caption_prefill_with_clean_image_matches_full_forward():
 def test_text_to_image_is_reproducible_and_guidance_changes_output():
     model = tiny_model()
     eng = engine(model)
-    eng.model.image_out.proj.weight.data.normal_(std=0.05)
+    eng.model.image_head.image_out.proj.weight.data.normal_(std=0.05)
     a = eng.text_to_image(["a red circle"], steps=5, guidance=3.0, seed=3)
     b = eng.text_to_image(["a red circle"], steps=5, guidance=3.0, seed=3)
     c = eng.text_to_image(["a red circle"], steps=5, guidance=1.0, seed=3)

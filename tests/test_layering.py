@@ -86,3 +86,17 @@ def test_no_import_cycle_between_packages():
         if node not in state:
             visit(node, [node])
     assert "transfusion.model" in graph and "data_pipelines" in graph  # the walk saw the packages
+
+
+def test_image_head_choice_lives_in_the_head_modules():
+    """One image-head interface: no ``is_mar`` anywhere, and ``model.head`` compared only where the head is built
+    (``build_image_head``) and where the config is checked."""
+    allowed = {"transfusion/model/image_head.py", "transfusion/config.py"}
+    hits = []
+    for root in ("transfusion", "data_pipelines", "tools"):
+        for path in sorted((REPO / root).rglob("*.py")):
+            rel = str(path.relative_to(REPO))
+            text = path.read_text()
+            if "is_mar" in text or (rel not in allowed and ('head == "mar"' in text or "head == 'mar'" in text)):
+                hits.append(rel)
+    assert not hits, hits

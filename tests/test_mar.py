@@ -18,7 +18,7 @@ from transfusion.latents.vae import PixelCodec
 from transfusion.model import build_model
 from transfusion.model.adapters import patchify
 from transfusion.model.mar import reveal_counts, sample_patch_mask, truncated_normal
-from transfusion.training.losses import compute_loss_terms, mar_inputs
+from transfusion.training.losses import compute_loss_terms
 
 
 def mar_model(seed: int = 0, num_iter: int = 3):
@@ -31,7 +31,7 @@ def mar_model(seed: int = 0, num_iter: int = 3):
 def wake(model):
     """Give the zero-init head outputs weights so that samples depend on the condition."""
     with torch.no_grad():
-        for lin in [b.ada[1] for b in model.mar_head.blocks] + [model.mar_head.final_ada[1], model.mar_head.out]:
+        for lin in [b.ada[1] for b in model.image_head.denoiser.blocks] + [model.image_head.denoiser.final_ada[1], model.image_head.denoiser.out]:
             lin.weight.normal_(std=0.1)
     return model.eval()
 
@@ -59,8 +59,8 @@ def test_mask_ratio_and_reveal_schedule():
 
 
 def test_training_inputs_mask_targets_only_and_hide_masked_content(batch):
-    x0, t, mar, target = mar_inputs(batch, NoiseSchedule(DiffusionConfig()), mar_model().cfg,
-                                    torch.Generator().manual_seed(0))
+    draw = mar_model().image_head.draw(batch, NoiseSchedule(DiffusionConfig()), torch.Generator().manual_seed(0))
+    x0, t, mar, target = draw.images, draw.timesteps, draw.extra, draw.target
     assert torch.equal(x0, batch.images) and (t == 0).all()  # the transformer sees clean patches
     assert not mar.patch_mask[1].any() and mar.patch_mask[[0, 2]].sum(1).min() >= math.ceil(0.7 * P)
     assert torch.equal(mar.index, mar.patch_mask.reshape(-1).nonzero()[:, 0])  # loss only on masked patches
@@ -73,10 +73,8 @@ def test_training_inputs_mask_targets_only_and_hide_masked_content(batch):
     tok[mar.patch_mask] = 5.0
     hidden = torch.nn.functional.fold(tok.transpose(1, 2), (8, 8), 4, stride=4)
     with torch.no_grad():
-        a = model(batch.tokens, batch.positions, mask, batch.images, t, batch.image_rows, batch.image_starts, GRID,
-                  mar=mar)
-        b = model(batch.tokens, batch.positions, mask, hidden, t, batch.image_rows, batch.image_starts, GRID,
-                  mar=mar)
+        a = model(batch.tokens, batch.positions, mask, batch.images, t, batch.image_rows, batch.image_starts, GRID, mar)
+        b = model(batch.tokens, batch.positions, mask, hidden, t, batch.image_rows, batch.image_starts, GRID, mar)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -108,7 +106,7 @@ def test_cached_block_condition_equals_the_full_pass():
     seq = [TOK.bos_id] + TOK.encode("red") + [TOK.boi_id]
     img = torch.rand(1, 3, 8, 8) * 2 - 1
     pmask = torch.tensor([[True, False, False, True]])
-    z = eng.mar_condition(eng.prefill([seq]), img, pmask)
+    z = eng.image_block_condition(eng.prefill([seq]), img, pmask)
     L = len(seq) + P
     image_ids = torch.full((1, L), -1)
     image_ids[0, len(seq):] = 0
@@ -129,7 +127,7 @@ def test_generation_reveals_patches_once_and_is_reproducible(objective, sampler)
     cond = eng.prefill([[TOK.bos_id] + TOK.encode("a red circle") + [TOK.boi_id], [TOK.bos_id, TOK.boi_id]])
     unc = eng.prefill([[TOK.bos_id, TOK.boi_id]] * 2)
     trace: list = []
-    out = eng.mar_sample(cond, uncond=unc, guidance=3.0, sampler=sampler, steps=4,
+    out = model.image_head.sample(eng, cond, uncond=unc, guidance=3.0, sampler=sampler, steps=4,
                          generator=torch.Generator().manual_seed(0), guidance_schedule="linear", trace=trace)
     assert len(trace) == len(reveal_counts(P, 3)) == 3
     prev_tokens, prev_known = torch.zeros_like(trace[0][0]), torch.zeros_like(trace[0][1])
@@ -161,3 +159,80 @@ def test_mar_modules_run_without_images():
                                torch.Generator().manual_seed(0))
     parts.total(LossConfig()).backward()
     assert all(p.grad is not None for p in model.parameters()) and parts.image_count.item() == 0
+
+
+def test_ddpm_step_matches_diffusers_and_temperature_scales_only_the_added_noise():
+    from diffusers import DDPMScheduler
+
+    for objective in ("epsilon", "v"):
+        schedule = NoiseSchedule(DiffusionConfig(objective=objective))
+        sched = schedule.sampler("ddpm", 5)
+        assert isinstance(sched, DDPMScheduler)
+        x = torch.randn(6, 48, generator=torch.Generator().manual_seed(0))
+        pred = torch.randn(6, 48, generator=torch.Generator().manual_seed(1))
+        for t in sched.timesteps:
+            prev = int(sched.previous_timestep(t))
+            ref = sched.step(pred, t, x, generator=torch.Generator().manual_seed(2)).prev_sample
+            ours = schedule.ddpm_step(pred, int(t), prev, x, torch.Generator().manual_seed(2), clip=True)
+            assert torch.allclose(ours, ref, atol=1e-5), (objective, int(t))
+            mean = schedule.ddpm_step(pred, int(t), prev, x, torch.Generator().manual_seed(2), noise_scale=0.0, clip=True)
+            hot = schedule.ddpm_step(pred, int(t), prev, x, torch.Generator().manual_seed(2), noise_scale=2.0, clip=True)
+            cold = schedule.ddpm_step(pred, int(t), prev, x, torch.Generator().manual_seed(2), noise_scale=1.0, clip=True)
+            if prev >= 0:  # a noisy step: the deviation from the posterior mean scales with the temperature
+                assert torch.allclose(hot - mean, 2 * (cold - mean), atol=1e-5) and (cold - mean).abs().max() > 0
+            else:  # the last step adds no noise (a variance clamped at 1e-20, as diffusers does)
+                assert torch.allclose(hot, mean, atol=1e-6)
+
+
+def test_mar_defaults_follow_the_reference():
+    model = mar_model()
+    head = model.image_head
+    norms = [b.norm for b in head.denoiser.blocks]
+    assert all(n.weight is not None and bool((n.weight == 1).all()) for n in norms)  # affine LayerNorm, identity
+    assert head.denoiser.final_norm.weight is None  # the final layer's LayerNorm has none
+    assert head.default_sampler(NoiseSchedule(DiffusionConfig())) == "ddpm" and not model.cfg.mar.clip_denoised
+    assert head.default_sampler(NoiseSchedule(DiffusionConfig(objective="flow"))) == "euler"
+    with pytest.raises(ConfigError, match="does not fit"):
+        load_config(None, ["--model.head=mar", "--model.mar.sampler=euler"])
+    # generation with the defaults: every denoiser step is a ddpm step, unclipped, its noise scaled by temperature
+    eng = Engine(wake(mar_model(num_iter=2)), TOK, NoiseSchedule(DiffusionConfig()), PixelCodec(), GRID,
+                 torch.device("cpu"), precision="fp32")
+    eng.model.cfg.mar.temperature = 0.3
+    calls = []
+    real = eng.schedule.ddpm_step
+    eng.schedule.ddpm_step = lambda *a, **kw: calls.append(kw) or real(*a, **kw)
+    cond = eng.prefill([[TOK.bos_id] + TOK.encode("red") + [TOK.boi_id]])
+    eng.denoise(cond, uncond=None, guidance=1.0, sampler=None, steps=4, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 2 * 4 and all(kw == {"noise_scale": 0.3, "clip": False} for kw in calls)
+
+
+def test_mask_ratio_per_batch_draws_one_ratio():
+    counts = []
+    for seed in range(20):
+        m = sample_patch_mask(50, 64, 0.7, torch.Generator().manual_seed(seed), per="batch")
+        assert len(set(m.sum(1).tolist())) == 1 and m.sum(1)[0] >= math.ceil(0.7 * 64)  # one ratio for all
+        counts.append(int(m.sum(1)[0]))
+        if counts[-1] < 60:
+            assert len({tuple(row.nonzero()[:, 0].tolist()) for row in m}) > 40  # positions random per image
+    assert len(set(counts)) > 5 and min(counts) < 60  # the ratio itself is random across batches
+    per_image = sample_patch_mask(50, 64, 0.7, torch.Generator().manual_seed(0))
+    assert len(set(per_image.sum(1).tolist())) > 1
+
+
+def test_exports_from_before_the_head_module_load_unchanged(tmp_path):
+    """An export written with the old names (``mar_head.*``, no LayerNorm affine parameters) loads under today's
+    names and gives the same outputs."""
+    from transfusion.model.names import legacy_state_names, upgrade_state_names
+
+    model = wake(mar_model())
+    state = model.state_dict()
+    old = {k: v for k, v in legacy_state_names(state).items() if ".norm." not in k or "denoiser" not in k
+           and "mar_head" not in k}
+    old = {k: v for k, v in old.items() if not (k.startswith("mar_head.blocks.") and ".norm." in k)}
+    assert any(k.startswith("mar_head.") for k in old) and "mask_emb" in old
+    fresh = mar_model(seed=5)
+    fresh.load_state_dict(upgrade_state_names(old))
+    x, t = torch.randn(3, 48), torch.tensor([10, 500, 900])
+    z = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh.image_head.denoiser(x, t, z), model.image_head.denoiser(x, t, z))

@@ -12,7 +12,7 @@ from transfusion.batch import Batch
 from transfusion.config import DiffusionConfig, LossConfig, ModelConfig
 from transfusion.diffusion.schedule import NoiseSchedule
 from transfusion.model import build_model
-from helpers import GRID, P, TOK, make_batch, tiny_model
+from helpers import P, TOK, make_batch, tiny_model
 from transfusion.training.losses import compute_loss_terms
 
 

@@ -128,8 +128,13 @@ class MARConfig:
     width: Positive = 256
     diffusion_batch_mul: Positive = 4  # each masked token is noised this many times per step (cheap extra samples)
     mask_ratio_min: Share = 0.7  # training mask ratio ~ truncated N(1, 0.25) on [mask_ratio_min, 1]
+    mask_ratio_per: Literal["image", "batch"] = "image"  # one ratio per image, or one per batch (the reference)
     num_iter: Positive = 16  # generation: patches are revealed over this many steps (cosine schedule)
-    temperature: PosFloat = 1.0  # generation: scale of the head's initial noise
+    sampler: Literal["auto", "ddpm", "ddim", "euler", "heun"] = "auto"  # the denoiser's sampler; "auto": ddpm
+    #   (epsilon, v) or euler (flow), the reference's choice; a sampler passed to generation overrides it
+    clip_denoised: bool = False  # ddpm: clip the x0 estimate to [-1, 1] (the reference does not)
+    temperature: PosFloat = 1.0  # generation: scale of the noise each ddpm step adds (of the initial noise for
+    #   deterministic samplers)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -427,6 +432,10 @@ def _validate_image_model(cfg: Config) -> None:
         raise ConfigError("model.head = 'mar' needs model.adapter = 'linear' (a U-Net down path would leak "
                           "masked patches into their visible neighbours) and model.image_attention = "
                           "'bidirectional' (patches are revealed in random order)")
+    objective = cfg.diffusion.objective
+    if m.head == "mar" and m.mar.sampler != "auto" and m.mar.sampler not in SAMPLERS.get(objective, ()):
+        raise ConfigError(f"model.mar.sampler = {m.mar.sampler!r} does not fit diffusion.objective = "
+                          f"{objective!r} (known: auto, {', '.join(SAMPLERS.get(objective, ()))})")
 
 
 def dumps_toml(cfg: Config) -> str:

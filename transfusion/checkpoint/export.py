@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from transfusion.model.names import upgrade_state_names
+
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -93,7 +95,8 @@ def _check_dir(path: Path) -> None:
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read an export: ``(state_dict, config)``. Raises ExportError with a one-line reason."""
+    """Read an export: ``(state_dict, config)``, the state under today's parameter names (``model/names.py``).
+    Raises ExportError with a one-line reason."""
     path = Path(path)
     _check_dir(path)
     try:
@@ -106,7 +109,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[d
         state_dict = load_file(str(path / WEIGHTS), device=str(device))
     except Exception as e:
         raise ExportError(f"export {path} has an unreadable {WEIGHTS}: {' '.join(str(e).split())}") from None
-    return state_dict, config
+    return upgrade_state_names(state_dict), config
 
 
 def export_metadata(path: str | Path) -> dict[str, str]:

@@ -127,6 +127,32 @@ class NoiseSchedule:
         return a * noise - b * x0
 
     # -- sampling ----------------------------------------------------------------------------------------------
+    def predict_x0(self, pred: Tensor, x_t: Tensor, t: int) -> Tensor:
+        """The clean estimate implied by a prediction of this objective at integer timestep ``t`` (epsilon / v)."""
+        a, b = self._coefs(torch.tensor([t]), x_t)
+        return (x_t - b * pred) / a if self.objective == "epsilon" else a * x_t - b * pred
+
+    def ddpm_step(self, pred: Tensor, t: int, prev_t: int, x_t: Tensor, generator: torch.Generator | None, *,
+                  noise_scale: float = 1.0, clip: bool = False) -> Tensor:
+        """One ancestral DDPM step ``t -> prev_t`` (posterior mean + fixed-small variance), the step of diffusers'
+        ``DDPMScheduler``, with the added noise scaled by ``noise_scale`` (MAR's temperature) and optional clipping of
+        the x0 estimate to [-1, 1]. The noise is drawn on the CPU from ``generator``, as diffusers does there."""
+        if self.is_flow:
+            raise ConfigError("ddpm_step needs an epsilon or v objective")
+        ac = self.alphas_cumprod
+        a_t = float(ac[t])
+        a_prev = float(ac[prev_t]) if prev_t >= 0 else 1.0
+        alpha, beta = a_t / a_prev, 1 - a_t / a_prev
+        x0 = self.predict_x0(pred.float(), x_t.float(), t)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        mean = (a_prev ** 0.5 * beta / (1 - a_t)) * x0 + (alpha ** 0.5 * (1 - a_prev) / (1 - a_t)) * x_t.float()
+        if t <= 0:
+            return mean
+        std = max((1 - a_prev) / (1 - a_t) * beta, 1e-20) ** 0.5
+        noise = torch.randn(x_t.shape, generator=generator).to(x_t.device)
+        return mean + std * noise_scale * noise
+
     def sampler(self, name: str, steps: int):
         """A fresh diffusers scheduler of kind ``name`` with ``steps`` inference steps set. Use it as
         ``for t in s.timesteps: x = s.step(model(x, t), t, x, generator=g).prev_sample``."""

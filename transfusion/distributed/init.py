@@ -5,7 +5,8 @@ rank's *shard* from the same random stream, so a 2-rank model differs from a 1-r
 
 The approach: every random init call on a parameter is replayed on a full-size CPU tensor drawn from a generator
 seeded by (seed, parameter name), and each rank keeps its own slice of that full tensor. The weights are therefore a
-pure function of (seed, parameter names, the model's init code): identical for 1, 2 or N ranks, with or without
+pure function of (seed, parameter names, the model's init code); the names are the seed names of
+``transfusion/model/names.py``, frozen when parameters move between modules: identical for 1, 2 or N ranks, with or without
 FSDP, HSDP, activation checkpointing or compile, on CPU or CUDA. Host memory peaks at one full parameter, never at
 the full model. The model's own init code stays the single place of init decisions:
 
@@ -29,6 +30,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.overrides import TorchFunctionMode
 
 from transfusion.distributed.parallelize import clean_name
+from transfusion.model.names import seed_name
 
 _INIT_FUNCS = {getattr(nn.init, n) for n in (
     "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_", "xavier_uniform_",
@@ -101,7 +103,7 @@ def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
     model.to_empty(device=device)
     tensors: dict[int, tuple[str, Tensor]] = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        tensors.setdefault(id(t), (clean_name(name), t))
+        tensors.setdefault(id(t), (seed_name(clean_name(name)), t))
         if t.is_floating_point():
             t.fill_(float("nan"))  # DTensor: fills the local shard
     with ShardingIndependentInit(tensors, seed):

@@ -8,11 +8,12 @@ Prompts of different lengths are left-padded into one batch (padding keys are ma
 and classifier-free guidance runs the conditional and the unconditional prefix (``[BOS][BOI]``, the layout caption
 dropout trains) as one batch of 2N, with a constant or linearly rising scale (``guidance_schedule``).
 
-The image head decides how an image block is produced: the whole-image head denoises the block with the run's
-sampler (DDIM / DDPM for epsilon and v, Euler / Heun for flow, all from the one schedule object); the MAR head
-reveals the block's patches over K steps in random order, each step one transformer pass over the block (known
-patches clean, the rest the mask embedding) against the same prefix cache, then the per-token head samples the
-patches revealed at that step (``mar_sample``). Revealed patches are never changed again.
+The model's image head decides how an image block is produced (``ImageHead.sample``, beside each head): the
+whole-image head denoises the block with the run's sampler (DDIM / DDPM for epsilon and v, Euler / Heun for flow, all
+from the one schedule object), one ``image_block_prediction`` per step; the MAR head reveals the block's patches over
+K steps in random order, each step one ``image_block_condition`` pass over the block (known patches clean, the rest
+the mask embedding) against the same prefix cache, then its per-token denoiser samples the patches revealed at that
+step. Revealed patches are never changed again.
 
 Legend: N requests, S cached key length, P patches per image, D model dim, C/H/W image channels/height/width.
 """
@@ -26,11 +27,10 @@ import torch
 from torch import Tensor
 
 from transfusion.attention.masks import dense_mask
-from transfusion.diffusion.schedule import guidance_scale
-from transfusion.model.adapters import unpatchify
+from transfusion.batch import IGNORE_INDEX
 from transfusion.model.layers import KV
-from transfusion.model.mar import reveal_counts
 from transfusion.precision import PROBE_ROWS, Precision, model_matmul_shapes, resolve_precision
+from transfusion.sequence import Sequence, caption_prompt_tokens, rows_to_batch, t2i_prompt_tokens
 
 
 @dataclass
@@ -76,35 +76,28 @@ class Engine:
     # -- prefix / cache --------------------------------------------------------------------------------------
     def prefill(self, seqs: list[list[int]], images: Tensor | None = None,
                 image_spans: list[tuple[int, int]] | None = None) -> Prefix:
-        """Run left-padded token lists through the model. ``images`` [M, C, H, W] are clean images placed at
-        ``image_spans`` (row, start of the P slots, in unpadded coordinates)."""
-        n, s = len(seqs), max(len(x) for x in seqs)
+        """Run token lists through the model, one prompt per row, left-padded (``transfusion.sequence.rows_to_batch``,
+        the training row builder) so every prompt ends at the last column. ``images`` [M, C, H, W] are clean images
+        placed at ``image_spans`` (row, start of the P slots, in unpadded coordinates)."""
         dev = self.device
-        tokens = torch.full((n, s), self.tok.pad_id, dtype=torch.long)
-        doc_ids = torch.full((n, s), -1, dtype=torch.long)
-        image_ids = torch.full((n, s), -1, dtype=torch.long)
-        positions = torch.zeros((n, s), dtype=torch.long)
-        pads = [s - len(x) for x in seqs]
-        for i, (x, pad) in enumerate(zip(seqs, pads)):
-            tokens[i, pad:] = torch.tensor(x)
-            doc_ids[i, pad:] = 0
-            positions[i, pad:] = torch.arange(len(x))
-        img_tokens = rows = starts = None
-        if images is not None and len(images):
-            rows = torch.tensor([r for r, _ in image_spans])
-            starts = torch.tensor([st + pads[r] for r, st in image_spans])
-            for j, (r, st) in enumerate(zip(rows.tolist(), starts.tolist())):
-                image_ids[r, st:st + self.num_patches] = j
-            rows, starts = rows.to(dev), starts.to(dev)
-            t0 = torch.zeros(len(images), dtype=torch.long, device=dev)
-        mask = dense_mask(doc_ids.to(dev), image_ids.to(dev), self.bidirectional_images)[:, None]
+        rows = [[Sequence(f"prompt-{i}", list(x), [IGNORE_INDEX] * len(x))] for i, x in enumerate(seqs)]
+        for j, (r, st) in enumerate(image_spans if images is not None else []):
+            seq = rows[r][0]
+            seq.image_spans.append((st, st + self.num_patches))
+            seq.images.append(images[j])
+            seq.image_is_target.append(False)
+        batch = rows_to_batch(rows, max(len(x) for x in seqs), self.tok.pad_id, self.patch_grid, left_pad=True)
+        mask = dense_mask(batch.doc_ids.to(dev), batch.image_ids.to(dev), self.bidirectional_images)[:, None]
+        img_tokens = rows_ = starts = None
         with torch.no_grad(), self._ctx():
-            if images is not None and len(images):
-                img_tokens = self.model.embed_images(images.to(dev), t0)
-            h = self.model.embed(tokens.to(dev), img_tokens, rows, starts)
-            h, kv = self.model.trunk(h, positions.to(dev), mask, use_cache=True)
+            if len(batch.images):
+                t0 = torch.zeros(len(batch.images), dtype=torch.long, device=dev)
+                img_tokens = self.model.embed_images(batch.images.to(dev), t0)
+                rows_, starts = batch.image_rows.to(dev), batch.image_starts.to(dev)
+            h = self.model.embed(batch.tokens.to(dev), img_tokens, rows_, starts)
+            h, kv = self.model.trunk(h, batch.positions.to(dev), mask, use_cache=True)
         lengths = torch.tensor([len(x) for x in seqs], device=dev)
-        return Prefix(kv, doc_ids.to(dev) >= 0, lengths, h[:, -1])
+        return Prefix(kv, batch.doc_ids.to(dev) >= 0, lengths, h[:, -1])
 
     def _step_tokens(self, prefix: Prefix, tokens_N: Tensor) -> Prefix:
         """Append one token per sequence to the cache."""
@@ -133,27 +126,19 @@ class Engine:
 
     def denoise(self, prefix: Prefix, *, uncond: Prefix | None, guidance: float, sampler: str | None, steps: int,
                 generator: torch.Generator, guidance_schedule: str | None = None) -> Tensor:
-        """Sample one image per prefix (each ending in BOI) -> latents [N, C, h, w]."""
-        sampler = sampler or self.schedule.default_sampler
-        gsched = self.resolve_guidance_schedule(guidance_schedule)
-        if getattr(self.model, "is_mar", False):
-            return self.mar_sample(prefix, uncond=uncond, guidance=guidance, sampler=sampler, steps=steps,
-                                   generator=generator, guidance_schedule=gsched)
-        n = prefix.next_pos.shape[0]
-        gh, gw = self.patch_grid
-        p = self.model.cfg.patch_size
-        shape = (n, self.model.image_channels, gh * p, gw * p)
-        x = torch.randn(shape, generator=generator).to(self.device)
-        both = uncond is not None and guidance != 1.0
-        pre = _concat_prefixes(prefix, uncond) if both else prefix
-        sched = self.schedule.sampler(sampler, steps)
-        for i, t in enumerate(sched.timesteps):
-            out = self.image_block_prediction(pre, torch.cat((x, x)) if both else x, t)
-            if both:
-                cond, unc = out.chunk(2)
-                out = unc + guidance_scale(guidance, gsched, (i + 1) / len(sched.timesteps)) * (cond - unc)
-            x = sched.step(out.cpu(), t, x.cpu(), generator=generator).prev_sample.to(self.device)
-        return x
+        """Sample one image per prefix (each ending in BOI) -> latents [N, C, h, w], by the model's image head
+        (``ImageHead.sample``), which calls back the block passes below."""
+        return self.model.image_head.sample(self, prefix, uncond=uncond, guidance=guidance, sampler=sampler,
+                                            steps=steps, generator=generator,
+                                            guidance_schedule=self.resolve_guidance_schedule(guidance_schedule))
+
+    def autocast(self):
+        """The engine's precision context (bf16 autocast or nothing), for the heads' own module calls."""
+        return self._ctx()
+
+    def stack_prefixes(self, a: Prefix, b: Prefix) -> Prefix:
+        """One batch of both prefix batches (conditional first), for classifier-free guidance."""
+        return _concat_prefixes(a, b)
 
     def image_block_prediction(self, pre: Prefix, x_t: Tensor, t) -> Tensor:
         """The image head's output for noisy images ``x_t`` [N, C, H, W] at timestep ``t``, placed right after each
@@ -166,45 +151,10 @@ class Engine:
             h, _ = self.model.trunk(enc.tokens, pos, self._block_mask(pre.key_valid), past_kv=pre.kv)
             return self.model.image_prediction(h, self.patch_grid, enc)
 
-    def mar_sample(self, prefix: Prefix, *, uncond: Prefix | None, guidance: float, sampler: str, steps: int,
-                   generator: torch.Generator, guidance_schedule: str = "constant",
-                   trace: list | None = None) -> Tensor:
-        """MAR generation of one image per prefix -> latents [N, C, h, w].
-
-        Each image's patches are revealed in a random order over K = ``model.mar.num_iter`` steps, on the cosine
-        schedule of ``reveal_counts``. A step runs the transformer over the image block (known patches clean, the
-        others the mask embedding) against the prefix cache, then samples the patches revealed at that step with the
-        per-token head (``steps`` denoising steps of ``sampler``, initial noise scaled by ``model.mar.temperature``,
-        guidance rising with the revealed share under the linear schedule). ``trace`` (a list) receives
-        (tokens [N, P, E], known [N, P]) after every step."""
-        mcfg, p = self.model.cfg.mar, self.model.cfg.patch_size
-        n, P = prefix.next_pos.shape[0], self.num_patches
-        c = self.model.image_channels
-        e = c * p * p
-        both = uncond is not None and guidance != 1.0
-        pre = _concat_prefixes(prefix, uncond) if both else prefix
-        tokens = torch.zeros(n, P, e, device=self.device)
-        known = torch.zeros(n, P, dtype=torch.bool, device=self.device)
-        order = torch.rand(n, P, generator=generator).argsort(dim=1).to(self.device)  # reveal order per image
-        revealed = 0
-        for count in reveal_counts(P, mcfg.num_iter):
-            idx = order[:, revealed:revealed + count]  # [N, r] patches revealed at this step
-            z = self.mar_condition(pre, unpatchify(tokens, p, self.patch_grid, c), ~known)  # [M, P, D]
-            rows = torch.cat((idx, idx)) if both else idx
-            z_sel = z.gather(1, rows[..., None].expand(-1, -1, z.shape[-1])).reshape(-1, z.shape[-1])
-            w = guidance_scale(guidance, guidance_schedule, (revealed + count) / P)
-            x = self._head_sample(z_sel, n * count, e, both, w, sampler, steps, mcfg.temperature, generator)
-            tokens.scatter_(1, idx[..., None].expand(-1, -1, e), x.reshape(n, count, e).to(tokens.dtype))
-            known.scatter_(1, idx, True)
-            revealed += count
-            if trace is not None:
-                trace.append((tokens.clone(), known.clone()))
-        return unpatchify(tokens, p, self.patch_grid, c)
-
-    def mar_condition(self, pre: Prefix, images: Tensor, patch_mask: Tensor) -> Tensor:
-        """MAR: one transformer pass over image blocks (masked patches -> mask embedding) after each prefix; the
-        per-token conditions z [M, P, D]. ``images`` / ``patch_mask`` cover the N conditional rows of ``pre`` (and
-        are repeated for the unconditional ones)."""
+    def image_block_condition(self, pre: Prefix, images: Tensor, patch_mask: Tensor) -> Tensor:
+        """One transformer pass over clean image blocks (masked patches -> the head's mask embedding) after each
+        prefix -> the normalised hidden states z [M, P, D] the head reads (MAR's per-token conditions).
+        ``images`` / ``patch_mask`` cover the N conditional rows of ``pre`` (repeated for the unconditional ones)."""
         m, P = pre.next_pos.shape[0], self.num_patches
         reps = m // images.shape[0]
         pos = pre.next_pos[:, None] + torch.arange(P, device=self.device)[None]
@@ -214,28 +164,10 @@ class Engine:
             h, _ = self.model.trunk(h, pos, self._block_mask(pre.key_valid), past_kv=pre.kv)
             return self.model.image_condition(h).float()
 
-    def _head_sample(self, z_MD: Tensor, m: int, e: int, both: bool, w: float, sampler: str, steps: int,
-                     temperature: float, generator: torch.Generator) -> Tensor:
-        """Sample m tokens [m, E] with the per-token head from its conditions (stacked [cond; uncond] when
-        ``both``)."""
-        x = (torch.randn(m, e, generator=generator) * temperature).to(self.device)
-        sched = self.schedule.sampler(sampler, steps)
-        for t in sched.timesteps:
-            t_m = torch.full((z_MD.shape[0],), float(t), device=self.device)
-            with torch.no_grad(), self._ctx():
-                out = self.model.mar_head(torch.cat((x, x)) if both else x, t_m, z_MD).float()
-            if both:
-                cond, unc = out.chunk(2)
-                out = unc + w * (cond - unc)
-            x = sched.step(out.cpu(), t, x.cpu(), generator=generator).prev_sample.to(self.device)
-        return x
-
     def text_to_image(self, prompts: list[str], *, steps: int = 50, guidance: float = 3.0, sampler: str | None = None,
                       seed: int = 0, guidance_schedule: str | None = None) -> Tensor:
         """Prompts -> decoded images [N, C, H, W] in [-1, 1] (pixels), on the CPU. ``sampler`` None = the
         objective's first sampler; ``guidance_schedule`` None = the run config's (constant without one)."""
-        from transfusion.sequence import caption_prompt_tokens, t2i_prompt_tokens
-
         gen = torch.Generator().manual_seed(seed)
         cond = self.prefill([t2i_prompt_tokens(self.tok, p) for p in prompts])
         uncond = self.prefill([caption_prompt_tokens(self.tok)] * len(prompts)) if guidance != 1.0 else None
@@ -248,8 +180,6 @@ class Engine:
     def caption(self, images: Tensor, max_tokens: int = 48, *, latents: bool = False) -> list[str]:
         """Greedy captions for pixel images [N, 3, H, W] in [-1, 1], or with ``latents`` for images already in the
         codec's space [N, c, h, w] (latent shards)."""
-        from transfusion.sequence import caption_prompt_tokens
-
         with torch.no_grad():
             z = images.to(self.device) if latents else self.codec.encode(images.to(self.device))
         head = caption_prompt_tokens(self.tok)  # [BOS][BOI]
@@ -291,8 +221,6 @@ class Engine:
                  max_images: int = 4, guidance_schedule: str | None = None) -> Iterator[tuple[str, object]]:
         """Stream an interleaved continuation of ``prompt``: yields ("text", str) pieces and ("image", [C,H,W])
         whenever the model emits BOI; the clean image is appended to the cache, then EOI, and text goes on."""
-        from transfusion.sequence import caption_prompt_tokens
-
         gen = torch.Generator().manual_seed(seed)
         tok = self.tok
         ids = [tok.bos_id] + tok.encode(prompt)

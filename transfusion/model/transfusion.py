@@ -9,9 +9,11 @@ pass) and generation (prefill, KV-cached text steps, image denoising against a f
 modules.
 
 Image adapters (``model.adapter``): ``linear`` patch projections, or ``unet`` down/up blocks whose up path takes skip
-connections from the down path (carried in ``ImageEncoding``). Image heads (``model.head``): ``transformer`` predicts
-the objective for the whole noisy image from the transformer outputs; ``mar`` feeds clean patches (masked ones
-replaced by a learned embedding) and trains a per-token MLP denoiser on the masked ones (``transfusion.model.mar``).
+connections from the down path (carried in ``ImageEncoding``). The image head (``model.head``, ``self.image_head``;
+the interface in ``transfusion/model/image_head.py``) owns what differs between ways of producing an image:
+``transformer`` predicts the objective for the whole noisy image from the transformer outputs; ``mar`` feeds clean
+patches (masked ones replaced by a learned embedding) and trains a per-token MLP denoiser on the masked ones
+(``transfusion/model/mar.py``). The model itself has no head-specific branch.
 """
 
 from __future__ import annotations
@@ -24,17 +26,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from transfusion.config import ModelConfig
-from transfusion.model.adapters import (
-    LinearPatchIn,
-    LinearPatchOut,
-    ResBlock,
-    TimestepEmbedding,
-    UNetDown,
-    UNetUp,
-    sincos_2d,
-)
+from transfusion.model.adapters import LinearPatchIn, UNetDown, sincos_2d
+from transfusion.model.image_head import build_image_head, zero_resblock_outputs
 from transfusion.model.layers import KV, Block, RMSNorm, rope_tables
-from transfusion.model.mar import MARHead, MARInputs
 
 
 def mlp_hidden_size(cfg: ModelConfig) -> int:
@@ -48,7 +42,7 @@ class ImageEncoding:
     """Images through the input adapter: the tokens that enter the transformer, plus what the output adapter needs."""
 
     tokens: Tensor  # [N, P, D]
-    temb: Tensor | None = None  # [N, D] timestep embedding (None under the MAR head)
+    temb: Tensor | None = None  # [N, D] timestep embedding (None when the head gives none: MAR)
     skips: list[Tensor] = field(default_factory=list)  # U-Net down-path features, full resolution first
 
 
@@ -57,7 +51,6 @@ class TransfusionModel(nn.Module):
         super().__init__()
         self.cfg, self.vocab_size, self.image_channels = cfg, vocab_size, image_channels
         d, p = cfg.dim, cfg.patch_size
-        self.is_mar = cfg.head == "mar"
         self.tok_emb = nn.Embedding(vocab_size, d)
         if cfg.adapter == "unet":
             u = cfg.unet
@@ -71,16 +64,7 @@ class TransfusionModel(nn.Module):
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
         self.image_norm = RMSNorm(d, cfg.norm_eps)
-        if self.is_mar:
-            self.mask_emb = nn.Parameter(torch.zeros(d))
-            self.mar_head = MARHead(image_channels * p * p, d, cfg.mar.width, cfg.mar.depth, cfg.time_freq_dim)
-        else:
-            self.time_emb = TimestepEmbedding(d, cfg.time_freq_dim)
-            if cfg.adapter == "unet":
-                u = cfg.unet
-                self.image_out = UNetUp(image_channels, p, d, u.channels, u.blocks, u.groups)
-            else:
-                self.image_out = LinearPatchOut(image_channels, p, d)
+        self.image_head = build_image_head(cfg, image_channels)
         self.init_weights()
 
     # -- every init decision in one place --------------------------------------------------------------------
@@ -89,8 +73,8 @@ class TransfusionModel(nn.Module):
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual-branch outputs (GPT-2 / Llama practice)
         for name, mod in self.named_modules():
-            if name.startswith("mar_head"):
-                continue  # initialised by the head below
+            if name.startswith("image_head.denoiser"):
+                continue  # the MAR denoiser keeps the reference's own init (MARDenoiser.init_weights)
             if isinstance(mod, nn.Linear):
                 nn.init.normal_(mod.weight, std=out_std if name.endswith(("attn.wo", "ffn.w2")) else std)
                 if mod.bias is not None:
@@ -101,46 +85,26 @@ class TransfusionModel(nn.Module):
                 nn.init.ones_(mod.weight)
             elif isinstance(mod, nn.Conv2d):  # U-Net convs: PyTorch's default (kaiming-uniform) init
                 mod.reset_parameters()
-        if self.is_mar:
-            nn.init.normal_(self.mask_emb, std=std)
-            self.mar_head.init_weights()
-            return
-        # The image head starts at zero (DiT practice): the first prediction is 0, a neutral estimate under every
-        # objective; U-Net residual blocks start as their skip path (zero second conv), U-Net skip gates closed.
-        if isinstance(self.image_out, UNetUp):
-            for out in (self.image_out.conv_out, self.image_out.direct):
-                nn.init.zeros_(out.weight)
-                nn.init.zeros_(out.bias)
-            nn.init.zeros_(self.image_out.skip_gates)  # skips open as training finds them useful
-            for mod in list(self.image_in.modules()) + list(self.image_out.modules()):
-                if isinstance(mod, ResBlock):
-                    nn.init.zeros_(mod.conv2.weight)
-                    nn.init.zeros_(mod.conv2.bias)
-        else:
-            nn.init.zeros_(self.image_out.proj.weight)
-            nn.init.zeros_(self.image_out.proj.bias)
+        if isinstance(self.image_in, UNetDown):  # residual blocks start as their skip path (zero second conv)
+            zero_resblock_outputs(self.image_in)
+        self.image_head.init_weights(std)  # the head's own decisions (zero output, mask embedding, MAR's init)
 
     # -- pieces ----------------------------------------------------------------------------------------------
     def encode_images(self, images_NCHW: Tensor, timesteps_N: Tensor, patch_mask_NP: Tensor | None = None,
                       ) -> ImageEncoding:
         """(Noisy) images and their timesteps -> patch tokens [N, P, D] (+ what the output adapter needs). Every
-        token gets its 2D grid position (``model.image_pos_dim``) and, outside MAR, the timestep embedding.
-
-        Under the MAR head the images are clean, ``timesteps_N`` is ignored, and masked patches (``patch_mask_NP``
-        True) are replaced by the learned mask embedding."""
+        token gets its 2D grid position (``model.image_pos_dim``); the head marks the tokens: the timestep
+        embedding (whole-image head), or the mask embedding on masked patches (``patch_mask_NP`` True, MAR head,
+        whose images are clean and whose ``timesteps_N`` are ignored)."""
         x = images_NCHW.to(self.tok_emb.weight.dtype)
         grid = (x.shape[2] // self.cfg.patch_size, x.shape[3] // self.cfg.patch_size)
-        if self.is_mar:
-            h = self.image_in(x)
-            if patch_mask_NP is not None:
-                h = torch.where(patch_mask_NP[..., None], self.mask_emb.to(h.dtype), h)
-            return ImageEncoding(self._add_position(h, grid))
-        temb = self.time_emb(timesteps_N)  # [N, D]
+        temb = self.image_head.timestep_embedding(timesteps_N)  # [N, D] or None
         if isinstance(self.image_in, UNetDown):
             h, skips = self.image_in(x, temb)
         else:
             h, skips = self.image_in(x), []
-        return ImageEncoding(self._add_position(h + temb[:, None, :].to(h.dtype), grid), temb, skips)
+        h = self.image_head.mark_inputs(h, temb, patch_mask_NP)
+        return ImageEncoding(self._add_position(h, grid), temb, skips)
 
     def _add_position(self, h_NPD: Tensor, grid: tuple[int, int]) -> Tensor:
         if self.image_pos is None:
@@ -177,42 +141,32 @@ class TransfusionModel(nn.Module):
     def text_logits(self, h: Tensor) -> Tensor:
         return self.lm_head(self.norm(h))
 
-    def image_prediction(self, h_NPD: Tensor, grid: tuple[int, int], enc: ImageEncoding | None = None) -> Tensor:
-        """Hidden states at an image's slots -> the objective's prediction [N, C, H, W] (fp32). The U-Net up path
-        also needs the ``ImageEncoding`` of the same images (timestep embedding and skips)."""
-        h = self.image_norm(h_NPD)
-        if isinstance(self.image_out, UNetUp):
-            if enc is None:
-                raise ValueError("the U-Net output adapter needs the ImageEncoding of the same images")
-            return self.image_out(h, grid, enc.temb, enc.skips).float()
-        return self.image_out(h, grid).float()
-
     def image_condition(self, h_NPD: Tensor) -> Tensor:
-        """MAR: hidden states at image slots -> the per-token condition z of the diffusion head."""
+        """Hidden states at image slots -> what the image head reads (normalised), [N, P, D]."""
         return self.image_norm(h_NPD)
 
-    def mar_prediction(self, h_NPD: Tensor, mar: MARInputs) -> Tensor:
-        """MAR: the head's prediction [M * mul, E] (fp32) for the noisy tokens in ``mar``."""
-        z = self.image_condition(h_NPD).reshape(-1, h_NPD.shape[-1])[mar.index]
-        mul = mar.x_t.shape[0] // max(mar.index.shape[0], 1)
-        return self.mar_head(mar.x_t, mar.t, z.repeat(mul, 1)).float()
+    def image_prediction(self, h_NPD: Tensor, grid: tuple[int, int], enc: ImageEncoding | None = None,
+                         extra: object = None) -> Tensor:
+        """Hidden states at an image's slots -> the head's prediction (fp32): [N, C, H, W] for the whole-image
+        head (the U-Net up path also needs the ``ImageEncoding`` of the same images); MAR: [M * mul, E] for the
+        noisy tokens in ``extra``."""
+        return self.image_head.predict(self.image_condition(h_NPD), grid, enc, extra)
 
     # -- one packed training / scoring pass ------------------------------------------------------------------
     def forward(self, tokens_BL: Tensor, positions_BL: Tensor, mask: object, images_NCHW: Tensor,
                 timesteps_N: Tensor, image_rows_N: Tensor, image_starts_N: Tensor,
-                patch_grid: tuple[int, int], mar: MARInputs | None = None) -> tuple[Tensor, Tensor]:
+                patch_grid: tuple[int, int], head_inputs: object = None) -> tuple[Tensor, Tensor]:
         """Returns text logits [B, L, V] and the image head's predictions: [N, C, H, W] for every image in the
-        batch, or under the MAR head [M * mul, E] for the noisy tokens in ``mar`` (required then).
+        batch, or under the MAR head [M * mul, E] for the noisy tokens in ``head_inputs`` (``HeadDraw.extra``,
+        required then).
 
         Image modules run even when N == 0 (zero-size tensors), so every rank touches every parameter."""
-        if self.is_mar and mar is None:
-            raise ValueError("the MAR head needs MARInputs (masks, noisy tokens); see transfusion.training.losses")
-        enc = self.encode_images(images_NCHW, timesteps_N, None if mar is None else mar.patch_mask)
+        enc = self.encode_images(images_NCHW, timesteps_N, self.image_head.input_mask(head_inputs))
         h = self.embed(tokens_BL, enc.tokens, image_rows_N, image_starts_N)
         h, _ = self.trunk(h, positions_BL, mask)
         rows, cols = image_slot_index(image_rows_N, image_starts_N, enc.tokens.shape[1])
         img_h = h[rows, cols].reshape(enc.tokens.shape)
-        pred = self.mar_prediction(img_h, mar) if self.is_mar else self.image_prediction(img_h, patch_grid, enc)
+        pred = self.image_prediction(img_h, patch_grid, enc, head_inputs)
         return self.text_logits(h), pred
 
 

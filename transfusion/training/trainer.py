@@ -47,6 +47,7 @@ from transfusion.latents.prepare import prepare_batch
 from transfusion.precision import choose_precision, model_matmul_shapes
 from transfusion.components import build_components
 from transfusion.training.ema import EMA
+from transfusion.model.image_head import image_loss_count
 from transfusion.training.losses import compute_loss_terms
 from transfusion.training.metrics import Window, flops_per_token
 from transfusion.training.optim import build_lr_scheduler, build_optimizer
@@ -155,12 +156,10 @@ class Trainer:
         return torch.Generator().manual_seed(mix_seed(self.cfg.run.seed, self.step, consumer))
 
     def loss_counts(self, batch: Batch) -> Tensor:
-        """[text targets, image loss units] of a prepared batch, counted without a forward pass (float64). Needed up
-        front with several micro-steps per rank; an objective whose counts depend on random draws made in the
-        forward (MAR's masks) must override this to use grad_accum > 1."""
+        """[text targets, image loss units] of a prepared batch, counted without a forward pass (float64): the
+        image heads' one count rule (``image_loss_count``). Needed up front with several micro-steps per rank."""
         text = (batch.text_targets != IGNORE_INDEX).sum()
-        targets = batch.image_is_target.sum()
-        image = targets * math.prod(batch.images.shape[1:]) if self.cfg.loss.image_reduction == "element" else targets
+        image = image_loss_count(batch, self.cfg.loss.image_reduction)
         return torch.stack([text, image.to(text.device)]).to(self.device, torch.float64)
 
     def train_step(self, micro: list[tuple[int, Batch]]) -> dict[str, float]:

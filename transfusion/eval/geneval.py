@@ -1,0 +1,277 @@
+"""A strict judge for the compositional shapes world, scored with GenEval's tags (Ghosh et al. 2023, arXiv
+2310.11513): every object is detected from the pixels, and an image passes only if it shows what the prompt asks
+for and nothing else.
+
+Detection (one image, any size, PIL or [H, W, 3] uint8):
+
+    background   median of the 1-pixel border; it must lie within BACKGROUND_TOLERANCE of the world's background
+                 (noise and blank grey images fail here)
+    foreground   pixels farther than FOREGROUND_DISTANCE from the background
+    palette      a foreground pixel takes the nearest palette color if within PALETTE_TOLERANCE, else it is
+                 off-palette; off-palette pixels beyond a thin edge allowance fail the image (brown is not red)
+    objects      4-connected components per palette color; specks below SPECK_FRACTION of the smallest object
+                 are edge debris; every other component must be an object of the world: bounding-box aspect within
+                 ASPECT_RANGE (every world shape has a square box), side within SIDE_RANGE of the image side, and
+                 a shape template (the renderer's circle / square / triangle drawn in the component's *own* box)
+                 with IoU >= SHAPE_IOU and a margin over the runner-up
+
+Tag rules (GenEval's, made strict: the object count must match exactly, extra objects fail every tag):
+
+    single_object  exactly one object, of the asked shape
+    colors         exactly one object, of the asked shape and color
+    two_object     exactly two objects, the asked shapes
+    counting       exactly N objects, all of the asked shape (and color, if asked)
+    position       exactly two objects, the asked shapes, and GenEval's relative-position rule: offsets between
+                   box centres, each shrunk by POSITION_MARGIN x (sum of the two box sizes) on its axis, normalised
+                   by the distance; a relation holds when its normalised component is beyond 0.5
+    color_attr     exactly two objects whose shapes carry the asked colors
+
+``summarise`` gives each tag's accuracy and the overall score as the mean of the tag accuracies (not of images),
+separately for seen and unseen compositions.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from data_pipelines.scenes import HALF_SIZE_RANGE, TAGS, Prompt
+from data_pipelines.shapes import BACKGROUND, COLORS, SHAPES
+
+BACKGROUND_TOLERANCE = 40.0  # RGB distance of the border median from the world's background
+FOREGROUND_DISTANCE = 60.0
+PALETTE_TOLERANCE = 60.0  # a foreground pixel farther than this from every palette color is off-palette
+OFF_PALETTE_EDGE_SHARE = 0.25  # off-palette pixels allowed, as a share of object pixels (blurred edges)
+SPECK_FRACTION = 0.25  # components smaller than this share of the smallest object's area are edge debris
+DEBRIS_SHARE = 0.15  # debris allowed, as a share of object pixels
+ASPECT_RANGE = (0.75, 1.34)
+SIDE_RANGE = (2 * HALF_SIZE_RANGE[0] * 0.75, 2 * HALF_SIZE_RANGE[1] * 1.25)  # box side / image side
+SHAPE_IOU = 0.72
+SHAPE_MARGIN = 0.02
+POSITION_MARGIN = 0.1  # GenEval's POSITION_THRESHOLD
+
+_NAMES = tuple(COLORS)
+_PALETTE = np.array([COLORS[c] for c in _NAMES], dtype=np.float64)
+
+
+@dataclass
+class DetectedObject:
+    color: str
+    shape: str
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 inclusive, pixels
+    area: int
+    iou: float
+
+    @property
+    def center(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.box
+        return (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2
+
+    @property
+    def size(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.box
+        return x1 - x0 + 1.0, y1 - y0 + 1.0
+
+
+@dataclass
+class Detection:
+    objects: list[DetectedObject] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # reasons the image is not a clean world render
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"objects": [asdict(o) for o in self.objects], "problems": list(self.problems)}
+
+
+def label_components(mask_HW: np.ndarray) -> np.ndarray:
+    """[H, W] int labels of the 4-connected components of ``mask_HW`` (-1 outside it). Min-label propagation with
+    pointer jumping: each label is the flat index of a pixel of its component."""
+    H, W = mask_HW.shape
+    none = H * W
+    labels = np.where(mask_HW, np.arange(H * W).reshape(H, W), none)
+    while True:
+        new = labels.copy()
+        np.minimum(new[1:], labels[:-1], out=new[1:])
+        np.minimum(new[:-1], labels[1:], out=new[:-1])
+        np.minimum(new[:, 1:], labels[:, :-1], out=new[:, 1:])
+        np.minimum(new[:, :-1], labels[:, 1:], out=new[:, :-1])
+        new[~mask_HW] = none
+        new = np.append(new.ravel(), none)[new]
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    return np.where(mask_HW, labels, -1)
+
+
+def template(shape: str, h: int, w: int) -> np.ndarray:
+    """The renderer's shape fitted to an h x w box (its own aspect): [h, w] bool."""
+    y = (np.arange(h, dtype=np.float64)[:, None] + 0.5) / h * 2 - 1  # [-1, 1]
+    x = (np.arange(w, dtype=np.float64)[None, :] + 0.5) / w * 2 - 1
+    if shape == "circle":
+        return x * x + y * y <= 1.0
+    if shape == "square":
+        return np.ones((h, w), dtype=bool) & (np.abs(x) <= 1) & (np.abs(y) <= 1)
+    if shape == "triangle":  # apex at the top, base at the bottom
+        return np.abs(x) <= (y + 1) / 2
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _as_array(img: Image.Image | np.ndarray) -> np.ndarray:
+    if isinstance(img, Image.Image):
+        img = np.asarray(img.convert("RGB"))
+    arr = np.asarray(img)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an RGB image of shape [H, W, 3], got {arr.shape}")
+    return arr
+
+
+def detect(img: Image.Image | np.ndarray) -> Detection:
+    """Every object in ``img`` and every reason it is not a clean render of the world (see the module docstring)."""
+    px = _as_array(img).astype(np.float64)
+    H, W, _ = px.shape
+    out = Detection()
+    border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
+    bg = np.median(border, axis=0)
+    if np.linalg.norm(bg - np.array(BACKGROUND, dtype=np.float64)) > BACKGROUND_TOLERANCE:
+        out.problems.append("background")
+        return out
+    fg = np.linalg.norm(px - bg, axis=-1) > FOREGROUND_DISTANCE
+    dist = np.linalg.norm(px[:, :, None, :] - _PALETTE[None, None], axis=-1)  # [H, W, K]
+    nearest = dist.argmin(-1)
+    on_palette = fg & (dist.min(-1) <= PALETTE_TOLERANCE)
+    off_palette = int((fg & ~on_palette).sum())
+    min_area = np.pi * (HALF_SIZE_RANGE[0] * 0.75 * min(H, W)) ** 2 * 0.5  # a small triangle's area, with slack
+    debris = 0
+    object_pixels = 0
+    for k, name in enumerate(_NAMES):
+        mask = on_palette & (nearest == k)
+        if not mask.any():
+            continue
+        labels = label_components(mask)
+        ids, counts = np.unique(labels[labels >= 0], return_counts=True)
+        for lab, area in zip(ids.tolist(), counts.tolist()):
+            if area < SPECK_FRACTION * min_area:
+                debris += area
+                continue
+            comp = labels == lab
+            ys, xs = np.nonzero(comp)
+            x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
+            bw, bh = x1 - x0 + 1, y1 - y0 + 1
+            object_pixels += area
+            if not ASPECT_RANGE[0] <= bw / bh <= ASPECT_RANGE[1]:
+                out.problems.append(f"{name} object with aspect {bw / bh:.2f} (world shapes have 1)")
+                continue
+            side = max(bw / W, bh / H)
+            if not SIDE_RANGE[0] <= side <= SIDE_RANGE[1]:
+                out.problems.append(f"{name} object of size {side:.2f} outside the world's {SIDE_RANGE[0]:.2f}-"
+                                    f"{SIDE_RANGE[1]:.2f}")
+                continue
+            crop = comp[y0:y1 + 1, x0:x1 + 1]
+            ious = {s: float((crop & template(s, bh, bw)).sum() / (crop | template(s, bh, bw)).sum())
+                    for s in SHAPES}
+            ranked = sorted(ious, key=ious.get, reverse=True)
+            best, second = ious[ranked[0]], ious[ranked[1]]
+            if best < SHAPE_IOU or best - second < SHAPE_MARGIN:
+                out.problems.append(f"{name} object of no world shape (best IoU {best:.2f} {ranked[0]}, "
+                                    f"runner-up {second:.2f})")
+                continue
+            out.objects.append(DetectedObject(name, ranked[0], (x0, y0, x1, y1), area, round(best, 3)))
+    if off_palette > OFF_PALETTE_EDGE_SHARE * max(object_pixels, min_area):
+        out.problems.append(f"{off_palette} off-palette pixels")
+    if debris > DEBRIS_SHARE * max(object_pixels, min_area):
+        out.problems.append(f"{debris} pixels of debris")
+    out.objects.sort(key=lambda o: (o.box[0], o.box[1]))
+    return out
+
+
+def relative_position(a: DetectedObject, b: DetectedObject) -> set[str]:
+    """GenEval's rule: the relations of ``a`` to ``b`` ("to the left of", "above", ...), from box centres, each axis
+    offset shrunk by POSITION_MARGIN x (a's size + b's size) and normalised by the centres' distance."""
+    (ax, ay), (bx, by) = a.center, b.center
+    (aw, ah), (bw, bh) = a.size, b.size
+    off = np.array([ax - bx, ay - by])
+    revised = np.maximum(np.abs(off) - POSITION_MARGIN * np.array([aw + bw, ah + bh]), 0) * np.sign(off)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(off)
+    rel = set()
+    if dx < -0.5:
+        rel.add("to the left of")
+    if dx > 0.5:
+        rel.add("to the right of")
+    if dy < -0.5:
+        rel.add("above")
+    if dy > 0.5:
+        rel.add("below")
+    return rel
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    failed: str | None  # the first check that failed
+    detection: Detection
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pass": self.passed, "failed": self.failed, **self.detection.to_dict()}
+
+
+def judge(img: Image.Image | np.ndarray, prompt: Prompt) -> Verdict:
+    """Whether ``img`` shows ``prompt`` under its tag's rule (see the module docstring)."""
+    det = detect(img)
+    if det.problems:
+        return Verdict(False, det.problems[0], det)
+    objs, want = det.objects, prompt.objects
+    if len(objs) != len(want):
+        return Verdict(False, f"{len(objs)} objects, the prompt asks for {len(want)}", det)
+    if sorted(o.shape for o in objs) != sorted(s for _, s in want):
+        return Verdict(False, f"shapes {sorted(o.shape for o in objs)}, asked {sorted(s for _, s in want)}", det)
+    if prompt.tag in ("colors", "counting", "color_attr", "single_object", "two_object"):
+        for color, shape in want:
+            if color is not None and not any(o.shape == shape and o.color == color for o in objs):
+                return Verdict(False, f"no {color} {shape}", det)
+        if prompt.tag == "color_attr":  # each asked (color, shape) on its own object
+            for color, shape in want:
+                if [o.color for o in objs if o.shape == shape] != [color]:
+                    return Verdict(False, f"the {shape} is not {color}", det)
+        if prompt.tag == "counting" and want[0][0] is not None and any(o.color != want[0][0] for o in objs):
+            return Verdict(False, "not all objects have the asked color", det)
+        return Verdict(True, None, det)
+    if prompt.tag == "position":
+        a = next(o for o in objs if o.shape == want[0][1])
+        b = next(o for o in objs if o is not a)
+        if prompt.relation not in relative_position(a, b):
+            return Verdict(False, f"the {a.shape} is not {prompt.relation} the {b.shape} "
+                                  f"({sorted(relative_position(a, b)) or 'no relation'})", det)
+        return Verdict(True, None, det)
+    raise ValueError(f"unknown tag {prompt.tag!r} (known: {', '.join(TAGS)})")
+
+
+def summarise(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """``results``: dicts with ``tag``, ``pass`` and ``unseen``. Returns ``{"geneval.<tag>.<split>": accuracy,
+    "geneval.overall.<split>": mean of the tag accuracies, "counts": {...}}`` for split in seen / unseen / all; a
+    tag without images in a split is left out of that split's overall (and its count is 0)."""
+    tally: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for r in results:
+        for split in ("unseen" if r["unseen"] else "seen", "all"):
+            t = tally[(r["tag"], split)]
+            t[0] += int(bool(r["pass"]))
+            t[1] += 1
+    out: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    for split in ("seen", "unseen", "all"):
+        accs = []
+        for tag in TAGS:
+            passed, n = tally.get((tag, split), (0, 0))
+            counts[f"{tag}.{split}"] = n
+            if n:
+                out[f"geneval.{tag}.{split}"] = passed / n
+                accs.append(passed / n)
+        if accs:
+            out[f"geneval.overall.{split}"] = float(np.mean(accs))
+    out["counts"] = counts
+    return out
