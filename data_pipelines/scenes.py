@@ -281,3 +281,48 @@ def scene_compositions(scene: Scene) -> dict[str, Any]:
     """What a scene contains, for disjointness checks: its (color, shape) objects and object pairs."""
     objs = [(o.color, o.shape) for o in scene.objects]
     return {"objects": set(objs), "pairs": {frozenset((a, b)) for a in objs for b in objs if a != b}}
+
+
+_WORD_COUNT = {w: n for n, w in COUNT_WORDS.items()}
+
+
+def parse_prompt(text: str) -> Prompt:
+    """The inverse of ``prompt_text``: a caption of this world's grammar -> its Prompt (tag, objects, relation).
+    ValueError for text outside the grammar."""
+    words = text.strip().lower().rstrip(".").split()
+    colors, shapes = set(COLORS), set(SHAPES)
+
+    def one(ws: list[str]) -> tuple[str | None, str]:
+        if len(ws) == 2 and ws[0] == "a" and ws[1] in shapes:
+            return None, ws[1]
+        if len(ws) == 3 and ws[0] == "a" and ws[1] in colors and ws[2] in shapes:
+            return ws[1], ws[2]
+        raise ValueError(f"not an object phrase: {' '.join(ws)!r}")
+
+    try:
+        if words and words[0] in _WORD_COUNT and words[0] != "one":
+            n, rest = _WORD_COUNT[words[0]], words[1:]
+            color = rest[0] if len(rest) == 2 and rest[0] in colors else None
+            shape = rest[-1][:-1] if rest and rest[-1].endswith("s") else ""
+            if shape not in shapes or len(rest) != (2 if color else 1):
+                raise ValueError
+            return make_prompt("counting", ((color, shape),) * n)
+        joined = " ".join(words)
+        for rel in RELATIONS:
+            if f" {rel} " in f" {joined} ":
+                left, right = joined.split(f" {rel} ", 1)
+                a, b = one(left.split()), one(right.split())
+                if a[1] == b[1] or (a[0] is None) != (b[0] is None):
+                    raise ValueError
+                return make_prompt("position", (a, b), rel)
+        if " and " in joined:
+            left, right = joined.split(" and ", 1)
+            a, b = one(left.split()), one(right.split())
+            if a[1] == b[1] or (a[0] is None) != (b[0] is None):
+                raise ValueError
+            return make_prompt("color_attr" if a[0] else "two_object", (a, b))
+        obj = one(words)
+        return make_prompt("colors" if obj[0] else "single_object", (obj,))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a prompt of the compositional shapes world (e.g. 'a red circle', "
+                         f"'two blue squares', 'a circle to the left of a triangle')") from None

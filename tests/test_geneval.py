@@ -166,3 +166,83 @@ def test_training_scenes_never_hold_a_heldout_composition():
         assert any(p.tag == tag and is_unseen(p) for p in prompts) == (tag not in ("single_object", "two_object"))
     assert make_prompt("position", ((None, "square"), (None, "circle")), "below") in \
         [p for p in prompts if is_unseen(p)]  # the inverse phrasing of a held-out triple is held out too
+
+
+def test_world3_shards_are_disjoint_by_content(tmp_path):
+    """The shard writer's held-out split shares no render (PNG hash) with training, and no training caption states
+    an unseen composition; the held-out split has seen and unseen prompts."""
+    import hashlib
+    import json
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "w3"
+    subprocess.run([sys.executable, "tools/make_shapes_shards.py", "--world", "3", "--out", str(out),
+                    "--train-samples", "3000", "--heldout-samples", "300", "--shard-size", "1000"], cwd=repo,
+                   check=True, capture_output=True)
+
+    def members(split):
+        recs, hashes = {}, {}
+        for shard in sorted(out.glob(f"{split}-*.tar")):
+            with tarfile.open(shard) as tar:
+                for m in tar.getmembers():
+                    key, ext = m.name.rsplit(".", 1)
+                    data = tar.extractfile(m).read()
+                    if ext == "png":
+                        hashes[key] = hashlib.sha256(data).hexdigest()
+                    elif ext == "json":
+                        recs[key] = json.loads(data)
+        return recs, hashes
+
+    train, train_png = members("train")
+    held, held_png = members("heldout")
+    assert len(train) == 3000 and len(held) == 300
+    assert not set(train_png.values()) & set(held_png.values())
+    unseen_texts = {p.text for p in scenes.all_eval_prompts() if is_unseen(p)}
+    for rec in train.values():
+        assert not is_unseen(Prompt.from_dict(rec["prompt"])) and rec["caption"] not in unseen_texts
+        assert not {(o["color"], o["shape"]) for o in rec["objects"]} & HELDOUT.color_shape
+    flags = [rec["unseen"] for rec in held.values()]
+    assert 0.2 < sum(flags) / len(flags) < 0.6
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["params"]["world_version"] == 3 and manifest["image_size"] == 48
+    assert ["red", "triangle"] in manifest["heldout_compositions"]["color_shape"]
+
+
+def test_judge_cli(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    d = tmp_path / "imgs"
+    d.mkdir()
+    prompts = {}
+    for i, (img, p, _, rec) in enumerate(heldout(12)):
+        img.save(d / f"{i}.png")
+        prompts[f"{i}.png"] = p.text
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(d / "noise.png")
+    prompts["noise.png"] = "two blue circles"
+    (d / "prompts.json").write_text(json.dumps(prompts))
+    out = tmp_path / "judged.json"
+    run = subprocess.run([sys.executable, "tools/judge.py", "--images", str(d), "--out", str(out)], cwd=repo,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    judged = json.loads(out.read_text())
+    assert all(judged["images"][f"{i}.png"]["pass"] for i in range(12))
+    noise = judged["images"]["noise.png"]
+    assert not noise["pass"] and noise["failed"] == "background" and noise["tag"] == "counting"
+    assert "geneval.overall.all" in judged["summary"]
+    # bad input: one line, exit 2, nothing written
+    (d / "prompts.json").write_text(json.dumps({"0.png": "a purple dog"}))
+    bad = subprocess.run([sys.executable, "tools/judge.py", "--images", str(d), "--out", str(tmp_path / "x.json")],
+                         cwd=repo, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a prompt" in bad.stderr
+    assert not (tmp_path / "x.json").exists()
+    missing = subprocess.run([sys.executable, "tools/judge.py", "--images", str(tmp_path / "nope"), "--out",
+                              str(out)], cwd=repo, capture_output=True, text=True)
+    assert missing.returncode == 2 and "not a directory" in missing.stderr and "Traceback" not in missing.stderr

@@ -24,6 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shards", help="held-out shard spec (default: the run's data.eval_shards)")
     p.add_argument("--num-t2i", type=int, help="prompts to generate and judge (default: eval.num_t2i)")
     p.add_argument("--num-caption", type=int, help="images to caption (default: eval.num_caption)")
+    p.add_argument("--num-fid", type=int, help="compositional world: generated images scored by FID / KID against "
+                                                 "held-out renders, 0 = skip (default: eval.num_fid)")
     p.add_argument("--batch-size", type=int, help="generation batch size (default: eval.batch_size)")
     p.add_argument("--sampler", choices=("ddim", "ddpm", "euler", "heun"),
                    help="default: sample.sampler (ddim|ddpm for epsilon and v, euler|heun for flow)")
@@ -38,11 +40,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute precision on this machine: auto (bf16 on CUDA; on CPU bf16 only where a short probe "
                         "shows it faster than fp32), bf16 or fp32")
     args = p.parse_args(argv)
-    for name in ("num_t2i", "num_caption", "batch_size", "steps"):
+    for name in ("num_t2i", "num_caption", "num_fid", "batch_size", "steps"):
         v = getattr(args, name)
         if v is not None and v < (1 if name in ("batch_size", "steps") else 0):
             p.error(f"--{name.replace('_', '-')} must be positive")
     return args
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, float]:
+    """Dotted keys of every float in a nested report (settings, counts and timings left out)."""
+    out = {}
+    for k, v in d.items():
+        if k in ("settings", "counts", "timings"):
+            continue
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        elif isinstance(v, float):
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 @fail_cleanly
@@ -61,6 +76,7 @@ def main(argv=None) -> int:
         shards=args.shards or cfg.data.eval_shards,
         num_t2i=pick(args.num_t2i, cfg.eval.num_t2i),
         num_caption=pick(args.num_caption, cfg.eval.num_caption),
+        num_fid=pick(args.num_fid, cfg.eval.num_fid),
         batch_size=pick(args.batch_size, cfg.eval.batch_size),
         steps=pick(args.steps, cfg.sample.steps),
         guidance=pick(args.guidance, cfg.sample.guidance),
@@ -75,9 +91,11 @@ def main(argv=None) -> int:
     out = run / "eval" / "report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    flat = {f"{sec}.{k}": v for sec, d in report.items() if isinstance(d, dict) and sec != "settings"
-            for k, v in d.items() if isinstance(v, float)}
-    for k, v in flat.items():
+    if report.get("world") == 3:
+        from transfusion.eval.compositional import markdown
+
+        (run / "eval" / "report.md").write_text(markdown(report))
+    for k, v in flatten(report).items():
         print(f"{k:38s} {v:.4f}")
     print(f"wrote {out}")
     return 0

@@ -242,6 +242,7 @@ class EvalConfig:
     num_caption: Count = 200
     batch_size: Positive = 50
     max_caption_tokens: Positive = 48
+    num_fid: Count = 0  # compositional world: generated images for FID / KID (0 = skip); the floor needs 2x held out
 
 
 @dataclass(kw_only=True, slots=True)

@@ -21,7 +21,8 @@ Tag rules (GenEval's, made strict: the object count must match exactly, extra ob
     colors         exactly one object, of the asked shape and color
     two_object     exactly two objects, the asked shapes
     counting       exactly N objects, all of the asked shape (and color, if asked)
-    position       exactly two objects, the asked shapes, and GenEval's relative-position rule: offsets between
+    position       exactly two objects, the asked shapes (and colors, if asked), and GenEval's relative-position
+                   rule: offsets between
                    box centres, each shrunk by POSITION_MARGIN x (sum of the two box sizes) on its axis, normalised
                    by the distance; a relation holds when its normalised component is beyond 0.5
     color_attr     exactly two objects whose shapes carry the asked colors
@@ -230,16 +231,16 @@ def judge(img: Image.Image | np.ndarray, prompt: Prompt) -> Verdict:
         return Verdict(False, f"{len(objs)} objects, the prompt asks for {len(want)}", det)
     if sorted(o.shape for o in objs) != sorted(s for _, s in want):
         return Verdict(False, f"shapes {sorted(o.shape for o in objs)}, asked {sorted(s for _, s in want)}", det)
-    if prompt.tag in ("colors", "counting", "color_attr", "single_object", "two_object"):
+    for color, shape in want:
+        if color is not None and not any(o.shape == shape and o.color == color for o in objs):
+            return Verdict(False, f"no {color} {shape}", det)
+    if prompt.tag in ("color_attr", "position") and want[0][0] is not None:  # each color on its own object
         for color, shape in want:
-            if color is not None and not any(o.shape == shape and o.color == color for o in objs):
-                return Verdict(False, f"no {color} {shape}", det)
-        if prompt.tag == "color_attr":  # each asked (color, shape) on its own object
-            for color, shape in want:
-                if [o.color for o in objs if o.shape == shape] != [color]:
-                    return Verdict(False, f"the {shape} is not {color}", det)
-        if prompt.tag == "counting" and want[0][0] is not None and any(o.color != want[0][0] for o in objs):
-            return Verdict(False, "not all objects have the asked color", det)
+            if [o.color for o in objs if o.shape == shape] != [color]:
+                return Verdict(False, f"the {shape} is not {color}", det)
+    if prompt.tag == "counting" and want[0][0] is not None and any(o.color != want[0][0] for o in objs):
+        return Verdict(False, "not all objects have the asked color", det)
+    if prompt.tag in ("colors", "counting", "color_attr", "single_object", "two_object"):
         return Verdict(True, None, det)
     if prompt.tag == "position":
         a = next(o for o in objs if o.shape == want[0][1])

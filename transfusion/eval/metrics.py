@@ -1,6 +1,8 @@
 """Offline evaluation on held-out shards: text -> image judged from pixels, captioning, perplexity, diffusion loss.
 
-Report keys (``<run>/eval/report.json``):
+Held-out shards of the compositional world (v3) get report v2 (``transfusion/eval/compositional.py``: GenEval tags,
+caption scores, caption NLL in bits, loss per noise level, FID / KID; seen and unseen compositions apart). Report keys
+for the single-object world (v2) (``<run>/eval/report.json``):
     t2i.{color,shape,position,all}_accuracy    images generated from held-out captions, judged by eval.judge
     caption.exact_match, caption.{color,shape,position}_accuracy   greedy captions of held-out images
     text.perplexity                            teacher-forced, text targets of the text -> image layout
@@ -17,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from data_pipelines.shapes import Scene
+from transfusion.eval.compositional import evaluate_v3, is_v3_record
 from transfusion.eval.judge import accuracy, judge_image, score_caption, score_scene
 from transfusion.generation.grid import make_grid, to_uint8
 
@@ -28,7 +31,7 @@ def _chunks(seq: list, size: int):
 
 def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size: int, steps: int, guidance: float,
              sampler: str, seed: int, max_caption_tokens: int, out_dir: Path | None = None,
-             progress: bool = True, guidance_schedule: str | None = None) -> dict:
+             progress: bool = True, guidance_schedule: str | None = None, num_fid: int = 0) -> dict:
     from data_pipelines.loader import resolve_format
     from data_pipelines.shards import expand_shard_spec, iter_decoded_samples
 
@@ -42,6 +45,11 @@ def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size:
     report: dict = {"num_samples": len(samples), "held_out_format": "latents" if latents else "pixels",
                     "settings": {"steps": steps, "guidance": guidance, "sampler": sampler,
                                  "guidance_schedule": schedule, "seed": seed}}
+    if is_v3_record(samples[0][3]):  # the compositional world: report v2, seen / unseen apart
+        return report | evaluate_v3(engine, samples, num_t2i=num_t2i, num_caption=num_caption, num_fid=num_fid,
+                                    batch_size=batch_size, steps=steps, guidance=guidance, sampler=sampler,
+                                    guidance_schedule=schedule, seed=seed, max_caption_tokens=max_caption_tokens,
+                                    out_dir=out_dir, progress=progress, latents=latents)
     timings = {}
 
     # text -> image, judged from pixels
