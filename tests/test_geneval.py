@@ -202,13 +202,21 @@ def test_world3_shards_are_disjoint_by_content(tmp_path):
     assert len(train) == 3000 and len(held) == 300
     assert not set(train_png.values()) & set(held_png.values())
     unseen_texts = {p.text for p in scenes.all_eval_prompts() if is_unseen(p)}
+    interleaved = 0
     for rec in train.values():
+        if "segments" in rec:  # text, image, text about it, second image
+            interleaved += 1
+            objs = {(o["color"], o["shape"]) for o in rec["scenes"][1]["objects"]}
+            assert len(objs) == 2 and frozenset(objs) not in HELDOUT.object_pairs and not objs & HELDOUT.color_shape
+            assert [s.get("image") for s in rec["segments"]] == [None, 0, None, 1]
+            continue
         assert not is_unseen(Prompt.from_dict(rec["prompt"])) and rec["caption"] not in unseen_texts
         assert not {(o["color"], o["shape"]) for o in rec["objects"]} & HELDOUT.color_shape
+    assert interleaved == 300  # every tenth training sample
     flags = [rec["unseen"] for rec in held.values()]
     assert 0.2 < sum(flags) / len(flags) < 0.6
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["params"]["world_version"] == 3 and manifest["image_size"] == 48
+    assert manifest["params"]["world_version"] == 3 and manifest["image_size"] == 32
     assert ["red", "triangle"] in manifest["heldout_compositions"]["color_shape"]
 
 

@@ -96,7 +96,7 @@ def test_inception_features_from_the_packaged_torchscript():
         return torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images])
 
     shapes = batch([scenes.heldout_sample(i, 0)[1] for i in range(6)])
-    blank = batch([render(Scene([]), 48)] * 6)
+    blank = batch([render(Scene([]), 32)] * 6)
     feats = InceptionFeatures(batch_size=6)
     a, b = feats(shapes), feats(blank)
     assert a.shape == (6, 2048) and np.isfinite(a).all() and a.std() > 0

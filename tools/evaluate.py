@@ -60,6 +60,31 @@ def flatten(d: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def write_tensorboard(run: Path, flat: dict[str, float], eval_dir: Path) -> None:
+    """The report's scalars (under eval/) and its image grids (t2i_*.png: one per GenEval tag in the compositional
+    world) in <run>/tb, beside the training curves, at the run's last step."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("tensorboard is not installed: the report stays in report.json only", file=sys.stderr)
+        return
+
+    step = 0
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file():
+        lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
+        step = json.loads(lines[-1]).get("step", 0) if lines else 0
+    with SummaryWriter(str(run / "tb")) as tb:
+        for k, v in flat.items():
+            if v == v:  # NaN-free
+                tb.add_scalar(f"eval/{k}", v, step)
+        for grid in sorted(eval_dir.glob("t2i_*.png")):
+            tb.add_image(f"eval/{grid.stem}", np.asarray(Image.open(grid).convert("RGB")), step, dataformats="HWC")
+
+
 @fail_cleanly
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -95,8 +120,10 @@ def main(argv=None) -> int:
         from transfusion.eval.compositional import markdown
 
         (run / "eval" / "report.md").write_text(markdown(report))
-    for k, v in flatten(report).items():
+    flat = flatten(report)
+    for k, v in flat.items():
         print(f"{k:38s} {v:.4f}")
+    write_tensorboard(run, flat, run / "eval")
     print(f"wrote {out}")
     return 0
 

@@ -2,7 +2,7 @@
 """Write the shapes world as WebDataset shards: DIR/train-000000.tar ..., DIR/heldout-000000.tar ..., manifest.json.
 
 ``--world 2`` (default): one shape per image, "a red circle on the left". ``--world 3``: the compositional world of
-``data_pipelines/scenes.py`` (1-4 objects, counts, attributes, relations; 48 px) with held-out compositions; its
+``data_pipelines/scenes.py`` (1-4 objects, counts, attributes, relations) with held-out compositions; its
 held-out split never repeats a training render (PNG hashes checked, duplicates skipped and counted).
 
 Each sample is ``<key>.png`` (the image), ``<key>.txt`` (the caption) and ``<key>.json`` (scene record + caption).
@@ -52,9 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=_count(1), default=2500, help="samples per tar shard")
     p.add_argument("--world", type=int, choices=(2, 3), default=2,
                    help="2: one shape per image; 3: compositional scenes with held-out compositions")
+    p.add_argument("--interleaved-share", type=float, default=0.1,
+                   help="world 3: share of training samples that are interleaved documents (text, image, text about "
+                        "it, a second image with one more object)")
     p.add_argument("--image-size", type=_count(16), default=None,
-                   help="image side in pixels (default 32 for world 2, 48 for world 3, where the strict judge "
-                        "reads every ground-truth render; below that small shapes start to look alike)")
+                   help="image side in pixels (default 32; below that small shapes start to look alike)")
     p.add_argument("--seed", type=_count(0), default=0, help="world seed; each sample is a pure function of it")
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing dataset that was generated with different parameters")
@@ -88,6 +90,11 @@ def write_split(out: Path, split: str, n: int, args: argparse.Namespace, progres
     from data_pipelines.shapes import png_bytes
 
     make = sample_fn(args.world, split)
+    interleaved_every = 0
+    if args.world == 3 and split == "train" and args.interleaved_share > 0:
+        from data_pipelines import scenes
+
+        interleaved_every = max(1, round(1 / args.interleaved_share))  # every k-th training sample
     shards, counts, index, skipped = [], shard_plan(n, args.shard_size), 0, 0
     for shard_idx, count in enumerate(counts):
         name = f"{split}-{shard_idx:06d}.tar"
@@ -95,6 +102,16 @@ def write_split(out: Path, split: str, n: int, args: argparse.Namespace, progres
         with wds.TarWriter(str(tmp), mtime=0, encoder=False) as sink:
             written = 0
             while written < count:
+                if interleaved_every and index % interleaved_every == interleaved_every - 1:
+                    key, images, _, record = scenes.interleaved_sample(index, args.seed, args.image_size)
+                    index += 1
+                    members = {f"{i}.png": png_bytes(im) for i, im in enumerate(images)}
+                    if seen_hashes is not None:
+                        seen_hashes.update(hashlib.sha256(m).hexdigest() for m in members.values())
+                    sink.write({"__key__": key, **members, "json": json.dumps(record, sort_keys=True).encode()})
+                    written += 1
+                    progress.update(1)
+                    continue
                 key, image, text, record = make(index, args.seed, args.image_size)
                 index += 1
                 png = png_bytes(image)
@@ -119,16 +136,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from data_pipelines.shapes import BACKGROUND, COLORS, POSITIONS, SHAPES, WORLD_VERSION
 
+    if not 0.0 <= args.interleaved_share < 1.0:
+        print(f"error: --interleaved-share must be in [0, 1), got {args.interleaved_share}", file=sys.stderr)
+        return 2
     if args.image_size is None:
-        args.image_size = 48 if args.world == 3 else 32
+        args.image_size = 32
+    world_version = WORLD_VERSION
     if args.world == 3:
         from data_pipelines import scenes
 
-        WORLD_VERSION = scenes.WORLD_VERSION  # noqa: N806
+        world_version = scenes.WORLD_VERSION
     out = Path(args.out)
-    params = {"world_version": WORLD_VERSION, "seed": args.seed, "image_size": args.image_size,
+    params = {"world_version": world_version, "seed": args.seed, "image_size": args.image_size,
               "shard_size": args.shard_size, "train_samples": args.train_samples,
-              "heldout_samples": args.heldout_samples}
+              "heldout_samples": args.heldout_samples,
+              **({"interleaved_share": args.interleaved_share} if args.world == 3 else {})}
     manifest_path = out / MANIFEST
     if manifest_path.exists():
         try:

@@ -161,7 +161,7 @@ def evaluate_v3(engine, samples: list, *, num_t2i: int, num_caption: int, num_fi
     return report
 
 
-def _teacher_forced(engine, seqs: list, batch_size: int, gen: torch.Generator, schedule=None,
+def teacher_forced(engine, seqs: list, batch_size: int, gen: torch.Generator, schedule=None,
                     latents: bool = False) -> list[tuple[float, float, float, float]]:
     """(text_sum, text_count, image_sum, image_count) per packed batch of ``seqs``."""
     from data_pipelines.packing import Packer
@@ -209,7 +209,7 @@ def caption_nll_bits(engine, samples: list, refs: list[Prompt], unseen: list[boo
             eoi = seq.tokens.index(tok.eoi_id)  # targets from EOI on: the caption's tokens and EOS
             seq.text_targets = [IGNORE_INDEX] * eoi + seq.text_targets[eoi:]
             seqs.append(seq)
-        parts = _teacher_forced(engine, seqs, max(1, batch_size), torch.Generator().manual_seed(0), latents=latents)
+        parts = teacher_forced(engine, seqs, max(1, batch_size), torch.Generator().manual_seed(0), latents=latents)
         out[split] = bits_per_caption(sum(p[0] for p in parts), len(seqs))
     return out
 
@@ -240,7 +240,7 @@ def diffusion_loss_by_noise(engine, samples: list, *, batch_size: int, seed: int
     out = {}
     for b in range(NOISE_BUCKETS):
         lo, hi = b * T / NOISE_BUCKETS, (b + 1) * T / NOISE_BUCKETS
-        parts = _teacher_forced(engine, seqs, batch_size, torch.Generator().manual_seed(seed + b),
+        parts = teacher_forced(engine, seqs, batch_size, torch.Generator().manual_seed(seed + b),
                                 _BucketSchedule(engine.schedule, lo, hi), latents=latents)
         out[f"t{int(lo)}-{int(hi)}"] = sum(p[2] for p in parts) / max(sum(p[3] for p in parts), 1.0)
     return out

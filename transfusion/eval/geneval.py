@@ -121,7 +121,7 @@ def template(shape: str, h: int, w: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _as_array(img: Image.Image | np.ndarray) -> np.ndarray:
+def as_rgb_array(img: Image.Image | np.ndarray) -> np.ndarray:
     if isinstance(img, Image.Image):
         img = np.asarray(img.convert("RGB"))
     arr = np.asarray(img)
@@ -132,7 +132,7 @@ def _as_array(img: Image.Image | np.ndarray) -> np.ndarray:
 
 def detect(img: Image.Image | np.ndarray) -> Detection:
     """Every object in ``img`` and every reason it is not a clean render of the world (see the module docstring)."""
-    px = _as_array(img).astype(np.float64)
+    px = as_rgb_array(img).astype(np.float64)
     H, W, _ = px.shape
     out = Detection()
     border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])

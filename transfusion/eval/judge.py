@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines.shapes import ANCHORS, COLORS, POSITION_PHRASES, SHAPES, Scene, shape_mask
+from transfusion.eval.geneval import as_rgb_array, label_components
 
 ATTRIBUTES: tuple[str, ...] = ("color", "shape", "position")
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background above which a pixel is foreground
@@ -54,15 +55,6 @@ class Judgement:
 _NOTHING = Judgement(color=None, shape=None, position=None)
 
 
-def _as_array(img: Image.Image | np.ndarray) -> np.ndarray:
-    if isinstance(img, Image.Image):
-        img = np.asarray(img.convert("RGB"))
-    arr = np.asarray(img)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"expected an RGB image of shape [H, W, 3], got {arr.shape}")
-    return arr
-
-
 def _border_color(pixels_HWC: np.ndarray) -> np.ndarray:
     border = np.concatenate([pixels_HWC[0], pixels_HWC[-1], pixels_HWC[:, 0], pixels_HWC[:, -1]])
     return np.median(border, axis=0)
@@ -70,26 +62,8 @@ def _border_color(pixels_HWC: np.ndarray) -> np.ndarray:
 
 def largest_component(mask_HW: np.ndarray) -> np.ndarray:
     """[H, W] bool mask of the largest 4-connected component of ``mask_HW`` (ties: the one starting first in
-    raster order); all False when ``mask_HW`` is empty.
-
-    Min-label propagation over the 4 neighbours with pointer jumping (label <- label[label]); each pixel's label is
-    the flat index of a pixel in its component, so jumping stays inside the component and converges fast.
-    """
-    H, W = mask_HW.shape
-    none = H * W  # sentinel label for background
-    labels = np.where(mask_HW, np.arange(H * W).reshape(H, W), none)
-    while True:
-        new = labels.copy()
-        np.minimum(new[1:], labels[:-1], out=new[1:])
-        np.minimum(new[:-1], labels[1:], out=new[:-1])
-        np.minimum(new[:, 1:], labels[:, :-1], out=new[:, 1:])
-        np.minimum(new[:, :-1], labels[:, 1:], out=new[:, :-1])
-        new[~mask_HW] = none
-        lookup = np.append(new.ravel(), none)
-        new = lookup[new]
-        if np.array_equal(new, labels):
-            break
-        labels = new
+    raster order); all False when ``mask_HW`` is empty."""
+    labels = label_components(mask_HW)
     fg = labels[mask_HW]
     if fg.size == 0:
         return np.zeros_like(mask_HW)
@@ -102,7 +76,7 @@ def _nearest_anchor(x: float, y: float) -> str:
 
 def judge_image(img: Image.Image | np.ndarray) -> Judgement:
     """Judge the single object in ``img``; fields are None when no object is found."""
-    pixels = _as_array(img).astype(np.float64)
+    pixels = as_rgb_array(img).astype(np.float64)
     H, W, _ = pixels.shape
     min_area = max(1.0, MIN_AREA_FRACTION * H * W)
     background = _border_color(pixels)

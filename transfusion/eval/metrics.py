@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from data_pipelines.shapes import Scene
-from transfusion.eval.compositional import evaluate_v3, is_v3_record
+from transfusion.eval.compositional import evaluate_v3, is_v3_record, teacher_forced
 from transfusion.eval.judge import accuracy, judge_image, score_caption, score_scene
 from transfusion.generation.grid import make_grid, to_uint8
 
@@ -104,36 +104,13 @@ def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size:
 def scoring_metrics(engine, samples: list, *, batch_size: int, seed: int, latents: bool = False) -> dict:
     """Teacher-forced scores on packed text -> image sequences (no caption dropout); ``latents``: the samples'
     images are precomputed latents."""
-    from data_pipelines.packing import Packer
     from data_pipelines.samples import T2I, build_sequence
 
-    from transfusion.attention.backends import build_attention_mask
-    from transfusion.latents.prepare import prepare_batch
-    from transfusion.training.losses import compute_loss_terms
-
-    cfg, tok = engine.cfg, engine.tok
+    tok = engine.tok
     seqs = [build_sequence(tok, key, image, tok.encode(caption), patch_grid=engine.patch_grid, layout=T2I)
             for key, image, caption, _ in samples]
-    rows = max(1, batch_size * max(len(s) for s in seqs) // cfg.data.seq_len)
-    batches, packer = [], Packer(cfg.data.seq_len, rows, tok.pad_id, engine.patch_grid, latents=latents)
-    for seq in seqs:
-        if not packer.add(seq):
-            batches.append(packer.emit())
-            packer.add(seq)
-    if len(packer):
-        batches.append(packer.emit())
-    gen = torch.Generator().manual_seed(seed)
-    text_sum = text_n = img_sum = img_n = 0.0
-    with torch.no_grad():
-        for batch in batches:
-            batch = prepare_batch(batch, engine.codec, engine.device, engine.patch_grid, cfg.model.patch_size)
-            mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa",
-                                        bidirectional_images=engine.bidirectional_images)
-            with engine._ctx():
-                parts = compute_loss_terms(engine.model, batch, mask, engine.schedule, cfg.loss, gen)
-            text_sum += float(parts.text_sum)
-            text_n += float(parts.text_count)
-            img_sum += float(parts.image_sum)
-            img_n += float(parts.image_count)
+    parts = teacher_forced(engine, seqs, batch_size, torch.Generator().manual_seed(seed), latents=latents)
+    text_sum, text_n = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    img_sum, img_n = sum(p[2] for p in parts), sum(p[3] for p in parts)
     return {"text": {"perplexity": math.exp(text_sum / max(text_n, 1)), "nll_per_token": text_sum / max(text_n, 1)},
             "diffusion": {"val_loss": img_sum / max(img_n, 1)}}
