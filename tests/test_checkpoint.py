@@ -197,3 +197,24 @@ def test_export_errors(tmp_path):
     with pytest.raises(ExportError, match="not an export"):
         export_model(tmp_path / "run", {"x": torch.ones(2)}, {})
     assert json.loads("{}") == {}
+
+
+def test_checkpoints_from_before_the_image_head_module_are_refused_clearly(tmp_path):
+    """A training checkpoint with the old parameter names (time_emb, image_out, mar_head, mask_emb at the top
+    level) gets one line saying what to do, not DCP's missing-key error."""
+
+    class Old(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.time_emb = nn.Linear(4, 4)
+            self.image_out = nn.Linear(4, 4)
+
+    old = Old()
+    opt = build_optimizer(old, CFG)
+    save_checkpoint(tmp_path, 1, {"app": ModelOptimizerState(old, opt)}, {}, keep=1)
+    with pytest.raises(CheckpointError, match="predates the image-head module") as e:
+        resolve_checkpoint(tmp_path)
+    assert "\n" not in str(e.value) and "export" in str(e.value)
+    model, opt, sched, ema = make(0)  # today's names (nothing called time_emb at the top level) pass
+    save_checkpoint(tmp_path / "new", 1, state_of(model, opt, sched, ema), {}, keep=1)
+    assert resolve_checkpoint(tmp_path / "new").name.startswith("step_")

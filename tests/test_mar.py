@@ -122,6 +122,7 @@ def test_cached_block_condition_equals_the_full_pass():
 @pytest.mark.parametrize("objective,sampler", [("epsilon", "ddim"), ("flow", "euler")])
 def test_generation_reveals_patches_once_and_is_reproducible(objective, sampler):
     model = wake(mar_model(num_iter=3))
+    model.cfg.mar.sampler = sampler
     eng = Engine(model, TOK, NoiseSchedule(DiffusionConfig(objective=objective)), PixelCodec(), GRID,
                  torch.device("cpu"), precision="fp32")
     cond = eng.prefill([[TOK.bos_id] + TOK.encode("a red circle") + [TOK.boi_id], [TOK.bos_id, TOK.boi_id]])
@@ -204,6 +205,9 @@ def test_mar_defaults_follow_the_reference():
     cond = eng.prefill([[TOK.bos_id] + TOK.encode("red") + [TOK.boi_id]])
     eng.denoise(cond, uncond=None, guidance=1.0, sampler=None, steps=4, generator=torch.Generator().manual_seed(0))
     assert len(calls) == 2 * 4 and all(kw == {"noise_scale": 0.3, "clip": False} for kw in calls)
+    # the whole-image head's sampler (sample.sampler, passed by every tool) does not replace the head's own
+    eng.text_to_image(["red"], steps=3, guidance=1.0, sampler="ddim", seed=0)
+    assert len(calls) == 2 * 4 + 2 * 3
 
 
 def test_mask_ratio_per_batch_draws_one_ratio():

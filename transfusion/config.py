@@ -101,6 +101,7 @@ class DataConfig:
     # noised at most this share of the schedule..
     noise_limit_share: Share = 0.8  # ..in this share of documents (Transfusion: t <= 500/1000 in 80%)
     clean_copy: bool = False  # give later text a clean copy of such target images; the noisy copy is hidden
+    #   (and is not noise-limited: the later text reads the clean copy)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -131,7 +132,7 @@ class MARConfig:
     mask_ratio_per: Literal["image", "batch"] = "image"  # one ratio per image, or one per batch (the reference)
     num_iter: Positive = 16  # generation: patches are revealed over this many steps (cosine schedule)
     sampler: Literal["auto", "ddpm", "ddim", "euler", "heun"] = "auto"  # the denoiser's sampler; "auto": ddpm
-    #   (epsilon, v) or euler (flow), the reference's choice; a sampler passed to generation overrides it
+    #   (epsilon, v) or euler (flow), the reference's choice (sample.sampler is the whole-image head's)
     clip_denoised: bool = False  # ddpm: clip the x0 estimate to [-1, 1] (the reference does not)
     temperature: PosFloat = 1.0  # generation: scale of the noise each ddpm step adds (of the initial noise for
     #   deterministic samplers)

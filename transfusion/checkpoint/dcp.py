@@ -53,6 +53,15 @@ MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
+def _legacy_name(key: str) -> bool:
+    """Whether a DCP key (model, optimizer or EMA entry) holds a parameter name from before the image-head module:
+    ``mar_head``, or ``time_emb`` / ``image_out`` / ``mask_emb`` not under ``image_head`` (or its ``denoiser``)."""
+    parts = key.split(".")
+    return any(p == "mar_head" or (p in ("time_emb", "image_out", "mask_emb") and
+                                   (i == 0 or parts[i - 1] not in ("image_head", "denoiser")))
+               for i, p in enumerate(parts))
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be found, is incomplete, or cannot be read. The message is one line."""
 
@@ -164,9 +173,14 @@ def _check_metadata(path: Path) -> None:
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"checkpoint {path} is corrupt: its DCP .metadata file is missing")
     try:
-        FileSystemReader(str(path)).read_metadata()
+        meta = FileSystemReader(str(path)).read_metadata()
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} has unreadable DCP metadata ({_one_line(e)})") from None
+    old = [k for k in meta.state_dict_metadata if _legacy_name(k)]
+    if old:
+        raise CheckpointError(f"checkpoint {path} predates the image-head module (it holds {old[0]!r}): resume it "
+                              f"with a commit before 5ad56bb, or start a new run from its export (exports written "
+                              f"before the rename load under today's names)")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -44,7 +44,8 @@ class Prefix:
 
 
 class Engine:
-    """``precision``: a ``transfusion.precision.Precision``, or "auto" / "bf16" / "fp32" to resolve for the machine
+    """Serves a plain (unwrapped) single-device model: the image heads call their modules outside ``forward``.
+    ``precision``: a ``transfusion.precision.Precision``, or "auto" / "bf16" / "fp32" to resolve for the machine
     the engine runs on (``auto`` probes this machine's matmuls, whatever the model was trained with)."""
 
     def __init__(self, model, tokenizer, schedule, codec, patch_grid: tuple[int, int], device: torch.device,
@@ -81,7 +82,7 @@ class Engine:
         placed at ``image_spans`` (row, start of the P slots, in unpadded coordinates)."""
         dev = self.device
         rows = [[Sequence(f"prompt-{i}", list(x), [IGNORE_INDEX] * len(x))] for i, x in enumerate(seqs)]
-        for j, (r, st) in enumerate(image_spans if images is not None else []):
+        for j, (r, st) in enumerate(image_spans if images is not None and len(images) else []):
             seq = rows[r][0]
             seq.image_spans.append((st, st + self.num_patches))
             seq.images.append(images[j])
@@ -166,8 +167,9 @@ class Engine:
 
     def text_to_image(self, prompts: list[str], *, steps: int = 50, guidance: float = 3.0, sampler: str | None = None,
                       seed: int = 0, guidance_schedule: str | None = None) -> Tensor:
-        """Prompts -> decoded images [N, C, H, W] in [-1, 1] (pixels), on the CPU. ``sampler`` None = the
-        objective's first sampler; ``guidance_schedule`` None = the run config's (constant without one)."""
+        """Prompts -> decoded images [N, C, H, W] in [-1, 1] (pixels), on the CPU. ``sampler`` (whole-image head;
+        the MAR head uses ``model.mar.sampler``) None = the objective's first sampler; ``guidance_schedule`` None =
+        the run config's (constant without one). Random draws come from a CPU generator seeded with ``seed``."""
         gen = torch.Generator().manual_seed(seed)
         cond = self.prefill([t2i_prompt_tokens(self.tok, p) for p in prompts])
         uncond = self.prefill([caption_prompt_tokens(self.tok)] * len(prompts)) if guidance != 1.0 else None

@@ -6,11 +6,13 @@ transformer's output z at each masked position conditions a small MLP denoiser t
 ``diffusion_batch_mul`` times per token, on that patch under the run's diffusion objective. Generation reveals the
 patches of an image over K steps in a random order on a cosine schedule, sampling each revealed patch with the head.
 
-As in the reference: the denoiser's residual blocks use LayerNorm with affine parameters before the adaLN
+Following the reference: the denoiser's residual blocks use LayerNorm with affine parameters before the adaLN
 modulation (the final layer's LayerNorm has none); the head samples with DDPM without clipping the x0 estimate
-(``model.mar.sampler = "auto"``: DDPM for epsilon / v, Euler for flow); the temperature scales the noise that every
-DDPM step adds (the initial noise is a unit Gaussian); deterministic samplers, which add none, get it on their
-initial noise instead.
+(``model.mar.sampler = "auto"``: DDPM for epsilon / v, Euler for flow; ``sample.sampler`` is the whole-image head's);
+the temperature scales the noise that every DDPM step adds (the initial noise is a unit Gaussian); deterministic
+samplers, which add none, get it on their initial noise instead. One difference stays: the reference's denoiser also
+learns its variance (twice the output channels, a variational-bound term); ours predicts the objective only and
+samples with DDPM's fixed-small variance.
 
 Legend: N images, P patches per image, E = C*p*p values per patch, D transformer dim, W head width, M tokens.
 """
@@ -211,13 +213,14 @@ class MARImageHead(ImageHead):
         Each image's patches are revealed in a random order over K = ``model.mar.num_iter`` steps, on the cosine
         schedule of ``reveal_counts``. A step runs the transformer over the image block (known patches clean, the
         others the mask embedding) against the prefix cache, then samples the patches revealed at that step with the
-        denoiser (``steps`` steps of ``sampler``, guidance rising with the revealed share under the linear schedule).
+        denoiser (``steps`` steps of ``model.mar.sampler``, guidance rising with the revealed share under the linear
+        schedule). The ``sampler`` argument (``sample.sampler``, a whole-image head's choice) is not used.
         ``trace`` (a list) receives (tokens [N, P, E], known [N, P]) after every step."""
         mcfg, p, c = self.cfg.mar, self.cfg.patch_size, self.image_channels
         grid, dev = engine.patch_grid, engine.device
         n, P = prefix.next_pos.shape[0], grid[0] * grid[1]
         e = c * p * p
-        sampler = sampler or self.default_sampler(engine.schedule)
+        sampler = self.default_sampler(engine.schedule)  # model.mar.sampler; ``sampler`` is the whole-image head's
         both = uncond is not None and guidance != 1.0
         pre = engine.stack_prefixes(prefix, uncond) if both else prefix
         tokens = torch.zeros(n, P, e, device=dev)
