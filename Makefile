@@ -7,13 +7,14 @@ TORCH ?= torch==2.13.0
 RECIPE ?= recipes/shapes_tiny.toml
 RUN ?= runs/shapes_tiny
 DATA ?= data/shapes
+WORLD ?= 2
 
 # An AVX2-only CPU (no AVX-512, no native bf16), emulated on a newer x86 CPU: torch's own kernels, oneDNN and MKL
 # are each held to AVX2. `make demo-avx2` runs the whole demo that way (bf16 matmuls then run ~100x slower than fp32).
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
 	TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor_avx2  # compiled kernels of one CPU capability must not serve another
 
-.PHONY: install demo demo-avx2 bench test data train grid evaluate clean
+.PHONY: install demo demo-avx2 demo3 synergy bench test data train grid evaluate clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 data: install
-	$(PY) tools/make_shapes_shards.py --out $(DATA)
+	$(PY) tools/make_shapes_shards.py --world $(WORLD) --out $(DATA)
 
 train: install
 	$(PY) -m transfusion.train $(RECIPE) --run.dir=$(RUN)
@@ -44,6 +45,15 @@ demo: install
 
 demo-avx2:
 	$(AVX2_ENV) $(MAKE) --no-print-directory demo
+
+# The compositional world (v3) with report v2: GenEval tags, caption scores, FID / KID, seen / unseen apart.
+V3 := WORLD=3 DATA=data/shapes3 RECIPE=recipes/shapes3_tiny.toml RUN=runs/shapes3_tiny
+demo3:
+	$(MAKE) --no-print-directory $(V3) demo
+
+synergy: install
+	$(MAKE) --no-print-directory $(V3) data
+	$(PY) tools/synergy.py --recipe recipes/shapes3_tiny.toml
 
 bench: install
 	$(PY) tools/bench_step.py $(RECIPE)

@@ -8,7 +8,7 @@ from helpers import GRID, P, TOK, tiny_model
 from transfusion.attention.masks import dense_mask
 from transfusion.config import DiffusionConfig
 from transfusion.diffusion.schedule import NoiseSchedule
-from transfusion.generation.engine import Engine, _concat_prefixes
+from transfusion.generation.engine import Engine, concat_prefixes
 from transfusion.latents.vae import PixelCodec
 
 
@@ -44,7 +44,7 @@ def test_cached_text_decoding_matches_full_forward():
     extra = [TOK.encode("abc"), TOK.encode("xyz")]
     pre = eng.prefill(seqs)
     for j in range(3):
-        pre = eng._step_tokens(pre, torch.tensor([extra[0][j], extra[1][j]]))
+        pre = eng.step_tokens(pre, torch.tensor([extra[0][j], extra[1][j]]))
     for i in range(2):
         h, _ = full_forward(model, seqs[i] + extra[i])
         assert (pre.last_h[i] - h[-1]).abs().max() < 1e-5
@@ -63,7 +63,7 @@ def test_cached_image_block_matches_full_forward():
         assert (out[i] - ref).abs().max() < 1e-5
     # conditional + unconditional prefixes stacked for CFG give the same predictions as separately
     a, b = eng.prefill(seqs[:1]), eng.prefill(seqs[1:])
-    both = eng.image_block_prediction(_concat_prefixes(a, b), x, 700)
+    both = eng.image_block_prediction(concat_prefixes(a, b), x, 700)
     assert (both - out).abs().max() < 1e-5
 
 
@@ -76,8 +76,8 @@ def test_caption_prefill_with_clean_image_matches_full_forward():
     h, _ = full_forward(model, seq, 2, img[0], 0)
     assert (pre.last_h[0] - h[-1]).abs().max() < 1e-5
     # and the appended-image path (interleaved generation) equals it too
-    pre2 = eng._append_image(eng.prefill([seq[:2]]), img)
-    pre2 = eng._step_tokens(pre2, torch.tensor([TOK.eoi_id]))
+    pre2 = eng.append_image(eng.prefill([seq[:2]]), img)
+    pre2 = eng.step_tokens(pre2, torch.tensor([TOK.eoi_id]))
     assert (pre2.last_h[0] - h[-1]).abs().max() < 1e-5
 
 

@@ -31,7 +31,7 @@ def _data(shards: Path) -> list[str]:
 
 
 def test_report_v2_end_to_end(shards, tmp_path):
-    from transfusion.eval.compositional import caption_attributes, full_caption
+    from transfusion.eval.compositional import caption_attributes, caption_references, full_caption
     from data_pipelines.scenes import parse_prompt
 
     run = tmp_path / "run"
@@ -69,10 +69,22 @@ def test_report_v2_end_to_end(shards, tmp_path):
            "objects": [{"shape": "circle", "color": "blue", "position": "", "cx": 0.5, "cy": 0.5,
                         "half_size": 0.12}]}
     ref = full_caption(rec)
-    assert ref.text == "a blue circle" and parse_prompt(ref.text) == ref
-    assert caption_attributes("a blue circle", ref) == {"count": True, "shapes": True, "colors": True}
-    assert caption_attributes("a red circle", ref) == {"count": True, "shapes": True, "colors": False}
-    assert caption_attributes("gibberish", ref) == {"count": False, "shapes": False, "colors": False}
+    assert ref.text == "a blue circle" and parse_prompt(ref.text) == ref and caption_references(rec) == [ref]
+    assert caption_attributes("a blue circle", [ref]) == {"count": True, "shapes": True, "colors": True}
+    assert caption_attributes("a red circle", [ref]) == {"count": True, "shapes": True, "colors": False}
+    assert caption_attributes("gibberish", [ref]) == {"count": False, "shapes": False, "colors": False}
+    # two objects: every complete description counts, a stated relation must hold
+    pos = {"world": 3, "prompt": {"text": "a circle to the left of a square", "tag": "position",
+                                  "objects": [[None, "circle"], [None, "square"]], "relation": "to the left of"},
+           "objects": [{"shape": "circle", "color": "red", "position": "", "cx": 0.25, "cy": 0.5, "half_size": 0.12},
+                       {"shape": "square", "color": "blue", "position": "", "cx": 0.75, "cy": 0.52,
+                        "half_size": 0.12}]}
+    refs = [r.text for r in caption_references(pos)]
+    assert refs == ["a red circle to the left of a blue square", "a red circle and a blue square",
+                    "a blue square and a red circle", "a blue square to the right of a red circle"]
+    assert caption_attributes("a blue square to the right of a red circle", caption_references(pos))["relation"]
+    assert not caption_attributes("a red circle above a blue square", caption_references(pos))["relation"]
+    assert not caption_attributes("a red circle and a blue square", caption_references(pos))["relation"]
 
 
 def test_synergy_tool_writes_its_table(shards, tmp_path):

@@ -30,9 +30,12 @@ from pathlib import Path
 from transfusion.cli import fail_cleanly
 
 VARIANTS = {"joint": ("0.5", 1), "t2i": ("1.0", 2), "caption": ("0.0", 2)}  # t2i_ratio, batch_rows divisor
-METRICS = {"t2i": [("geneval.overall", "GenEval overall (mean of tag accuracies)")],
-           "caption": [("caption.exact_match", "caption exact match"),
-                       ("caption.colors_accuracy", "caption colors bound to shapes")]}
+# (report key, label, higher is better); the losses stay informative where a small budget leaves accuracies at 0
+METRICS = {"t2i": [("geneval.overall", "GenEval overall (mean of tag accuracies)", True),
+                   ("diffusion.mean", "held-out diffusion loss, mean over noise levels", False)],
+           "caption": [("caption.exact_match", "caption exact match", True),
+                       ("caption.colors_accuracy", "caption colors bound to shapes", True),
+                       ("caption_nll", "caption NLL, bits per caption", False)]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 def get(report: dict, dotted: str, split: str):
     """``geneval.overall`` + ``seen`` -> report["geneval"]["overall.seen"]; ``caption.exact_match`` + ``seen`` ->
     report["caption"]["seen"]["exact_match"]."""
+    if dotted == "caption_nll":
+        return report.get("caption_nll", {}).get(split)
+    if dotted == "diffusion.mean":  # held-out images of either split; the same value in both rows
+        vals = list(report.get("diffusion", {}).values())
+        return sum(vals) / len(vals) if vals else None
     section, key = dotted.split(".", 1)
     sec = report.get(section, {})
     if section == "geneval":
@@ -67,17 +75,28 @@ def run(cmd: list[str], log: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {tail[0]} (log: {log})")
 
 
+def finished(rdir: Path, steps: int, seed: int) -> bool:
+    """Whether ``rdir`` holds an export of a run with these steps and seed (then only evaluation is redone)."""
+    try:
+        cfg = json.loads((rdir / "export" / "config.json").read_text())
+        return cfg["train"]["steps"] == steps and cfg["run"]["seed"] == seed and \
+            (rdir / "export" / "model.safetensors").is_file()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def train_and_eval(args, variant: str, seed: int, batch_rows: int) -> dict:
     ratio, div = VARIANTS[variant]
     rdir = Path(args.runs) / f"{variant}_seed{seed}"
     report_path = rdir / "eval" / "report.json"
-    if report_path.is_file():  # resumable: a finished run is not redone
+    if report_path.is_file():  # resumable: a finished run is not redone (delete eval/ to re-evaluate only)
         return json.loads(report_path.read_text())
     rdir.mkdir(parents=True, exist_ok=True)
     overrides = [f"--run.dir={rdir}", f"--run.seed={seed}", f"--train.steps={args.steps}",
                  f"--data.t2i_ratio={ratio}", f"--data.batch_rows={batch_rows // div}", "--checkpoint.interval=0"]
     overrides += [f"--{kv}" for kv in args.set]
-    run([sys.executable, "-m", "transfusion.train", args.recipe, *overrides], rdir / "train.out")
+    if not finished(rdir, args.steps, seed):
+        run([sys.executable, "-m", "transfusion.train", args.recipe, *overrides], rdir / "train.out")
     n_t2i = args.num_eval if variant in ("joint", "t2i") else 0
     n_cap = args.num_eval if variant in ("joint", "caption") else 0
     run([sys.executable, "tools/evaluate.py", "--run", str(rdir), "--num-t2i", str(n_t2i), "--num-caption",
@@ -100,20 +119,21 @@ def write_report(args, reports: dict, out: Path, batch_rows: int, seconds: float
              f"the same documents in both. Evaluated with report v2 on {args.num_eval} held-out prompts / images per "
              f"task (seen and unseen compositions apart). Extra overrides: {args.set or 'none'}. Measured by "
              f"`tools/synergy.py` in {seconds / 60:.0f} min.", "",
+             "Differences are signed so that > 0 means the joint run is better (for losses: lower).", "",
              "| task | metric | split | joint (per seed) | specialist (per seed) | mean difference | spread | synergy |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for task, metrics in METRICS.items():
-        for key, label in metrics:
-            for split in ("seen", "unseen"):
+        for key, label, higher in metrics:
+            for split in (("all",) if key == "diffusion.mean" else ("seen", "unseen")):
                 joint = [get(reports[("joint", s)], key, split) for s in args.seeds]
                 spec = [get(reports[(task, s)], key, split) for s in args.seeds]
                 if any(v is None for v in joint + spec):
                     continue
-                diffs = [j - p for j, p in zip(joint, spec)]
+                diffs = [(j - p) if higher else (p - j) for j, p in zip(joint, spec)]  # > 0: joint is better
                 v, mean, spread = verdict(diffs)
-                fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)  # noqa: E731
-                lines.append(f"| {task} | {label} | {split} | {fmt(joint)} | {fmt(spec)} | {mean:+.3f} | "
-                             f"{spread:.3f} | {v} |")
+                fmt = lambda xs: ", ".join(f"{x:.4f}" for x in xs)  # noqa: E731
+                lines.append(f"| {task} | {label} | {split} | {fmt(joint)} | {fmt(spec)} | {mean:+.4f} | "
+                             f"{spread:.4f} | {v} |")
     lines += ["", "Verdict rule: synergy when the joint run is ahead of the specialist on every seed and the mean "
               "difference exceeds the standard deviation of the per-seed differences.", ""]
     text = "\n".join(lines)

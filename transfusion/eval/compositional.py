@@ -4,10 +4,12 @@ Sections of ``<run>/eval/report.json`` (and ``report.md``):
 
     geneval     text -> image from the held-out prompts, judged by the strict judge (``transfusion/eval/geneval.py``):
                 ``geneval.{tag}.{seen,unseen}``, ``geneval.overall.{seen,unseen}`` (mean of tag accuracies)
-    caption     greedy captions of held-out images against the scene's full description: exact match, per-attribute
-                accuracy (count, shapes, colors bound to shapes, relation), BLEU-4 and CIDEr, seen / unseen by the
-                scene's composition
-    caption_nll image-conditioned NLL of the reference caption (its tokens and EOS) in bits per caption
+    caption     greedy captions of held-out images against every complete description of the scene (the full
+                caption, and for two objects "A and B", "B and A" and each relation that holds, both ways):
+                exact match (any of them), per-attribute accuracy (count, shapes, colors bound to shapes, a stated
+                relation that holds), BLEU-4 and CIDEr over those references; seen / unseen by the full caption's
+                composition
+    caption_nll image-conditioned NLL of the full caption (its tokens and EOS) in bits per caption
     diffusion   the objective's loss on held-out images per noise-level bucket (quarters of the schedule)
     fid         FID and KID between generated images and held-out renders of the same prompts, with the sample count
                 and the real-vs-real floor (two disjoint sets of held-out renders of the same size)
@@ -50,9 +52,36 @@ def full_caption(record: dict) -> Prompt:
     return make_prompt(FULL_TAG[prompt.tag], objects, prompt.relation)
 
 
-def caption_attributes(text: str, ref: Prompt) -> dict[str, bool]:
-    """Per-attribute correctness of a generated caption: count, shapes, colors (bound to shapes), relation (position
-    captions only). A caption outside the grammar is wrong on every attribute."""
+class _Box:
+    """A scene object as the judge's relative-position rule sees it (centre and size, unit coordinates)."""
+
+    def __init__(self, o) -> None:
+        self.center, self.size = (o.cx, o.cy), (2 * o.half_size, 2 * o.half_size)
+
+
+def caption_references(record: dict) -> list[Prompt]:
+    """Every complete, correct description of a held-out scene in the world's grammar, the full caption first: a
+    two-object scene is "A and B", "B and A", and "A r B" / "B r' A" for every relation r that holds between the
+    objects under GenEval's rule (the judge's)."""
+    from data_pipelines.scenes import INVERSE
+    from transfusion.eval.geneval import relative_position
+
+    full = full_caption(record)
+    objs = Scene.from_dict(record).objects
+    if len(objs) != 2 or objs[0].shape == objs[1].shape:
+        return [full]
+    a, b = ((o.color, o.shape) for o in objs)
+    refs = [full, make_prompt("color_attr", (a, b)), make_prompt("color_attr", (b, a))]
+    for rel in sorted(relative_position(_Box(objs[0]), _Box(objs[1]))):
+        refs += [make_prompt("position", (a, b), rel), make_prompt("position", (b, a), INVERSE[rel])]
+    return list(dict.fromkeys(refs))  # unique, full caption first
+
+
+def caption_attributes(text: str, refs: list[Prompt]) -> dict[str, bool]:
+    """Per-attribute correctness of a generated caption against a scene's references (``caption_references``):
+    count, shapes, colors (bound to shapes), and for scenes captioned by a relation, whether the caption states a
+    relation that holds. A caption outside the grammar is wrong on every attribute."""
+    ref = refs[0]
     try:
         got = parse_prompt(text)
     except ValueError:
@@ -61,7 +90,8 @@ def caption_attributes(text: str, ref: Prompt) -> dict[str, bool]:
            "shapes": sorted(s for _, s in got.objects) == sorted(s for _, s in ref.objects),
            "colors": sorted(got.objects, key=str) == sorted(ref.objects, key=str)}
     if ref.relation:
-        out["relation"] = got.relation == ref.relation and [s for _, s in got.objects] == [s for _, s in ref.objects]
+        holds = {(r.objects[0][1], r.relation, r.objects[1][1]) for r in refs if r.relation}
+        out["relation"] = got.relation is not None and (got.objects[0][1], got.relation, got.objects[1][1]) in holds
     return out
 
 
@@ -124,7 +154,8 @@ def evaluate_v3(engine, samples: list, *, num_t2i: int, num_caption: int, num_fi
     # image -> caption, against the full description
     t0 = time.perf_counter()
     cap = samples[:num_caption]
-    refs = [full_caption(rec) for _, _, _, rec in cap]
+    all_refs = [caption_references(rec) for _, _, _, rec in cap]
+    refs = [r[0] for r in all_refs]  # the full caption: decides seen / unseen, and is the NLL's target
     unseen = [is_unseen(r) for r in refs]
     texts: list[str] = []
     bar = tqdm(total=len(cap), desc="eval captions", unit="img", disable=not progress)
@@ -135,8 +166,8 @@ def evaluate_v3(engine, samples: list, *, num_t2i: int, num_caption: int, num_fi
     timings["caption_seconds_per_image"] = (time.perf_counter() - t0) / max(len(cap), 1)
     if cap:
         caption: dict = {}
-        exact = [t.strip() == r.text for t, r in zip(texts, refs)]
-        attrs = [caption_attributes(t, r) for t, r in zip(texts, refs)]
+        exact = [t.strip() in {r.text for r in rs} for t, rs in zip(texts, all_refs)]
+        attrs = [caption_attributes(t, rs) for t, rs in zip(texts, all_refs)]
         for split, idx in _split(list(range(len(cap))), unseen).items():
             if not idx:
                 continue
@@ -145,9 +176,10 @@ def evaluate_v3(engine, samples: list, *, num_t2i: int, num_caption: int, num_fi
                 vals = [attrs[i][a] for i in idx if a in attrs[i]]
                 if vals:
                     sec[f"{a}_accuracy"] = _mean(vals)
-            b4 = bleu([texts[i] for i in idx], [[refs[i].text] for i in idx])[3]
+            ref_texts = [[r.text for r in all_refs[i]] for i in idx]
+            b4 = bleu([texts[i] for i in idx], ref_texts)[3]
             sec["bleu4"] = None if b4 != b4 else b4  # NaN (no 4-gram at all) -> null in JSON
-            sec["cider"] = cider([texts[i] for i in idx], [[refs[i].text] for i in idx]) if len(idx) > 1 else None
+            sec["cider"] = cider([texts[i] for i in idx], ref_texts) if len(idx) > 1 else None
             caption[split] = sec
         report["caption"] = caption
         report["caption_examples"] = [{"key": k, "reference": r.text, "generated": t, "unseen": u}

@@ -100,7 +100,7 @@ class Engine:
         lengths = torch.tensor([len(x) for x in seqs], device=dev)
         return Prefix(kv, batch.doc_ids.to(dev) >= 0, lengths, h[:, -1])
 
-    def _step_tokens(self, prefix: Prefix, tokens_N: Tensor) -> Prefix:
+    def step_tokens(self, prefix: Prefix, tokens_N: Tensor) -> Prefix:
         """Append one token per sequence to the cache."""
         dev = self.device
         valid = torch.cat((prefix.key_valid, torch.ones_like(prefix.key_valid[:, :1])), dim=1)
@@ -139,7 +139,7 @@ class Engine:
 
     def stack_prefixes(self, a: Prefix, b: Prefix) -> Prefix:
         """One batch of both prefix batches (conditional first), for classifier-free guidance."""
-        return _concat_prefixes(a, b)
+        return concat_prefixes(a, b)
 
     def image_block_prediction(self, pre: Prefix, x_t: Tensor, t) -> Tensor:
         """The image head's output for noisy images ``x_t`` [N, C, H, W] at timestep ``t``, placed right after each
@@ -207,7 +207,7 @@ class Engine:
                         out[i].append(tok)
             if bool(done.all()):
                 break
-            prefix = self._step_tokens(prefix, nxt)
+            prefix = self.step_tokens(prefix, nxt)
         return out
 
     def _next_token(self, h_ND: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
@@ -234,7 +234,7 @@ class Engine:
             token = int(nxt[0])
             if token == tok.eos_id:
                 return
-            prefix = self._step_tokens(prefix, nxt)
+            prefix = self.step_tokens(prefix, nxt)
             if token != tok.boi_id:
                 yield "text", tok.decode([token])
                 continue
@@ -245,10 +245,10 @@ class Engine:
                              guidance_schedule=guidance_schedule)
             with torch.no_grad():
                 yield "image", self.codec.decode(z)[0].clamp(-1, 1).float().cpu()
-            prefix = self._append_image(prefix, z)
-            prefix = self._step_tokens(prefix, torch.tensor([tok.eoi_id]))
+            prefix = self.append_image(prefix, z)
+            prefix = self.step_tokens(prefix, torch.tensor([tok.eoi_id]))
 
-    def _append_image(self, prefix: Prefix, z: Tensor) -> Prefix:
+    def append_image(self, prefix: Prefix, z: Tensor) -> Prefix:
         """Append clean image tokens (t = 0) to the cache; the block attends to the prefix and to itself."""
         n, P = z.shape[0], self.num_patches
         pos = prefix.next_pos[:, None] + torch.arange(P, device=self.device)[None]
@@ -260,7 +260,7 @@ class Engine:
         return Prefix(kv, valid, prefix.next_pos + P, h[:, -1])
 
 
-def _concat_prefixes(a: Prefix, b: Prefix) -> Prefix:
+def concat_prefixes(a: Prefix, b: Prefix) -> Prefix:
     """Stack two prefix batches into one, left-padding the shorter cache."""
     sa, sb = a.key_valid.shape[1], b.key_valid.shape[1]
     s = max(sa, sb)

@@ -1,0 +1,124 @@
+"""The continuous-batching scheduler: batched output equals one-at-a-time (per seed), cancellation frees a slot,
+special ids are never sampled as text, stop strings cut the stream, images go through the request's own generator."""
+
+from __future__ import annotations
+
+import torch
+from helpers import GRID, TOK, tiny_model
+
+from transfusion.config import DiffusionConfig
+from transfusion.diffusion.schedule import NoiseSchedule
+from transfusion.generation.engine import Engine
+from transfusion.latents.vae import PixelCodec
+from transfusion.serving.scheduler import SamplingParams, Scheduler, sample_next
+
+
+def engine(boi_bias: float = 0.0, seed: int = 0) -> Engine:
+    model = tiny_model(seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # a peaked distribution: greedy and sampled text differ
+        model.lm_head.weight[TOK.boi_id] += boi_bias * model.norm.weight.sign()  # makes BOI likely when asked
+    return Engine(model, TOK, NoiseSchedule(DiffusionConfig()), PixelCodec(), GRID, torch.device("cpu"),
+                  precision="fp32")
+
+
+def run(sched: Scheduler, ids: list[int], max_steps: int = 200) -> dict[int, list]:
+    out: dict[int, list] = {i: [] for i in ids}
+    for _ in range(max_steps):
+        if not sched.busy():
+            break
+        for ev in sched.step():
+            out[ev.request_id].append(ev)
+    return out
+
+
+def summary(events: list) -> tuple[str, list[torch.Tensor], str | None]:
+    text = "".join(e.data for e in events if e.kind == "text")
+    images = [e.data for e in events if e.kind == "image"]
+    done = next((e.data["finish_reason"] for e in events if e.kind == "done"), None)
+    return text, images, done
+
+
+REQUESTS = [("a red circle", SamplingParams(max_tokens=12, seed=1)),
+            ("blue", SamplingParams(max_tokens=9, temperature=1.0, seed=2)),
+            ("a much longer prompt here", SamplingParams(max_tokens=15, temperature=0.8, top_k=20, seed=3)),
+            ("x", SamplingParams(max_tokens=6, temperature=1.2, top_p=0.9, seed=4))]
+
+
+def test_batched_equals_one_at_a_time():
+    eng = engine()
+    together = Scheduler(eng, max_batch=8)
+    ids = [together.submit(p, params) for p, params in REQUESTS]
+    batched = run(together, ids)
+    for rid, (prompt, params) in zip(ids, REQUESTS):
+        alone = Scheduler(eng, max_batch=1)
+        one = alone.submit(prompt, params)
+        assert summary(run(alone, [one])[one]) == summary(batched[rid])
+    texts = [summary(batched[r])[0] for r in ids]
+    assert len(set(texts)) == len(texts) and all(texts)  # four different, non-empty continuations
+    assert all(summary(batched[r])[2] == "length" for r in ids)
+
+
+def test_images_use_the_request_generator_and_batch_mates_do_not_matter():
+    eng = engine(boi_bias=50.0)
+    params = SamplingParams(max_tokens=4, max_images=1, steps=3, guidance=2.0, seed=7)
+    alone = Scheduler(eng)
+    one = alone.submit("a red circle", params)
+    ref_text, ref_images, _ = summary(run(alone, [one])[one])
+    assert len(ref_images) == 1 and ref_images[0].shape == (3, 8, 8)
+    mixed = Scheduler(eng)
+    ids = [mixed.submit("blue", SamplingParams(max_tokens=5, max_images=1, steps=3, seed=9)),
+           mixed.submit("a red circle", params)]
+    text, images, _ = summary(run(mixed, ids)[ids[1]])
+    assert text == ref_text and torch.allclose(images[0], ref_images[0], atol=1e-4)
+    other = Scheduler(eng)
+    j = other.submit("a red circle", SamplingParams(max_tokens=4, max_images=1, steps=3, seed=8))
+    assert not torch.allclose(summary(run(other, [j])[j])[1][0], ref_images[0])  # the seed matters
+
+
+def test_special_ids_are_never_sampled_and_boi_respects_max_images():
+    eng = engine(boi_bias=50.0)
+    with torch.no_grad():  # make PAD, the image placeholder and EOI the most likely tokens
+        for tid in (TOK.pad_id, TOK.image_id, TOK.eoi_id, TOK.bos_id):
+            eng.model.lm_head.weight[tid] += 80 * eng.model.norm.weight.sign()
+    sched = Scheduler(eng)
+    rid = sched.submit("hi", SamplingParams(max_tokens=8, max_images=0, temperature=1.0, seed=0))
+    run(sched, [rid])
+    req = sched.requests[rid]
+    assert req.images == 0 and len(req.tokens) == 8
+    assert not {TOK.pad_id, TOK.image_id, TOK.eoi_id, TOK.bos_id, TOK.boi_id} & set(req.tokens)
+
+
+def test_cancel_frees_the_slot_at_the_next_step():
+    sched = Scheduler(engine(), max_batch=2)
+    a, b, c = (sched.submit(p, SamplingParams(max_tokens=30, seed=i)) for i, p in enumerate(["a", "b", "c"]))
+    sched.step()
+    assert [r.id for r in sched.running()] == [a, b] and sched.requests[c].phase == "queued"
+    sched.cancel(a)
+    events = sched.step()
+    assert any(e.request_id == a and e.kind == "cancelled" for e in events)
+    assert sorted(r.id for r in sched.running()) == [b, c]
+    assert sched.requests[a].prefix is None  # its caches are gone
+
+
+def test_stop_strings_cut_the_stream():
+    eng = engine()
+    free = Scheduler(eng)
+    rid = free.submit("a red circle", SamplingParams(max_tokens=12, seed=1))
+    full = summary(run(free, [rid])[rid])[0]
+    stop = full[4:6]
+    cut = full.index(stop)
+    sched = Scheduler(eng)
+    rid = sched.submit("a red circle", SamplingParams(max_tokens=12, seed=1, stop=(stop,)))
+    text, _, reason = summary(run(sched, [rid])[rid])
+    assert text == full[:cut] and reason == "stop" and sched.requests[rid].text == text
+
+
+def test_sampling_filters():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    assert sample_next(logits, SamplingParams(), g) == 3
+    draws = {sample_next(logits, SamplingParams(temperature=1.0, top_k=2), g) for _ in range(200)}
+    assert draws == {2, 3}
+    draws = {sample_next(logits, SamplingParams(temperature=1.0, top_p=0.5), g) for _ in range(200)}
+    assert draws == {3}  # p(3) = 0.64 >= 0.5 alone

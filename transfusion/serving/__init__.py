@@ -1,0 +1,1 @@
+"""Serving: the continuous-batching scheduler (and, next, the HTTP server on top of it)."""
