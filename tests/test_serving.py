@@ -122,3 +122,43 @@ def test_sampling_filters():
     assert draws == {2, 3}
     draws = {sample_next(logits, SamplingParams(temperature=1.0, top_p=0.5), g) for _ in range(200)}
     assert draws == {3}  # p(3) = 0.64 >= 0.5 alone
+
+
+def test_cfg_scale_one_is_no_cfg_and_cfg_moves_toward_the_condition():
+    """An oracle image head: conditional rows predict +1, unconditional rows -1, so guided output must be
+    unc + w (cond - unc) = 2w - 1 at every step (and scale 1 must equal running without the unconditional pass)."""
+    from types import SimpleNamespace
+
+    eng = engine()
+    cond = eng.prefill([[TOK.bos_id] + TOK.encode("red") + [TOK.boi_id]] * 2)
+    unc = eng.prefill([[TOK.bos_id, TOK.boi_id]] * 2)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a = eng.denoise(cond, uncond=unc, guidance=1.0, sampler=None, steps=3, generator=g())
+    b = eng.denoise(cond, uncond=None, guidance=1.0, sampler=None, steps=3, generator=g())
+    assert torch.equal(a, b)
+
+    seen = []
+
+    def oracle(pre, x_t, t):
+        n = x_t.shape[0]
+        sign = torch.ones(n) if n == 2 else torch.cat((torch.ones(n // 2), -torch.ones(n // 2)))
+        return sign[:, None, None, None].expand_as(x_t).clone()
+
+    class Recorder:
+        def __init__(self, steps):
+            self.timesteps = torch.arange(steps, 0, -1)
+
+        def step(self, out, t, x, generator=None):
+            seen.append(out.clone())
+            return SimpleNamespace(prev_sample=x)
+
+    eng.image_block_prediction = oracle
+    eng.schedule.sampler = lambda name, steps: Recorder(steps)
+    for w in (1.0, 2.0, 3.5):
+        seen.clear()
+        eng.denoise(cond, uncond=unc, guidance=w, sampler=None, steps=4, generator=g(), guidance_schedule="constant")
+        assert len(seen) == 4 and all(torch.allclose(o, torch.full_like(o, 2 * w - 1)) for o in seen)
+    seen.clear()  # the linear schedule rises from 1 towards w
+    eng.denoise(cond, uncond=unc, guidance=3.0, sampler=None, steps=4, generator=g(), guidance_schedule="linear")
+    scales = [float(o.flatten()[0] + 1) / 2 for o in seen]
+    assert scales == sorted(scales) and abs(scales[-1] - 3.0) < 1e-6 and scales[0] > 1.0

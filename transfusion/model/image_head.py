@@ -182,7 +182,7 @@ class WholeImageHead(ImageHead):
             if both:
                 cond, unc = out.chunk(2)
                 out = unc + guidance_scale(guidance, guidance_schedule, (i + 1) / len(sched.timesteps)) * (cond - unc)
-            x = sched.step(out.cpu(), t, x.cpu(), generator=generator).prev_sample.to(engine.device)
+            x = sched.step(out, t, x, generator=generator).prev_sample  # on x's device: no host round trip
         return x
 
 

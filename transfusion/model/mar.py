@@ -261,5 +261,5 @@ class MARImageHead(ImageHead):
                 x = engine.schedule.ddpm_step(out, int(t), int(sched.previous_timestep(t)), x, generator,
                                               noise_scale=temperature, clip=self.cfg.mar.clip_denoised)
             else:
-                x = sched.step(out.cpu(), t, x.cpu(), generator=generator).prev_sample.to(dev)
+                x = sched.step(out, t, x, generator=generator).prev_sample  # on x's device: no host round trip
         return x
