@@ -198,6 +198,7 @@ class Scheduler:
             # hold back a tail that may still grow into a stop string
             held = 0 if cut is not None else max((n for s in req.params.stop for n in range(1, len(s))
                                                   if req.text.endswith(s[:n])), default=0)
+            held = max(held, len(req.text) - len(req.text.rstrip("\ufffd")))  # an unfinished UTF-8 character
             events += self._emit(req, len(req.text) - held)
             if cut is not None:
                 events.append(self._done(req, "stop"))
