@@ -91,6 +91,7 @@ def train_and_eval(args, variant: str, seed: int, batch_rows: int) -> dict:
     report_path = rdir / "eval" / "report.json"
     if report_path.is_file():  # resumable: a finished run is not redone (delete eval/ to re-evaluate only)
         return json.loads(report_path.read_text())
+    start = time.perf_counter()
     rdir.mkdir(parents=True, exist_ok=True)
     overrides = [f"--run.dir={rdir}", f"--run.seed={seed}", f"--train.steps={args.steps}",
                  f"--data.t2i_ratio={ratio}", f"--data.batch_rows={batch_rows // div}", "--checkpoint.interval=0"]
@@ -101,7 +102,32 @@ def train_and_eval(args, variant: str, seed: int, batch_rows: int) -> dict:
     n_cap = args.num_eval if variant in ("joint", "caption") else 0
     run([sys.executable, "tools/evaluate.py", "--run", str(rdir), "--num-t2i", str(n_t2i), "--num-caption",
          str(n_cap), "--num-fid", "0", "--no-progress"], rdir / "eval.out")
+    (rdir / "synergy_seconds.txt").write_text(f"{time.perf_counter() - start:.0f}\n")
     return json.loads(report_path.read_text())
+
+
+def run_seconds(args, variant: str, seed: int) -> float:
+    """Wall time of one run's training + evaluation, as recorded when it was made (0 if unknown)."""
+    try:
+        return float((Path(args.runs) / f"{variant}_seed{seed}" / "synergy_seconds.txt").read_text())
+    except (OSError, ValueError):
+        return 0.0
+
+
+def machine() -> str:
+    """The CPU this ran on, as the timings need it: torch's CPU capability and the bf16 / AMX flags."""
+    import platform
+
+    import torch
+
+    flags = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in text)
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, CPU capability {torch.backends.cpu.get_cpu_capability()}" \
+        + (f" ({flags})" if flags else "") + f", {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def verdict(diffs: list[float]) -> tuple[str, float, float]:
@@ -116,9 +142,9 @@ def write_report(args, reports: dict, out: Path, batch_rows: int, seconds: float
     lines = ["# Generalist synergy: joint training vs single-task specialists", "",
              f"Recipe `{args.recipe}`, {args.steps} steps per run, seeds {args.seeds}; joint: t2i_ratio 0.5 and "
              f"{batch_rows} rows per step; each specialist: its task only and {batch_rows // 2} rows, so each task sees "
-             f"the same documents in both. Evaluated with report v2 on {args.num_eval} held-out prompts / images per "
+             f"the same documents in both (the joint run does twice the compute per step). Evaluated with report v2 on {args.num_eval} held-out prompts / images per "
              f"task (seen and unseen compositions apart). Extra overrides: {args.set or 'none'}. Measured by "
-             f"`tools/synergy.py` in {seconds / 60:.0f} min.", "",
+             f"`tools/synergy.py` in {seconds / 60:.0f} min on {machine()}.", "",
              "Differences are signed so that > 0 means the joint run is better (for losses: lower).", "",
              "| task | metric | split | joint (per seed) | specialist (per seed) | mean difference | spread | synergy |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -154,14 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     if batch_rows < 2:
         print("error: the recipe needs data.batch_rows >= 2 to halve it for the specialists", file=sys.stderr)
         return 2
-    start = time.perf_counter()
     reports = {}
     for seed in args.seeds:
         for variant in VARIANTS:
-            t0 = time.perf_counter()
             reports[(variant, seed)] = train_and_eval(args, variant, seed, batch_rows)
-            print(f"{variant} seed {seed}: done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-    print(write_report(args, reports, Path(args.out), batch_rows, time.perf_counter() - start))
+            print(f"{variant} seed {seed}: done ({run_seconds(args, variant, seed):.0f} s)", file=sys.stderr)
+    seconds = sum(run_seconds(args, v, s) for v in VARIANTS for s in args.seeds)
+    print(write_report(args, reports, Path(args.out), batch_rows, seconds))
     return 0
 
 
