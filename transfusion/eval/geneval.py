@@ -12,8 +12,8 @@ Detection (one image, any size, PIL or [H, W, 3] uint8):
     objects      4-connected components per palette color; specks below SPECK_FRACTION of the smallest object
                  are edge debris; every other component must be an object of the world: bounding-box aspect within
                  ASPECT_RANGE (every world shape has a square box), side within SIDE_RANGE of the image side, and
-                 a shape template (the renderer's circle / square / triangle drawn in the component's *own* box)
-                 with IoU >= SHAPE_IOU and a margin over the runner-up
+                 a shape template (the renderer's circle / square / triangle drawn in the component's *own* box,
+                 best of a few sub-pixel fits) with IoU >= SHAPE_IOU and a margin over the runner-up
 
 Tag rules (GenEval's, made strict: the object count must match exactly, extra objects fail every tag):
 
@@ -108,17 +108,36 @@ def label_components(mask_HW: np.ndarray) -> np.ndarray:
     return np.where(mask_HW, labels, -1)
 
 
-def template(shape: str, h: int, w: int) -> np.ndarray:
-    """The renderer's shape fitted to an h x w box (its own aspect): [h, w] bool."""
-    y = (np.arange(h, dtype=np.float64)[:, None] + 0.5) / h * 2 - 1  # [-1, 1]
-    x = (np.arange(w, dtype=np.float64)[None, :] + 0.5) / w * 2 - 1
+FIT_SCALES = (0.9, 1.0, 1.1)  # template half-sizes tried, relative to the box
+FIT_SHIFTS = (-0.25, 0.0, 0.25)  # template centre offsets tried, pixels per axis
+
+
+def template(shape: str, h: int, w: int, scale: float = 1.0, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
+    """The renderer's shape (pixel centres inside the continuous shape) fitted to an h x w box at its own aspect,
+    half-sizes ``scale`` x half the box, centre shifted by (dx, dy) pixels: [h, w] bool."""
+    hx, hy = scale * w / 2, scale * h / 2
+    y = (np.arange(h, dtype=np.float64)[:, None] + 0.5 - h / 2 - dy) / hy  # [-1, 1] inside the shape
+    x = (np.arange(w, dtype=np.float64)[None, :] + 0.5 - w / 2 - dx) / hx
     if shape == "circle":
         return x * x + y * y <= 1.0
     if shape == "square":
-        return np.ones((h, w), dtype=bool) & (np.abs(x) <= 1) & (np.abs(y) <= 1)
+        return (np.abs(x) <= 1) & (np.abs(y) <= 1)
     if shape == "triangle":  # apex at the top, base at the bottom
-        return np.abs(x) <= (y + 1) / 2
+        return (np.abs(y) <= 1) & (np.abs(x) <= (y + 1) / 2)
     raise ValueError(f"unknown shape {shape!r}")
+
+
+def shape_iou(crop: np.ndarray, shape: str) -> float:
+    """Best IoU of a component's box crop with the shape's template over a few sub-pixel fits (pixelisation moves
+    a small shape's outline by up to half a pixel)."""
+    h, w = crop.shape
+    best = 0.0
+    for s in FIT_SCALES:
+        for dx in FIT_SHIFTS:
+            for dy in FIT_SHIFTS:
+                t = template(shape, h, w, s, dx, dy)
+                best = max(best, float((crop & t).sum() / max((crop | t).sum(), 1)))
+    return best
 
 
 def as_rgb_array(img: Image.Image | np.ndarray) -> np.ndarray:
@@ -172,8 +191,7 @@ def detect(img: Image.Image | np.ndarray) -> Detection:
                                     f"{SIDE_RANGE[1]:.2f}")
                 continue
             crop = comp[y0:y1 + 1, x0:x1 + 1]
-            ious = {s: float((crop & template(s, bh, bw)).sum() / (crop | template(s, bh, bw)).sum())
-                    for s in SHAPES}
+            ious = {s: shape_iou(crop, s) for s in SHAPES}
             ranked = sorted(ious, key=ious.get, reverse=True)
             best, second = ious[ranked[0]], ious[ranked[1]]
             if best < SHAPE_IOU or best - second < SHAPE_MARGIN:
