@@ -162,3 +162,41 @@ def test_cfg_scale_one_is_no_cfg_and_cfg_moves_toward_the_condition():
     eng.denoise(cond, uncond=unc, guidance=3.0, sampler=None, steps=4, generator=g(), guidance_schedule="linear")
     scales = [float(o.flatten()[0] + 1) / 2 for o in seen]
     assert scales == sorted(scales) and abs(scales[-1] - 3.0) < 1e-6 and scales[0] > 1.0
+
+
+def test_engine_generate_streams_interleaved_text_and_images():
+    """``Engine.generate``: an image when BOI is sampled (its clean image then joins the cache with EOI), then text
+    again; max_images caps the images; special ids never come out as text."""
+    eng = engine(boi_bias=50.0)
+    with torch.no_grad():  # specials are the likeliest tokens: generate must still never emit them
+        for tid in (TOK.pad_id, TOK.image_id, TOK.eoi_id, TOK.bos_id):
+            eng.model.lm_head.weight[tid] += 80 * eng.model.norm.weight.sign()
+    pieces = list(eng.generate("a red circle", max_tokens=6, steps=2, guidance=2.0, seed=0, max_images=1))
+    kinds = [k for k, _ in pieces]
+    image = next(v for k, v in pieces if k == "image")
+    assert image.shape == (3, 8, 8) and kinds.count("image") == 1 and kinds.count("text") == 5
+    assert 0 < kinds.index("image") < 5  # text, the image, text again
+    again = list(eng.generate("a red circle", max_tokens=6, steps=2, guidance=2.0, seed=0, max_images=1))
+    assert [k for k, _ in again] == kinds and torch.equal(next(v for k, v in again if k == "image"), image)
+    # the scheduler produces the same stream for the same request
+    sched = Scheduler(eng)
+    rid = sched.submit("a red circle", SamplingParams(max_tokens=5, max_images=1, steps=2, guidance=2.0, seed=0))
+    text, images, _ = summary(run(sched, [rid])[rid])
+    assert text == "".join(v for k, v in pieces if k == "text") and torch.allclose(images[0], image, atol=1e-5)
+    plain = engine()
+    text = list(plain.generate("a red circle", max_tokens=5, steps=2, seed=0, max_images=0))
+    assert text and all(k == "text" for k, _ in text) and len(text) <= 5
+
+
+def test_held_back_text_is_released_when_decided():
+    """A tail that might start a stop string, or an unfinished UTF-8 character, is not sent until decided; the
+    concatenated deltas always equal the final text."""
+    eng = engine()
+    sched = Scheduler(eng)
+    rid = sched.submit("a red circle", SamplingParams(max_tokens=12, seed=1, stop=("\\x00never",)))
+    events = run(sched, [rid])[rid]
+    text, _, reason = summary(events)
+    assert reason == "length" and text == sched.requests[rid].text
+    req = sched.requests[rid]
+    req.text, req.emitted = "ab\ufffd", 0
+    assert [e.data for e in sched._emit(req, 2)] == ["ab"] and sched._emit(req, 2) == []

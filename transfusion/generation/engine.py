@@ -210,9 +210,12 @@ class Engine:
             prefix = self.step_tokens(prefix, nxt)
         return out
 
-    def _next_token(self, h_ND: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    def _next_token(self, h_ND: Tensor, temperature: float, generator: torch.Generator | None,
+                    banned: list[int] | None = None) -> Tensor:
         with torch.no_grad():
             logits = self.model.text_logits(h_ND).float().cpu()
+        if banned:
+            logits[:, banned] = float("-inf")
         if temperature <= 0:
             return logits.argmax(-1)
         return torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
@@ -222,15 +225,18 @@ class Engine:
                  guidance: float = 3.0, sampler: str | None = None, seed: int = 0,
                  max_images: int = 4, guidance_schedule: str | None = None) -> Iterator[tuple[str, object]]:
         """Stream an interleaved continuation of ``prompt``: yields ("text", str) pieces and ("image", [C,H,W])
-        whenever the model emits BOI; the clean image is appended to the cache, then EOI, and text goes on."""
+        whenever the model emits BOI; the clean image is appended to the cache, then EOI, and text goes on. PAD, BOS,
+        the image placeholder and EOI are never sampled; BOI only while fewer than ``max_images`` were made."""
         gen = torch.Generator().manual_seed(seed)
         tok = self.tok
         ids = [tok.bos_id] + tok.encode(prompt)
         prefix = self.prefill([ids])
         uncond = self.prefill([caption_prompt_tokens(tok)]) if guidance != 1.0 else None
         images = 0
+        never = [tok.pad_id, tok.bos_id, tok.image_id, tok.eoi_id]  # not text; BOI only while images are allowed
         for _ in range(max_tokens):
-            nxt = self._next_token(prefix.last_h, temperature, gen)
+            nxt = self._next_token(prefix.last_h, temperature, gen, never + ([tok.boi_id] if images >= max_images
+                                                                             else []))
             token = int(nxt[0])
             if token == tok.eos_id:
                 return
@@ -238,8 +244,6 @@ class Engine:
             if token != tok.boi_id:
                 yield "text", tok.decode([token])
                 continue
-            if images >= max_images:
-                return
             images += 1
             z = self.denoise(prefix, uncond=uncond, guidance=guidance, sampler=sampler, steps=steps, generator=gen,
                              guidance_schedule=guidance_schedule)
