@@ -241,7 +241,7 @@ def caption_nll_bits(engine, samples: list, refs: list[Prompt], unseen: list[boo
             eoi = seq.tokens.index(tok.eoi_id)  # targets from EOI on: the caption's tokens and EOS
             seq.text_targets = [IGNORE_INDEX] * eoi + seq.text_targets[eoi:]
             seqs.append(seq)
-        parts = teacher_forced(engine, seqs, max(1, batch_size), torch.Generator().manual_seed(0), latents=latents)
+        parts = teacher_forced(engine, seqs, batch_size, torch.Generator().manual_seed(0), latents=latents)
         out[split] = bits_per_caption(sum(p[0] for p in parts), len(seqs))
     return out
 

@@ -264,18 +264,14 @@ class Engine:
         return Prefix(kv, valid, prefix.next_pos + P, h[:, -1])
 
 
-def concat_prefixes(a: Prefix, b: Prefix) -> Prefix:
-    """Stack two prefix batches into one, left-padding the shorter cache."""
-    sa, sb = a.key_valid.shape[1], b.key_valid.shape[1]
-    s = max(sa, sb)
-
-    def pad_kv(t: Tensor, cur: int) -> Tensor:
-        return torch.nn.functional.pad(t, (0, 0, s - cur, 0))
-
-    def pad_valid(v: Tensor, cur: int) -> Tensor:
-        return torch.nn.functional.pad(v, (s - cur, 0), value=False)
-
-    kv = [(torch.cat((pad_kv(ka, sa), pad_kv(kb, sb))), torch.cat((pad_kv(va, sa), pad_kv(vb, sb))))
-          for (ka, va), (kb, vb) in zip(a.kv, b.kv)]
-    return Prefix(kv, torch.cat((pad_valid(a.key_valid, sa), pad_valid(b.key_valid, sb))),
-                  torch.cat((a.next_pos, b.next_pos)), torch.cat((a.last_h, b.last_h)))
+def concat_prefixes(*prefixes: Prefix) -> Prefix:
+    """Stack prefix batches into one (in order), left-padding the shorter caches; one copy per tensor."""
+    s = max(p.key_valid.shape[1] for p in prefixes)
+    pad = lambda t, cur, value=0: torch.nn.functional.pad(t, (s - cur, 0), value=value)  # noqa: E731
+    kv = [(torch.cat([torch.nn.functional.pad(layer[0], (0, 0, s - p.key_valid.shape[1], 0))
+                      for p, layer in zip(prefixes, layers)]),
+           torch.cat([torch.nn.functional.pad(layer[1], (0, 0, s - p.key_valid.shape[1], 0))
+                      for p, layer in zip(prefixes, layers)]))
+          for layers in zip(*(p.kv for p in prefixes))]
+    return Prefix(kv, torch.cat([pad(p.key_valid, p.key_valid.shape[1], False) for p in prefixes]),
+                  torch.cat([p.next_pos for p in prefixes]), torch.cat([p.last_h for p in prefixes]))

@@ -83,13 +83,6 @@ def _split_prefix(stacked: Prefix, lengths: list[int]) -> list[Prefix]:
     return out
 
 
-def _stack(prefixes: list[Prefix]) -> Prefix:
-    out = prefixes[0]
-    for p in prefixes[1:]:
-        out = concat_prefixes(out, p)
-    return out
-
-
 def sample_next(logits_V: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token from fp32 logits [V] (banned ids already at -inf): greedy at temperature 0, else top-k / top-p
     filtered sampling from this request's generator."""
@@ -181,7 +174,7 @@ class Scheduler:
             stepping.append((req, token))
         if not stepping:
             return events
-        stacked = _stack([r.prefix for r, _ in stepping])
+        stacked = concat_prefixes(*(r.prefix for r, _ in stepping))
         stacked = eng.step_tokens(stacked, torch.tensor([t for _, t in stepping]))
         lengths = [r.prefix.key_valid.shape[1] + 1 for r, _ in stepping]
         for (req, token), prefix in zip(stepping, _split_prefix(stacked, lengths)):
@@ -233,4 +226,4 @@ class Scheduler:
     def _finish(self, req: Request) -> None:
         req.prefix = req.uncond = None  # free the caches
         if req.phase == "cancelled":
-            req.phase = "cancelled-done"
+            req.phase = "cancelled-done"  # reported; no longer counted as busy
