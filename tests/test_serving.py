@@ -34,7 +34,7 @@ def run(sched: Scheduler, ids: list[int], max_steps: int = 200) -> dict[int, lis
 
 def summary(events: list) -> tuple[str, list[torch.Tensor], str | None]:
     text = "".join(e.data for e in events if e.kind == "text")
-    images = [e.data for e in events if e.kind == "image"]
+    images = [e.data["image"] for e in events if e.kind == "image"]
     done = next((e.data["finish_reason"] for e in events if e.kind == "done"), None)
     return text, images, done
 
@@ -200,3 +200,81 @@ def test_held_back_text_is_released_when_decided():
     req = sched.requests[rid]
     req.text, req.emitted = "ab\ufffd", 0
     assert [e.data for e in sched._emit(req, 2)] == ["ab"] and sched._emit(req, 2) == []
+
+
+def test_image_passes_of_different_requests_share_one_forward():
+    """Two requests whose images start at different steps denoise in the same forward passes (each row at its own
+    timestep, guided rows against the one shared unconditional prefix), and each image equals the request alone."""
+    eng = engine(boi_bias=50.0)
+    params = [SamplingParams(max_tokens=3, max_images=1, steps=4, guidance=2.0, seed=1),
+              SamplingParams(max_tokens=3, max_images=1, steps=4, guidance=1.0, seed=2)]
+    alone = []
+    for prompt, p in zip(["blue", "blue"], params):
+        s = Scheduler(eng)
+        rid = s.submit(prompt, p)
+        alone.append(summary(run(s, [rid])[rid]))
+    calls = []
+    block = eng.image_block
+    eng.image_block = lambda pre, kind, x, t, mask: calls.append(x.shape[0]) or block(pre, kind, x, t, mask)
+    sched = Scheduler(eng)
+    a = sched.submit("blue", params[0])
+    first = sched.step()  # a is admitted and samples its first token; b joins one step later
+    b = sched.submit("blue", params[1])
+    out = run(sched, [a, b])
+    out[a] = first + out[a]
+    for rid, ref in zip((a, b), alone):
+        text, images, _ = summary(out[rid])
+        assert text == ref[0] and torch.allclose(images[0], ref[1][0], atol=1e-4)
+    assert 3 in calls  # a's two guided rows and b's one row in one pass while both denoise
+    assert len(calls) < 8  # fewer passes than the 4 + 4 of running them apart
+
+
+def test_previews_are_clean_estimates_and_the_last_is_close_to_the_image():
+    eng = engine(boi_bias=50.0)
+    sched = Scheduler(eng)
+    rid = sched.submit("blue", SamplingParams(max_tokens=2, max_images=1, steps=6, seed=3, preview_every=2))
+    events = run(sched, [rid])[rid]
+    previews = [e.data for e in events if e.kind == "preview"]
+    start = next(e.data for e in events if e.kind == "image_start")
+    image = next(e.data["image"] for e in events if e.kind == "image")
+    assert start["passes"] == 6 and [p["pass"] for p in previews] == [2, 4]
+    assert all(p["image"].shape == image.shape and p["image"].abs().max() <= 1 for p in previews)
+    first, last = ((p["image"] - image).abs().mean() for p in previews)
+    assert last < first  # the estimate converges towards the final image
+
+
+def test_prompt_images_are_read_like_captioning():
+    """A prompt made of an image segment is the captioning layout: greedy text equals ``Engine.caption``."""
+    eng = engine()
+    img = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    sched = Scheduler(eng)
+    ids = [sched.submit([img[i]], SamplingParams(max_tokens=10, max_images=0)) for i in range(2)]
+    out = run(sched, ids)
+    assert [summary(out[i])[0] for i in ids] == eng.caption(img, max_tokens=10)
+
+
+def test_prefix_reuse_equals_recomputing_the_prefix():
+    eng = engine()
+    prompts = [[TOK.bos_id] + TOK.encode("a red circle") + [TOK.boi_id], [TOK.bos_id] + TOK.encode("x") + [TOK.boi_id]]
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    cached = eng.denoise(eng.prefill(prompts), uncond=eng.prefill([[TOK.bos_id, TOK.boi_id]] * 2), guidance=2.5,
+                         sampler=None, steps=5, generator=g())
+    again = eng.denoise_recomputing(prompts, guidance=2.5, sampler=None, steps=5, generator=g())
+    assert torch.allclose(cached, again, atol=1e-5) and cached.abs().max() > 0.1
+
+
+def test_mar_requests_batch_and_match_the_head_alone():
+    from test_mar import mar_model, wake
+
+    model = wake(mar_model(num_iter=3))
+    with torch.no_grad():
+        model.lm_head.weight[TOK.boi_id] += 50.0 * model.norm.weight.sign()
+    eng = Engine(model, TOK, NoiseSchedule(DiffusionConfig()), PixelCodec(), GRID, torch.device("cpu"),
+                 precision="fp32")
+    params = SamplingParams(max_tokens=2, max_images=1, steps=3, guidance=2.0, seed=5)
+    alone = Scheduler(eng)
+    rid = alone.submit("blue", params)
+    ref = summary(run(alone, [rid])[rid])[1][0]
+    both = Scheduler(eng)
+    ids = [both.submit("blue", params), both.submit("b", SamplingParams(max_tokens=2, steps=3, seed=6))]
+    assert torch.allclose(summary(run(both, ids)[ids[0]])[1][0], ref, atol=1e-4)

@@ -127,10 +127,15 @@ class NoiseSchedule:
         return a * noise - b * x0
 
     # -- sampling ----------------------------------------------------------------------------------------------
-    def predict_x0(self, pred: Tensor, x_t: Tensor, t: int) -> Tensor:
-        """The clean estimate implied by a prediction of this objective at integer timestep ``t`` (epsilon / v)."""
-        a, b = self._coefs(torch.tensor([t]), x_t)
-        return (x_t - b * pred) / a if self.objective == "epsilon" else a * x_t - b * pred
+    def predict_x0(self, pred: Tensor, x_t: Tensor, t) -> Tensor:
+        """The clean estimate implied by a prediction of this objective at timestep ``t`` (a number or 0-d tensor:
+        integer for epsilon / v, the sampler's float timestep for flow)."""
+        a, b = self._coefs(torch.as_tensor(t).reshape(1).cpu(), x_t)
+        if self.objective == "epsilon":
+            return (x_t - b * pred) / a
+        if self.objective == "flow":  # x_t = (1 - s) x0 + s eps, v = eps - x0
+            return x_t - b * pred
+        return a * x_t - b * pred
 
     def ddpm_step(self, pred: Tensor, t: int, prev_t: int, x_t: Tensor, generator: torch.Generator | None, *,
                   noise_scale: float = 1.0, clip: bool = False) -> Tensor:

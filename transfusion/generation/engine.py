@@ -133,6 +133,23 @@ class Engine:
                                             steps=steps, generator=generator,
                                             guidance_schedule=self.resolve_guidance_schedule(guidance_schedule))
 
+    def denoise_recomputing(self, seqs: list[list[int]], *, guidance: float, sampler: str | None, steps: int,
+                            generator: torch.Generator, guidance_schedule: str | None = None) -> Tensor:
+        """``denoise`` without the prefix cache: before every pass the prompts ``seqs`` (each ending in BOI), and the
+        unconditional prefix under guidance, go through the model again. The naive reference that prefix reuse is
+        tested against and measured by (``tools/bench_serve.py``)."""
+        guided = guidance != 1.0
+        job = self.model.image_head.start(self, len(seqs), guided=guided, guidance=guidance, sampler=sampler,
+                                          steps=steps, generator=generator,
+                                          guidance_schedule=self.resolve_guidance_schedule(guidance_schedule))
+        while not job.done:
+            pre = self.prefill(seqs)
+            if guided:
+                pre = self.stack_prefixes(pre, self.prefill([caption_prompt_tokens(self.tok)] * len(seqs)))
+            x, t, mask = job.block_input()
+            job.advance(self.image_block(pre, job.block_pass, job.rows(x), t, job.rows(mask)))
+        return job.result()
+
     def autocast(self):
         """The engine's precision context (bf16 autocast or nothing), for the heads' own module calls."""
         return self._ctx()
@@ -141,12 +158,22 @@ class Engine:
         """One batch of both prefix batches (conditional first), for classifier-free guidance."""
         return concat_prefixes(a, b)
 
+    def image_block(self, pre: Prefix, block_pass: str, x: Tensor, t, patch_mask: Tensor | None) -> Tensor:
+        """The transformer pass an ``ImageJob`` asks for (``job.block_pass``) over image blocks after each prefix."""
+        if block_pass == "prediction":
+            return self.image_block_prediction(pre, x, t)
+        if block_pass == "condition":
+            return self.image_block_condition(pre, x, patch_mask)
+        raise ValueError(f"unknown image block pass {block_pass!r}")
+
     def image_block_prediction(self, pre: Prefix, x_t: Tensor, t) -> Tensor:
-        """The image head's output for noisy images ``x_t`` [N, C, H, W] at timestep ``t``, placed right after each
-        prefix; image tokens attend to the (frozen) prefix cache and bidirectionally to each other."""
+        """The image head's output for noisy images ``x_t`` [N, C, H, W] at timestep ``t`` (one for all, or [N]),
+        placed right after each prefix; image tokens attend to the (frozen) prefix cache and bidirectionally to each
+        other."""
         m, P = x_t.shape[0], self.num_patches
         pos = pre.next_pos[:, None] + torch.arange(P, device=self.device)[None]
-        t_m = torch.full((m,), float(t), device=self.device)
+        t = torch.as_tensor(t)
+        t_m = t.to(self.device, torch.float32).expand(m) if t.ndim == 0 else t.to(self.device, torch.float32)
         with torch.no_grad(), self._ctx():
             enc = self.model.encode_images(x_t.to(self.device), t_m)
             h, _ = self.model.trunk(enc.tokens, pos, self._block_mask(pre.key_valid), past_kv=pre.kv)

@@ -31,7 +31,7 @@ from transfusion.batch import Batch
 from transfusion.config import ModelConfig
 from transfusion.diffusion.schedule import NoiseSchedule, guidance_scale
 from transfusion.model.adapters import TimestepEmbedding, patchify, unpatchify
-from transfusion.model.image_head import HeadDraw, ImageHead, reduce_per_image
+from transfusion.model.image_head import HeadDraw, ImageHead, ImageJob, reduce_per_image
 
 
 @dataclass
@@ -206,40 +206,11 @@ class MARImageHead(ImageHead):
             return name
         return "euler" if schedule.is_flow else "ddpm"
 
-    def sample(self, engine, prefix, *, uncond, guidance: float, sampler: str | None, steps: int,
-               generator: torch.Generator, guidance_schedule: str, trace: list | None = None) -> Tensor:
-        """MAR generation of one image per prefix -> latents [N, C, h, w].
-
-        Each image's patches are revealed in a random order over K = ``model.mar.num_iter`` steps, on the cosine
-        schedule of ``reveal_counts``. A step runs the transformer over the image block (known patches clean, the
-        others the mask embedding) against the prefix cache, then samples the patches revealed at that step with the
-        denoiser (``steps`` steps of ``model.mar.sampler``, guidance rising with the revealed share under the linear
-        schedule). The ``sampler`` argument (``sample.sampler``, a whole-image head's choice) is not used.
-        ``trace`` (a list) receives (tokens [N, P, E], known [N, P]) after every step."""
-        mcfg, p, c = self.cfg.mar, self.cfg.patch_size, self.image_channels
-        grid, dev = engine.patch_grid, engine.device
-        n, P = prefix.next_pos.shape[0], grid[0] * grid[1]
-        e = c * p * p
-        sampler = self.default_sampler(engine.schedule)  # model.mar.sampler; ``sampler`` is the whole-image head's
-        both = uncond is not None and guidance != 1.0
-        pre = engine.stack_prefixes(prefix, uncond) if both else prefix
-        tokens = torch.zeros(n, P, e, device=dev)
-        known = torch.zeros(n, P, dtype=torch.bool, device=dev)
-        order = torch.rand(n, P, generator=generator).argsort(dim=1).to(dev)  # reveal order per image
-        revealed = 0
-        for count in reveal_counts(P, mcfg.num_iter):
-            idx = order[:, revealed:revealed + count]  # [N, r] patches revealed at this step
-            z = engine.image_block_condition(pre, unpatchify(tokens, p, grid, c), ~known)  # [M, P, D]
-            rows = torch.cat((idx, idx)) if both else idx
-            z_sel = z.gather(1, rows[..., None].expand(-1, -1, z.shape[-1])).reshape(-1, z.shape[-1])
-            w = guidance_scale(guidance, guidance_schedule, (revealed + count) / P)
-            x = self.sample_tokens(engine, z_sel, n * count, both, w, sampler, steps, generator)
-            tokens.scatter_(1, idx[..., None].expand(-1, -1, e), x.reshape(n, count, e).to(tokens.dtype))
-            known.scatter_(1, idx, True)
-            revealed += count
-            if trace is not None:
-                trace.append((tokens.clone(), known.clone()))
-        return unpatchify(tokens, p, grid, c)
+    def start(self, engine, n: int, *, guided: bool, guidance: float, sampler: str | None, steps: int,
+              generator: torch.Generator, guidance_schedule: str) -> "MARJob":
+        """MAR generation of n images (``MARJob``). The ``sampler`` argument (``sample.sampler``, a whole-image head's
+        choice) is not used: the denoiser samples with ``model.mar.sampler``."""
+        return MARJob(self, engine, n, guided, guidance, guidance_schedule, steps, generator)
 
     def sample_tokens(self, engine, z_MD: Tensor, m: int, both: bool, w: float, sampler: str, steps: int,
                       generator: torch.Generator) -> Tensor:
@@ -263,3 +234,55 @@ class MARImageHead(ImageHead):
             else:
                 x = sched.step(out, t, x, generator=generator).prev_sample  # on x's device: no host round trip
         return x
+
+
+class MARJob(ImageJob):
+    """MAR generation of n images. Each image's patches are revealed in a random order over K = ``model.mar.num_iter``
+    passes, on the cosine schedule of ``reveal_counts``. A pass runs the transformer over the image blocks (known
+    patches clean, the others the mask embedding) against the prefix cache ("condition"); then the denoiser samples
+    the patches revealed at that pass (``steps`` steps of ``model.mar.sampler``, guidance rising with the revealed
+    share under the linear schedule). Revealed patches never change. ``snapshot()``: (tokens [n, P, E], known [n, P]).
+    """
+
+    block_pass = "condition"
+
+    def __init__(self, head: MARImageHead, engine, n: int, guided: bool, guidance: float, guidance_schedule: str,
+                 steps: int, generator: torch.Generator) -> None:
+        self.head, self.engine, self.n, self.guided = head, engine, n, guided
+        self.guidance, self.guidance_schedule, self.steps, self.generator = guidance, guidance_schedule, steps, generator
+        p, c, grid, dev = head.cfg.patch_size, head.image_channels, engine.patch_grid, engine.device
+        self.P, self.e = grid[0] * grid[1], c * p * p
+        self.sampler = head.default_sampler(engine.schedule)
+        self.tokens = torch.zeros(n, self.P, self.e, device=dev)
+        self.known = torch.zeros(n, self.P, dtype=torch.bool, device=dev)
+        self.order = torch.rand(n, self.P, generator=generator).argsort(dim=1).to(dev)  # reveal order per image
+        self.counts = reveal_counts(self.P, head.cfg.mar.num_iter)
+        self.index, self.total, self.revealed = 0, len(self.counts), 0
+
+    def _images(self) -> Tensor:
+        return unpatchify(self.tokens, self.head.cfg.patch_size, self.engine.patch_grid, self.head.image_channels)
+
+    def block_input(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        return self._images(), torch.tensor(0), ~self.known
+
+    def advance(self, z: Tensor) -> None:  # z [M, P, D]
+        n, e, count = self.n, self.e, self.counts[self.index]
+        idx = self.order[:, self.revealed:self.revealed + count]  # [n, r] patches revealed at this pass
+        rows = torch.cat((idx, idx)) if self.guided else idx
+        z_sel = z.gather(1, rows[..., None].expand(-1, -1, z.shape[-1])).reshape(-1, z.shape[-1])
+        w = guidance_scale(self.guidance, self.guidance_schedule, (self.revealed + count) / self.P)
+        x = self.head.sample_tokens(self.engine, z_sel, n * count, self.guided, w, self.sampler, self.steps,
+                                    self.generator)
+        self.tokens.scatter_(1, idx[..., None].expand(-1, -1, e), x.reshape(n, count, e).to(self.tokens.dtype))
+        self.known.scatter_(1, idx, True)
+        self.revealed += count
+        self.index += 1
+
+    def preview(self) -> Tensor:
+        return self._images().clamp(-1, 1)  # unrevealed patches are 0 (mid grey)
+
+    def result(self) -> Tensor:
+        return self._images()
+
+    def snapshot(self):
+        return self.tokens.clone(), self.known.clone()

@@ -1,5 +1,5 @@
 """A continuous-batching scheduler over the generation engine: many requests, each in its own phase, one engine step at
-a time. The HTTP server (issue 12) drives it; it is usable on its own:
+a time. The HTTP server (``transfusion/serving/server.py``) drives it from one thread; it is usable on its own:
 
     sched = Scheduler(Engine.from_export("runs/shapes_tiny/export"), max_batch=16)
     rid = sched.submit("a red circle on the left", SamplingParams(max_tokens=32, seed=1))
@@ -12,13 +12,20 @@ Phases of a request::
     queued --admit (prefill its prompt)--> text --BOI sampled--> image --(denoised, clean image appended, EOI)--> text
     text --EOS / max_tokens / stop string--> done          any phase --cancel()--> cancelled (leaves at the next step)
 
-Every step: admit queued requests up to ``max_batch``; all text-phase requests share one forward pass (their KV caches
-are stacked, left-padded, and split again); each image-phase request denoises its image against its own frozen prefix
-cache. Every random draw of a request comes from its own generator seeded with ``SamplingParams.seed``, so its output
-does not depend on its batch-mates; what can differ is float round-off between a batched and an unbatched forward
+One ``step()``: admit queued requests up to ``max_batch`` (their prompts, text and images, prefilled); every
+text-phase request samples one token and all of them share one forward pass (their caches stay stacked, left-padded,
+while the text batch keeps its members, and are split only when it changes); every image-phase request advances its
+image by one transformer pass (``ImageJob``): jobs needing the same pass are stacked into one forward against their
+frozen prefix caches, each row at its own timestep, classifier-free guidance rows against one shared unconditional
+prefix. A request therefore leaves, or is cancelled, within one step, and may ask for previews while it denoises.
+
+Every random draw of a request comes from its own generator seeded with ``SamplingParams.seed``, so its output does
+not depend on its batch-mates; what can differ is float round-off between a batched and an unbatched forward
 (``tests/test_serving.py`` bounds it). Text sampling: temperature (0 = greedy), top-k, top-p; special ids (PAD, BOS,
 the image placeholder, EOI outside an image) are never sampled as text, and BOI only while the request may still
 emit an image.
+
+Legend: N requests, S cached key length, V vocabulary, C/H/W image channels/height/width.
 """
 
 from __future__ import annotations
@@ -26,13 +33,16 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
 from transfusion.generation.engine import Engine, Prefix, concat_prefixes
+from transfusion.model.image_head import ImageJob
 from transfusion.sequence import caption_prompt_tokens
+
+Segment = Union[str, Tensor]  # text, or a pixel image [C, H, W] in [-1, 1] at the model's resolution
 
 
 @dataclass
@@ -48,12 +58,13 @@ class SamplingParams:
     sampler: str | None = None
     guidance_schedule: str | None = None
     seed: int = 0
+    preview_every: int = 0  # a "preview" event every this many image passes (0 = none)
 
 
 @dataclass
 class Event:
     request_id: int
-    kind: str  # "text" | "image_start" | "image" | "done" | "cancelled" | "failed"
+    kind: str  # "text" | "image_start" | "preview" | "image" | "done" | "cancelled" | "failed"
     data: Any = None
 
 
@@ -61,17 +72,35 @@ class Event:
 class Request:
     id: int
     prompt_ids: list[int]
+    prompt_images: list[Tensor]  # pixels [C, H, W], one per image block of the prompt
+    image_starts: list[int]  # where each prompt image's slots start in ``prompt_ids``
     params: SamplingParams
     generator: torch.Generator
-    phase: str = "queued"  # queued | text | image | done | cancelled | failed
-    prefix: Prefix | None = None
-    uncond: Prefix | None = None
+    phase: str = "queued"  # queued | text | image | done | cancelled | cancelled-done | failed
+    prefix: Prefix | None = None  # its own cache (None while it is part of the stacked text batch)
+    cache_len: int = 0  # key columns that are its own (the rest of a stacked row is left padding)
+    job: ImageJob | None = None
     tokens: list[int] = field(default_factory=list)  # sampled text ids (no specials)
     text: str = ""  # decoded text so far (cut at a stop string)
     emitted: int = 0  # characters of ``text`` already sent as events
     images: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    image_started_at: float = 0.0
+
+
+@dataclass
+class Stats:
+    """Counters since the scheduler started (the server's /metrics reads them)."""
+
+    tokens: int = 0
+    images: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    steps: int = 0
+    ttft_s: list[float] = field(default_factory=list)  # time to first token per request (drained by the reader)
+    image_s: list[float] = field(default_factory=list)  # seconds per image, BOI to the decoded image
 
 
 def _split_prefix(stacked: Prefix, lengths: list[int]) -> list[Prefix]:
@@ -104,23 +133,49 @@ class Scheduler:
     def __init__(self, engine: Engine, max_batch: int = 16) -> None:
         self.engine, self.max_batch = engine, max_batch
         self.requests: dict[int, Request] = {}
+        self.stats = Stats()
         self._ids = itertools.count()
         tok = engine.tok
         self._never = [tok.pad_id, tok.bos_id, tok.image_id, tok.eoi_id]
+        self._uncond: Prefix | None = None  # [BOS][BOI], the unconditional prefix every guided image shares
+        self._text: list[Request] = []  # members of the stacked text batch, in row order
+        self._text_prefix: Prefix | None = None
+        self._image_stacks: dict[str, tuple[tuple, Prefix]] = {}  # block pass -> (members key, stacked prefixes)
 
     # -- requests --------------------------------------------------------------------------------------------
-    def submit(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
+    def submit(self, prompt: str | list[int] | list[Segment], params: SamplingParams | None = None) -> int:
+        """Queue a request; ``prompt`` is text, token ids, or a list of segments (text and pixel images
+        [C, H, W] in [-1, 1] at the model's resolution). Returns its id."""
         params = params or SamplingParams()
         tok = self.engine.tok
-        ids = [tok.bos_id] + (tok.encode(prompt) if isinstance(prompt, str) else list(prompt))
+        ids, images, starts = [tok.bos_id], [], []
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if prompt and isinstance(prompt[0], int):
+            ids += list(prompt)
+        else:
+            for seg in prompt:
+                if isinstance(seg, str):
+                    ids += tok.encode(seg)
+                    continue
+                ids.append(tok.boi_id)
+                starts.append(len(ids))
+                images.append(seg)
+                ids += [tok.image_id] * self.engine.num_patches + [tok.eoi_id]
         rid = next(self._ids)
-        self.requests[rid] = Request(rid, ids, params, torch.Generator().manual_seed(params.seed))
+        self.requests[rid] = Request(rid, ids, images, starts, params, torch.Generator().manual_seed(params.seed))
         return rid
 
     def cancel(self, request_id: int) -> None:
         req = self.requests.get(request_id)
-        if req is not None and req.phase not in ("done", "failed"):
+        if req is not None and req.phase in ("queued", "text", "image"):
             req.phase = "cancelled"
+
+    def forget(self, request_id: int) -> None:
+        """Drop a finished request's record (the server does, once its events are delivered)."""
+        req = self.requests.get(request_id)
+        if req is not None and req.phase in ("done", "cancelled-done", "failed"):
+            del self.requests[request_id]
 
     def busy(self) -> bool:
         return any(r.phase in ("queued", "text", "image", "cancelled") for r in self.requests.values())
@@ -128,62 +183,109 @@ class Scheduler:
     def running(self) -> list[Request]:
         return [r for r in self.requests.values() if r.phase in ("text", "image")]
 
+    def queued(self) -> int:
+        return sum(r.phase == "queued" for r in self.requests.values())
+
     # -- one engine step -------------------------------------------------------------------------------------
     def step(self) -> list[Event]:
         events: list[Event] = []
         for req in list(self.requests.values()):  # cancelled requests leave now and free their slot
             if req.phase == "cancelled":
                 events.append(Event(req.id, "cancelled"))
-                self._finish(req)
-        self._admit()
+                self.stats.cancelled += 1
+                self._release(req, "cancelled-done")
+        events += self._admit()
         text = [r for r in self.running() if r.phase == "text"]
         if text:
             events += self._text_step(text)
-        for req in [r for r in self.running() if r.phase == "image"]:
-            events += self._image_step(req)
+        imaging = [r for r in self.running() if r.phase == "image"]
+        if imaging:
+            events += self._image_step(imaging)
+        self.stats.steps += 1
         return events
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[Event]:
         free = self.max_batch - len(self.running())
+        events = []
         for req in [r for r in self.requests.values() if r.phase == "queued"][:max(free, 0)]:
-            req.prefix = self.engine.prefill([req.prompt_ids])
-            if req.params.guidance != 1.0:
-                req.uncond = self.engine.prefill([caption_prompt_tokens(self.engine.tok)])
+            try:
+                req.prefix = self._prefill(req)
+            except (ValueError, RuntimeError) as e:  # e.g. an image the codec cannot take: this request fails alone
+                req.phase = "failed"
+                self.stats.failed += 1
+                events.append(Event(req.id, "failed", f"{type(e).__name__}: {e}"))
+                continue
+            req.cache_len = len(req.prompt_ids)
             req.phase = "text"
+        return events
+
+    def _prefill(self, req: Request) -> Prefix:
+        eng = self.engine
+        if not req.prompt_images:
+            return eng.prefill([req.prompt_ids])
+        with torch.no_grad():
+            z = eng.codec.encode(torch.stack(req.prompt_images).to(eng.device))
+        return eng.prefill([req.prompt_ids], z, [(0, s) for s in req.image_starts])
+
+    # -- text ------------------------------------------------------------------------------------------------
+    def _stack_text(self, reqs: list[Request]) -> Prefix:
+        """The stacked cache of ``reqs`` (re-stacked only when the text batch's members change)."""
+        if [r.id for r in reqs] != [r.id for r in self._text]:
+            self._unstack_text()
+            self._text = list(reqs)
+            self._text_prefix = concat_prefixes(*(r.prefix for r in reqs))
+            for r in reqs:
+                r.prefix = None
+        return self._text_prefix
+
+    def _unstack_text(self) -> None:
+        """Give every member of the stacked text batch its own cache back."""
+        if self._text_prefix is not None:
+            live = [(i, r) for i, r in enumerate(self._text) if r.prefix is None and r.phase in ("text", "image")]
+            if live:
+                rows = torch.tensor([i for i, _ in live])
+                sub = Prefix([(k[rows], v[rows]) for k, v in self._text_prefix.kv], self._text_prefix.key_valid[rows],
+                             self._text_prefix.next_pos[rows], self._text_prefix.last_h[rows])
+                for (_, r), own in zip(live, _split_prefix(sub, [r.cache_len for _, r in live])):
+                    r.prefix = own
+        self._text, self._text_prefix = [], None
 
     def _text_step(self, reqs: list[Request]) -> list[Event]:
         eng, tok = self.engine, self.engine.tok
+        stacked = self._stack_text(reqs)
         with torch.no_grad():
-            last_h = torch.cat([r.prefix.last_h for r in reqs])
-            logits = eng.model.text_logits(last_h).float().cpu()  # [N, V]
+            logits = eng.model.text_logits(stacked.last_h).float().cpu()  # [N, V]
         logits[:, self._never] = float("-inf")
-        chosen, events = [], []
+        chosen = []
         for i, req in enumerate(reqs):
             row = logits[i].clone()
             if req.images >= req.params.max_images:
                 row[tok.boi_id] = float("-inf")
             chosen.append(sample_next(row, req.params, req.generator))
-        stepping = []
+        events: list[Event] = []
+        leaving = []
         for req, token in zip(reqs, chosen):
             if req.first_token_at is None:
                 req.first_token_at = time.perf_counter()
+                self.stats.ttft_s.append(req.first_token_at - req.submitted)
             if token == tok.eos_id or len(req.tokens) >= req.params.max_tokens:
                 events += self._emit(req, len(req.text))  # whatever was held back for a stop string
                 events.append(self._done(req, "eos" if token == tok.eos_id else "length"))
-                continue
-            stepping.append((req, token))
-        if not stepping:
-            return events
-        stacked = concat_prefixes(*(r.prefix for r, _ in stepping))
-        stacked = eng.step_tokens(stacked, torch.tensor([t for _, t in stepping]))
-        lengths = [r.prefix.key_valid.shape[1] + 1 for r, _ in stepping]
-        for (req, token), prefix in zip(stepping, _split_prefix(stacked, lengths)):
-            req.prefix = prefix
+                leaving.append(req)
+        stepping = [(r, t) for r, t in zip(reqs, chosen) if r not in leaving]
+        if leaving:  # the batch changes: continue with the members that step
+            self._unstack_text()
+            if not stepping:
+                return events
+            stacked = self._stack_text([r for r, _ in stepping])
+        self._text_prefix = eng.step_tokens(stacked, torch.tensor([t for _, t in stepping]))
+        for req, token in stepping:
+            req.cache_len += 1
             if token == tok.boi_id:
                 events += self._emit(req, len(req.text))
                 req.phase = "image"
-                events.append(Event(req.id, "image_start"))
                 continue
+            self.stats.tokens += 1
             req.tokens.append(token)
             full = tok.decode(req.tokens)
             cut = min((full.index(s) for s in req.params.stop if s and s in full), default=None)
@@ -195,6 +297,11 @@ class Scheduler:
             events += self._emit(req, len(req.text) - held)
             if cut is not None:
                 events.append(self._done(req, "stop"))
+        if any(r.phase != "text" for r, _ in stepping):
+            self._unstack_text()  # requests that began an image (or stopped) take their caches out
+        for req, _ in stepping:
+            if req.phase == "image":
+                events.append(self._start_image(req))
         return events
 
     def _emit(self, req: Request, upto: int) -> list[Event]:
@@ -203,27 +310,90 @@ class Scheduler:
         delta, req.emitted = req.text[req.emitted:upto], upto
         return [Event(req.id, "text", delta)]
 
-    def _image_step(self, req: Request) -> list[Event]:
+    # -- images ----------------------------------------------------------------------------------------------
+    def _start_image(self, req: Request) -> Event:
         eng, p = self.engine, req.params
-        z = eng.denoise(req.prefix, uncond=req.uncond, guidance=p.guidance, sampler=p.sampler, steps=p.steps,
-                        generator=req.generator, guidance_schedule=p.guidance_schedule)
+        guided = p.guidance != 1.0
+        if guided and self._uncond is None:
+            self._uncond = eng.prefill([caption_prompt_tokens(eng.tok)])
+        req.job = eng.model.image_head.start(eng, 1, guided=guided, guidance=p.guidance, sampler=p.sampler,
+                                             steps=p.steps, generator=req.generator,
+                                             guidance_schedule=eng.resolve_guidance_schedule(p.guidance_schedule))
+        req.image_started_at = time.perf_counter()
+        return Event(req.id, "image_start", {"index": req.images, "passes": req.job.total})
+
+    def _stack_images(self, block_pass: str, reqs: list[Request]) -> Prefix:
+        """[conditional prefixes of ``reqs``; the unconditional prefix once per guided request], cached while the
+        group keeps its members."""
+        key = tuple((r.id, r.images, r.job.guided) for r in reqs)  # r.images: a new image, a new prefix
+        cached = self._image_stacks.get(block_pass)
+        if cached is None or cached[0] != key:
+            guided = [self._uncond] * sum(r.job.guided for r in reqs)
+            cached = (key, concat_prefixes(*(r.prefix for r in reqs), *guided))
+            self._image_stacks[block_pass] = cached
+        return cached[1]
+
+    def _image_step(self, reqs: list[Request]) -> list[Event]:
+        eng = self.engine
+        events: list[Event] = []
+        groups: dict[str, list[Request]] = {}
+        for req in reqs:
+            groups.setdefault(req.job.block_pass, []).append(req)
+        for block_pass in list(self._image_stacks):
+            if block_pass not in groups:
+                del self._image_stacks[block_pass]
+        for block_pass, group in groups.items():
+            pre = self._stack_images(block_pass, group)
+            inputs = [r.job.block_input() for r in group]
+            guided = [i for i, r in enumerate(group) if r.job.guided]
+            order = list(range(len(group))) + guided  # row order: every conditional row, then unconditional ones
+            x = torch.cat([inputs[i][0] for i in order])
+            ts = [inputs[i][1] for i in order]
+            same_t = all(bool(t == ts[0]) for t in ts)
+            t = ts[0] if same_t else torch.stack([torch.as_tensor(t, dtype=torch.float32) for t in ts])
+            masks = [inputs[i][2] for i in order]
+            mask = None if masks[0] is None else torch.cat(masks)
+            out = eng.image_block(pre, block_pass, x, t, mask)
+            n_cond = len(group)
+            for i, req in enumerate(group):
+                rows = [i] + ([n_cond + guided.index(i)] if req.job.guided else [])
+                req.job.advance(out[rows])
+                every = req.params.preview_every
+                if req.job.done:
+                    events += self._finish_image(req)
+                elif every and req.job.index % every == 0:
+                    with torch.no_grad():
+                        preview = eng.codec.decode(req.job.preview())[0].clamp(-1, 1).float().cpu()
+                    events.append(Event(req.id, "preview", {"image": preview, "pass": req.job.index,
+                                                            "passes": req.job.total}))
+        return events
+
+    def _finish_image(self, req: Request) -> list[Event]:
+        eng = self.engine
+        z = req.job.result()
         with torch.no_grad():
             image = eng.codec.decode(z)[0].clamp(-1, 1).float().cpu()
         req.prefix = eng.append_image(req.prefix, z)
         req.prefix = eng.step_tokens(req.prefix, torch.tensor([eng.tok.eoi_id]))
+        req.cache_len += eng.num_patches + 1
+        seconds = time.perf_counter() - req.image_started_at
         req.images += 1
-        req.phase = "text"
-        return [Event(req.id, "image", image)]
+        self.stats.images += 1
+        self.stats.image_s.append(seconds)
+        req.job, req.phase = None, "text"
+        return [Event(req.id, "image", {"image": image, "index": req.images - 1, "seconds": seconds})]
 
+    # -- leaving -----------------------------------------------------------------------------------------------
     def _done(self, req: Request, reason: str) -> Event:
-        usage = {"tokens": len(req.tokens), "images": req.images, "finish_reason": reason,
-                 "seconds": time.perf_counter() - req.submitted,
+        usage = {"prompt_tokens": len(req.prompt_ids), "tokens": len(req.tokens), "images": req.images,
+                 "finish_reason": reason, "seconds": time.perf_counter() - req.submitted,
                  "time_to_first_token": None if req.first_token_at is None else req.first_token_at - req.submitted}
-        self._finish(req)
-        req.phase = "done"
+        self.stats.finished += 1
+        self._release(req, "done")
         return Event(req.id, "done", usage)
 
-    def _finish(self, req: Request) -> None:
-        req.prefix = req.uncond = None  # free the caches
-        if req.phase == "cancelled":
-            req.phase = "cancelled-done"  # reported; no longer counted as busy
+    def _release(self, req: Request, phase: str) -> None:
+        if req in self._text:
+            self._unstack_text()  # the text batch changes at the next step anyway
+        req.phase = phase
+        req.prefix = req.job = None  # free the caches
