@@ -60,6 +60,12 @@ class Engine:
         self.precision = precision
         self.bidirectional_images = getattr(model.cfg, "image_attention", "bidirectional") == "bidirectional"
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the pixel images this engine reads and writes."""
+        f = self.model.cfg.patch_size * self.codec.downsample
+        return self.patch_grid[0] * f, self.patch_grid[1] * f
+
     # -- construction ----------------------------------------------------------------------------------------
     @classmethod
     def from_export(cls, export_dir: str, device: str | torch.device = "cpu", precision: str = "auto") -> "Engine":

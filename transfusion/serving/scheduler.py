@@ -99,8 +99,7 @@ class Stats:
     cancelled: int = 0
     failed: int = 0
     steps: int = 0
-    ttft_s: list[float] = field(default_factory=list)  # time to first token per request (drained by the reader)
-    image_s: list[float] = field(default_factory=list)  # seconds per image, BOI to the decoded image
+    peak_batch: int = 0  # most requests running at once
 
 
 def _split_prefix(stacked: Prefix, lengths: list[int]) -> list[Prefix]:
@@ -202,6 +201,7 @@ class Scheduler:
         if imaging:
             events += self._image_step(imaging)
         self.stats.steps += 1
+        self.stats.peak_batch = max(self.stats.peak_batch, len(text) + len(imaging))
         return events
 
     def _admit(self) -> list[Event]:
@@ -267,7 +267,6 @@ class Scheduler:
         for req, token in zip(reqs, chosen):
             if req.first_token_at is None:
                 req.first_token_at = time.perf_counter()
-                self.stats.ttft_s.append(req.first_token_at - req.submitted)
             if token == tok.eos_id or len(req.tokens) >= req.params.max_tokens:
                 events += self._emit(req, len(req.text))  # whatever was held back for a stop string
                 events.append(self._done(req, "eos" if token == tok.eos_id else "length"))
@@ -379,7 +378,6 @@ class Scheduler:
         seconds = time.perf_counter() - req.image_started_at
         req.images += 1
         self.stats.images += 1
-        self.stats.image_s.append(seconds)
         req.job, req.phase = None, "text"
         return [Event(req.id, "image", {"image": image, "index": req.images - 1, "seconds": seconds})]
 

@@ -1,0 +1,377 @@
+"""The HTTP server: FastAPI over the engine thread (``EngineWorker``) and its continuous-batching scheduler.
+
+    python tools/serve.py --export runs/shapes_tiny/export            # http://127.0.0.1:8000/
+
+Routes:
+    GET  /                      the web page (prompt, image upload, streamed answer with previews, stop button)
+    POST /v1/generate           segments in; JSON, or Server-Sent Events with "stream": true
+    POST /v1/chat/completions   OpenAI-shaped (text and image_url data-URI parts in and out; SSE chunks when streamed)
+    GET  /v1/models             the served export ("default" is accepted as its alias)
+    GET  /health                200 while the engine thread lives, else 503
+    GET  /metrics               Prometheus: queue depth, running batch, tokens/s, images/s, TTFT and per-image
+                                latency histograms, requests by route and status, cancellations
+
+SSE events of /v1/generate: ``text`` {"text"}, ``image_start`` {"index", "passes"}, ``preview`` {"png", "pass",
+"passes"} (when ``preview_every`` > 0), ``image`` {"png", "width", "height", "index", "seconds"}, ``done``
+{"finish_reason", "usage"}, ``error`` {"error"}. A client that disconnects cancels its request; its slot is free at
+the next engine step. Errors are one JSON line with a 4xx status: 400 / 413 limits, 401 token, 404 model, 422 shape,
+429 queue full (with Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+
+from transfusion.serving.protocol import (
+    BadRequest,
+    ChatRequest,
+    GenerateRequest,
+    ImageSegment,
+    Options,
+    ServeLimits,
+    check_options,
+    decode_image,
+    png_payload,
+)
+from transfusion.serving.scheduler import Event, SamplingParams, Scheduler
+from transfusion.serving.worker import EngineWorker, Handle, QueueFull
+
+STATIC = Path(__file__).parent / "static"
+
+
+class BodyLimit:
+    """ASGI middleware: a body above ``limit`` bytes gets 413 before the app reads it (declared or streamed)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await _send_json(send, 413, f"request body above {self.limit} bytes")
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BadRequest(f"request body above {self.limit} bytes", status=413)
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except BadRequest as e:
+            await _send_json(send, e.status, str(e))
+
+
+async def _send_json(send, status: int, message: str) -> None:
+    body = json.dumps({"error": {"message": message, "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "code": status}}, status_code=status, headers=headers)
+
+
+class Metrics:
+    """Prometheus metrics in the app's own registry (no process-global state)."""
+
+    def __init__(self, worker: EngineWorker) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        self.registry = r = CollectorRegistry()
+        self.worker = worker
+        Gauge("transfusion_queue_depth", "requests waiting for a slot", registry=r).set_function(
+            lambda: worker.load()["queued"])
+        Gauge("transfusion_running_requests", "requests in the running batch", registry=r).set_function(
+            lambda: worker.load()["running"])
+        Gauge("transfusion_tokens_per_second", "text tokens sampled per second (last 10 s)", registry=r).set_function(
+            lambda: worker.tokens_window.rate(time.perf_counter()))
+        Gauge("transfusion_images_per_second", "images finished per second (last 10 s)", registry=r).set_function(
+            lambda: worker.images_window.rate(time.perf_counter()))
+        self.ttft = Histogram("transfusion_time_to_first_token_seconds", "submit to first sampled token",
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.image_s = Histogram("transfusion_image_seconds", "BOI to decoded image",
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
+        self.requests = Counter("transfusion_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+
+        class SchedulerCounters:
+            def collect(self):
+                s = worker.scheduler.stats
+                for name, value, doc in (("tokens", s.tokens, "text tokens sampled"),
+                                         ("images", s.images, "images generated"),
+                                         ("finished", s.finished, "requests finished"),
+                                         ("cancellations", s.cancelled, "requests cancelled (client gone)"),
+                                         ("failed", s.failed, "requests failed"),
+                                         ("engine_steps", s.steps, "scheduler steps")):
+                    yield CounterMetricFamily(f"transfusion_{name}", doc, value=value)
+                yield GaugeMetricFamily("transfusion_peak_batch", "most requests running at once", value=s.peak_batch)
+
+        r.register(SchedulerCounters())
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def create_app(engine, *, model_name: str = "default", limits: ServeLimits | None = None, token: str | None = None,
+               worker: EngineWorker | None = None) -> FastAPI:
+    """The app for one engine. Its engine thread starts with the app and stops with it (lifespan)."""
+    from contextlib import asynccontextmanager
+
+    limits = limits or ServeLimits()
+    worker = worker or EngineWorker(Scheduler(engine, max_batch=limits.max_batch), max_queue=limits.max_queue)
+    metrics = Metrics(worker)
+    sample_cfg = getattr(engine.cfg, "sample", None)
+    default_steps = getattr(sample_cfg, "steps", 50)
+    default_guidance = getattr(sample_cfg, "guidance", 2.0)
+    samplers = tuple(engine.schedule.samplers)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if not worker.alive:
+            worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="transfusion", version="0.1.0", lifespan=lifespan,
+                  description="Interleaved text and image generation with continuous batching.")
+    app.state.worker, app.state.metrics = worker, metrics
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        metrics.requests.labels(request.url.path if request.url.path.startswith("/v1/") else "other",
+                                str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, e: BadRequest):
+        return error(e.status, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        """422 with where and what, never echoing the input (it may be huge, or NaN / inf that JSON cannot carry)."""
+        detail = [{"loc": [str(x) for x in err.get("loc", ())], "msg": str(err.get("msg", "")),
+                   "type": str(err.get("type", ""))} for err in e.errors()[:20]]
+        first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
+        message = f"{'.'.join(first['loc'][1:]) or 'body'}: {first['msg']}"
+        return JSONResponse({"error": {"message": message, "code": 422, "detail": detail}}, status_code=422)
+
+    async def authorised(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    # -- turning a request into scheduler input ----------------------------------------------------------------------
+    def prompt_of(segments) -> list:
+        images = sum(isinstance(s, ImageSegment) for s in segments)
+        if images > limits.max_input_images:
+            raise BadRequest(f"{images} input images; this server takes at most {limits.max_input_images}")
+        out, length = [], 1  # BOS
+        for seg in segments:
+            if isinstance(seg, ImageSegment):
+                out.append(decode_image(seg.image, engine.image_size, limits))
+                length += engine.num_patches + 2
+            else:
+                if len(seg.text) > 4 * limits.max_prompt_tokens + 16:
+                    raise BadRequest(f"prompt longer than {limits.max_prompt_tokens} tokens")
+                out.append(seg.text)
+                length += len(engine.tok.encode(seg.text))
+        if length > limits.max_prompt_tokens:
+            raise BadRequest(f"prompt of {length} tokens is longer than this server's {limits.max_prompt_tokens}")
+        return out
+
+    def params_of(o: Options) -> SamplingParams:
+        check_options(o, limits, samplers)
+        return SamplingParams(max_tokens=o.max_tokens, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
+                              stop=tuple(o.stop), max_images=o.max_images, steps=o.steps or default_steps,
+                              guidance=default_guidance if o.guidance is None else o.guidance, sampler=o.sampler,
+                              guidance_schedule=o.guidance_schedule, seed=o.seed, preview_every=o.preview_every)
+
+    async def start(segments, options: Options) -> Handle:
+        params = params_of(options)
+        prompt = await asyncio.to_thread(prompt_of, segments)  # image decoding off the event loop
+        try:
+            return worker.submit(prompt, params, asyncio.get_running_loop())
+        except QueueFull as e:
+            raise HTTPException(429, f"server busy: {e}; retry later", headers={"Retry-After": "1"}) from None
+
+    async def events(handle: Handle, request: Request) -> AsyncIterator[Event]:
+        """The request's events; cancels it if the client goes away (streams end by cancellation of this
+        generator; a non-streamed wait polls the connection)."""
+        try:
+            while not handle.finished:
+                try:
+                    event = await asyncio.wait_for(handle.__anext__(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if event.kind == "image":
+                    metrics.image_s.observe(event.data["seconds"])
+                elif event.kind == "done" and event.data["time_to_first_token"] is not None:
+                    metrics.ttft.observe(event.data["time_to_first_token"])
+                yield event
+        finally:
+            if not handle.finished:
+                worker.cancel(handle)
+
+    def sse(name: str | None, data: Any) -> bytes:
+        head = f"event: {name}\n" if name else ""
+        return f"{head}data: {json.dumps(data) if not isinstance(data, str) else data}\n\n".encode()
+
+    def image_payload(event: Event) -> dict:
+        d = event.data
+        if event.kind == "preview":
+            return png_payload(d["image"], **{"pass": d["pass"], "passes": d["passes"]})
+        return png_payload(d["image"], index=d["index"], seconds=round(d["seconds"], 4))
+
+    sse_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+    # -- routes ----------------------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/health")
+    async def health():
+        body = {"status": "ok" if worker.alive else "engine stopped", **worker.load(), "model": model_name}
+        if worker.error:
+            body["error"] = worker.error
+        return JSONResponse(body, status_code=200 if worker.alive else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=[Depends(authorised)])
+    async def models():
+        h, w = engine.image_size
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "transfusion", "aliases": ["default"],
+                                            "image_size": [h, w], "max_batch": limits.max_batch,
+                                            "samplers": list(samplers), "default_steps": default_steps,
+                                            "default_guidance": default_guidance}]}
+
+    @app.post("/v1/generate", dependencies=[Depends(authorised)])
+    async def generate(body: GenerateRequest, request: Request):
+        handle = await start(body.segments, body)
+        rid = f"gen-{uuid.uuid4().hex[:16]}"
+        if body.stream:
+            async def stream():
+                async for event in events(handle, request):
+                    if event.kind == "text":
+                        yield sse("text", {"text": event.data})
+                    elif event.kind == "image_start":
+                        yield sse("image_start", event.data)
+                    elif event.kind in ("preview", "image"):
+                        yield sse(event.kind, await asyncio.to_thread(image_payload, event))
+                    elif event.kind == "done":
+                        yield sse("done", {"id": rid, "finish_reason": event.data["finish_reason"],
+                                           "usage": event.data})
+                    elif event.kind == "failed":
+                        yield sse("error", {"error": event.data})
+            return StreamingResponse(stream(), media_type="text/event-stream", headers=sse_headers)
+        output: list[dict] = []
+        async for event in events(handle, request):
+            if event.kind == "text":
+                if output and output[-1]["type"] == "text":
+                    output[-1]["text"] += event.data
+                else:
+                    output.append({"type": "text", "text": event.data})
+            elif event.kind == "image":
+                output.append({"type": "image", **image_payload(event)})
+            elif event.kind == "done":
+                return {"id": rid, "output": output, "finish_reason": event.data["finish_reason"],
+                        "usage": event.data}
+            elif event.kind == "failed":
+                return error(500, f"generation failed: {event.data}")
+        return error(499, "client closed the request")
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
+    async def chat(body: ChatRequest, request: Request):
+        if body.model not in (model_name, "default"):
+            return error(404, f"model {body.model!r} is not served here (serving {model_name!r}, alias 'default')")
+        try:
+            options = body.options()
+        except ValidationError as e:  # the chat fields did not make valid options
+            raise BadRequest(f"invalid options: {' '.join(str(e).split())[:300]}") from None
+        handle = await start(body.segments(), options)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        finish = {"eos": "stop", "stop": "stop", "length": "length"}
+
+        def usage(d: dict) -> dict:
+            return {"prompt_tokens": d["prompt_tokens"], "completion_tokens": d["tokens"],
+                    "total_tokens": d["prompt_tokens"] + d["tokens"], "images": d["images"],
+                    "seconds": round(d["seconds"], 4)}
+
+        def image_part(event: Event) -> dict:
+            return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image_payload(event)["png"]}}
+
+        if body.stream:
+            def chunk(delta: dict, reason: str | None = None, **extra) -> bytes:
+                return sse(None, {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                                  "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **extra})
+
+            async def stream():
+                yield chunk({"role": "assistant", "content": ""})
+                async for event in events(handle, request):
+                    if event.kind == "text":
+                        yield chunk({"content": event.data})
+                    elif event.kind == "image":
+                        yield chunk({"content": [await asyncio.to_thread(image_part, event)]})
+                    elif event.kind == "done":
+                        yield chunk({}, finish[event.data["finish_reason"]])
+                        if body.stream_options and body.stream_options.include_usage:
+                            yield sse(None, {"id": rid, "object": "chat.completion.chunk", "created": now,
+                                             "model": model_name, "choices": [], "usage": usage(event.data)})
+                    elif event.kind == "failed":
+                        yield sse(None, {"error": {"message": event.data, "code": 500}})
+                yield b"data: [DONE]\n\n"
+            return StreamingResponse(stream(), media_type="text/event-stream", headers=sse_headers)
+        parts: list[dict] = []
+        async for event in events(handle, request):
+            if event.kind == "text":
+                if parts and parts[-1]["type"] == "text":
+                    parts[-1]["text"] += event.data
+                else:
+                    parts.append({"type": "text", "text": event.data})
+            elif event.kind == "image":
+                parts.append(image_part(event))
+            elif event.kind == "done":
+                text_only = all(p["type"] == "text" for p in parts)
+                content = "".join(p["text"] for p in parts) if text_only else parts
+                return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                     "finish_reason": finish[event.data["finish_reason"]]}],
+                        "usage": usage(event.data)}
+            elif event.kind == "failed":
+                return error(500, f"generation failed: {event.data}")
+        return error(499, "client closed the request")
+
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    return app

@@ -1,0 +1,145 @@
+"""The engine thread: one thread owns the scheduler and steps it while there is work; HTTP handlers (asyncio) submit
+and cancel through a lock and receive their events on an asyncio queue. Torch releases the GIL inside its kernels,
+so the event loop keeps answering (health, metrics, new requests) while a step runs.
+
+    worker = EngineWorker(Scheduler(engine, max_batch=16), max_queue=64); worker.start()
+    handle = worker.submit(segments, params, loop)      # raises QueueFull when max_queue requests already wait
+    async for event in handle: ...                       # Event(kind="text" | "image_start" | "preview" | ...)
+    worker.cancel(handle)                                 # frees its slot at the next engine step
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from transfusion.serving.scheduler import Event, SamplingParams, Scheduler, Segment
+
+END = ("done", "cancelled", "failed")
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass
+class Handle:
+    request_id: int
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    finished: bool = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Event:
+        if self.finished:
+            raise StopAsyncIteration
+        event = await self.queue.get()
+        if event.kind in END:
+            self.finished = True
+        return event
+
+
+@dataclass
+class Window:
+    """Events per second over the last ``seconds``."""
+
+    seconds: float = 10.0
+    stamps: deque = field(default_factory=deque)
+
+    def add(self, n: int, now: float) -> None:
+        self.stamps.append((now, n))
+
+    def rate(self, now: float) -> float:
+        while self.stamps and self.stamps[0][0] < now - self.seconds:
+            self.stamps.popleft()
+        return sum(n for _, n in self.stamps) / self.seconds
+
+
+class EngineWorker:
+    def __init__(self, scheduler: Scheduler, max_queue: int = 64) -> None:
+        self.scheduler, self.max_queue = scheduler, max_queue
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._handles: dict[int, Handle] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.tokens_window, self.images_window = Window(), Window()
+        self.error: str | None = None  # set if the engine thread died
+        self._counted = (0, 0)  # tokens, images already added to the windows
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._work:
+            self._stop = True
+            self._work.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- requests ----------------------------------------------------------------------------------------------------
+    def submit(self, prompt: list[Segment], params: SamplingParams, loop: asyncio.AbstractEventLoop) -> Handle:
+        with self._work:
+            if self.scheduler.queued() >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting")
+            rid = self.scheduler.submit(prompt, params)
+            handle = Handle(rid, asyncio.Queue(), loop)
+            self._handles[rid] = handle
+            self._work.notify()
+        return handle
+
+    def cancel(self, handle: Handle) -> None:
+        with self._work:
+            if not handle.finished:
+                self.scheduler.cancel(handle.request_id)
+                self._work.notify()
+
+    def load(self) -> dict[str, int]:
+        with self._lock:
+            return {"queued": self.scheduler.queued(), "running": len(self.scheduler.running())}
+
+    # -- the engine thread -------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._work:
+                    while not self._stop and not self.scheduler.busy():
+                        self._work.wait()
+                    if self._stop:
+                        return
+                    events = self.scheduler.step()
+                    self._deliver(events)
+        except Exception as e:  # the engine is broken: fail every open request rather than hang its client
+            self.error = f"{type(e).__name__}: {e}"
+            with self._lock:
+                for rid in list(self._handles):
+                    self._deliver([Event(rid, "failed", f"engine error: {self.error}")])
+            raise
+
+    def _deliver(self, events: list[Event]) -> None:
+        now, stats = time.perf_counter(), self.scheduler.stats
+        self.tokens_window.add(stats.tokens - self._counted[0], now)
+        self.images_window.add(stats.images - self._counted[1], now)
+        self._counted = (stats.tokens, stats.images)
+        for event in events:
+            handle = self._handles.get(event.request_id)
+            if handle is None:
+                continue
+            try:
+                handle.loop.call_soon_threadsafe(handle.queue.put_nowait, event)
+            except RuntimeError:  # its event loop is gone: nobody is listening
+                self.scheduler.cancel(event.request_id)
+            if event.kind in END:
+                del self._handles[event.request_id]
+                self.scheduler.forget(event.request_id)
