@@ -278,3 +278,16 @@ def test_mar_requests_batch_and_match_the_head_alone():
     both = Scheduler(eng)
     ids = [both.submit("blue", params), both.submit("b", SamplingParams(max_tokens=2, steps=3, seed=6))]
     assert torch.allclose(summary(run(both, ids)[ids[0]])[1][0], ref, atol=1e-4)
+
+
+def test_start_with_image_is_text_to_image_and_ignore_eos_fills_max_tokens():
+    eng = engine()
+    sched = Scheduler(eng)
+    params = SamplingParams(max_tokens=7, steps=4, guidance=2.5, seed=11, start_with_image=True, ignore_eos=True)
+    rid = sched.submit("a red circle", params)
+    events = run(sched, [rid])[rid]
+    assert [e.kind for e in events][:2] == ["image_start", "image"]  # the answer begins with the image
+    text, images, reason = summary(events)
+    ref = eng.text_to_image(["a red circle"], steps=4, guidance=2.5, seed=11)[0]
+    assert torch.allclose(images[0], ref, atol=1e-5)
+    assert len(sched.requests[rid].tokens) == 7 and reason == "length"

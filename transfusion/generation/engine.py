@@ -157,7 +157,11 @@ class Engine:
         return job.result()
 
     def autocast(self):
-        """The engine's precision context (bf16 autocast or nothing), for the heads' own module calls."""
+        """The engine's precision context (bf16 autocast or nothing), for the heads' own module calls. Held open
+        around a whole generation (``text_to_image``, ``caption``, ``generate``, the server's engine thread), it makes
+        the bf16 copies of the weights once: autocast caches its casts of parameters until the outermost context
+        exits (measured on the tiny recipe, AVX512 + AMX: 7.7 -> 3.2 ms per single-request text step). The weights
+        must not change while it is open."""
         return self._ctx()
 
     def stack_prefixes(self, a: Prefix, b: Prefix) -> Prefix:
@@ -204,10 +208,11 @@ class Engine:
         the MAR head uses ``model.mar.sampler``) None = the objective's first sampler; ``guidance_schedule`` None =
         the run config's (constant without one). Random draws come from a CPU generator seeded with ``seed``."""
         gen = torch.Generator().manual_seed(seed)
-        cond = self.prefill([t2i_prompt_tokens(self.tok, p) for p in prompts])
-        uncond = self.prefill([caption_prompt_tokens(self.tok)] * len(prompts)) if guidance != 1.0 else None
-        z = self.denoise(cond, uncond=uncond, guidance=guidance, sampler=sampler, steps=steps, generator=gen,
-                         guidance_schedule=guidance_schedule)
+        with self._ctx():  # weights cast once for the whole loop
+            cond = self.prefill([t2i_prompt_tokens(self.tok, p) for p in prompts])
+            uncond = self.prefill([caption_prompt_tokens(self.tok)] * len(prompts)) if guidance != 1.0 else None
+            z = self.denoise(cond, uncond=uncond, guidance=guidance, sampler=sampler, steps=steps, generator=gen,
+                             guidance_schedule=guidance_schedule)
         with torch.no_grad():
             return self.codec.decode(z).clamp(-1, 1).float().cpu()
 
@@ -220,8 +225,9 @@ class Engine:
         head = caption_prompt_tokens(self.tok)  # [BOS][BOI]
         seq = head + [self.tok.image_id] * self.num_patches + [self.tok.eoi_id]
         n = len(images)
-        prefix = self.prefill([seq] * n, z, [(i, len(head)) for i in range(n)])
-        out = self.decode_text(prefix, max_tokens)
+        with self._ctx():  # weights cast once for the whole loop
+            prefix = self.prefill([seq] * n, z, [(i, len(head)) for i in range(n)])
+            out = self.decode_text(prefix, max_tokens)
         return [self.tok.decode(ids) for ids in out]
 
     def decode_text(self, prefix: Prefix, max_tokens: int, temperature: float = 0.0,

@@ -69,6 +69,8 @@ class Options(Strict):
     stop: list[StopString] = Field(default_factory=list, max_length=8)
     seed: int = Field(0, ge=0, le=2**63 - 1)
     preview_every: int = Field(0, ge=0, le=1 << 20)
+    start_with_image: bool = False  # close the prompt with BOI: the answer begins with an image
+    ignore_eos: bool = False  # exactly max_tokens text tokens (benchmarks)
     stream: bool = False
 
 
@@ -136,13 +138,16 @@ class ChatRequest(Strict):
     guidance_schedule: Literal["constant", "linear"] | None = None
     sampler: Literal["ddim", "ddpm", "euler", "heun"] | None = None
     preview_every: int = Field(0, ge=0, le=1 << 20)
+    start_with_image: bool = False
+    ignore_eos: bool = False
 
     def options(self) -> Options:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return Options(max_tokens=self.max_completion_tokens or self.max_tokens or 64, max_images=self.max_images,
                        steps=self.steps, guidance=self.guidance, guidance_schedule=self.guidance_schedule,
                        sampler=self.sampler, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                       stop=stop, seed=self.seed or 0, preview_every=self.preview_every, stream=self.stream)
+                       stop=stop, seed=self.seed or 0, preview_every=self.preview_every, stream=self.stream,
+                       start_with_image=self.start_with_image, ignore_eos=self.ignore_eos)
 
     def segments(self) -> list[TextSegment | ImageSegment]:
         out: list[TextSegment | ImageSegment] = []
@@ -166,6 +171,8 @@ def check_options(o: Options, limits: ServeLimits, samplers: tuple[str, ...]) ->
         raise BadRequest(f"steps {o.steps} is above this server's limit {limits.max_steps}")
     if o.guidance is not None and o.guidance > limits.max_guidance:
         raise BadRequest(f"guidance {o.guidance} is above this server's limit {limits.max_guidance}")
+    if o.start_with_image and o.max_images < 1:
+        raise BadRequest("start_with_image needs max_images >= 1")
     if o.sampler is not None and o.sampler not in samplers:
         raise BadRequest(f"sampler {o.sampler!r} does not fit this model's objective (known: {', '.join(samplers)})")
 

@@ -59,6 +59,8 @@ class SamplingParams:
     guidance_schedule: str | None = None
     seed: int = 0
     preview_every: int = 0  # a "preview" event every this many image passes (0 = none)
+    start_with_image: bool = False  # the prompt is closed with BOI: the answer begins with an image (text -> image)
+    ignore_eos: bool = False  # never sample EOS: exactly max_tokens text tokens (benchmarks)
 
 
 @dataclass
@@ -161,6 +163,8 @@ class Scheduler:
                 starts.append(len(ids))
                 images.append(seg)
                 ids += [tok.image_id] * self.engine.num_patches + [tok.eoi_id]
+        if params.start_with_image:
+            ids.append(tok.boi_id)
         rid = next(self._ids)
         self.requests[rid] = Request(rid, ids, images, starts, params, torch.Generator().manual_seed(params.seed))
         return rid
@@ -217,6 +221,9 @@ class Scheduler:
                 continue
             req.cache_len = len(req.prompt_ids)
             req.phase = "text"
+            if req.params.start_with_image and req.params.max_images > 0:
+                req.phase = "image"
+                events.append(self._start_image(req))
         return events
 
     def _prefill(self, req: Request) -> Prefix:
@@ -261,6 +268,8 @@ class Scheduler:
             row = logits[i].clone()
             if req.images >= req.params.max_images:
                 row[tok.boi_id] = float("-inf")
+            if req.params.ignore_eos:
+                row[tok.eos_id] = float("-inf")
             chosen.append(sample_next(row, req.params, req.generator))
         events: list[Event] = []
         leaving = []

@@ -210,7 +210,8 @@ def create_app(engine, *, model_name: str = "default", limits: ServeLimits | Non
         return SamplingParams(max_tokens=o.max_tokens, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
                               stop=tuple(o.stop), max_images=o.max_images, steps=o.steps or default_steps,
                               guidance=default_guidance if o.guidance is None else o.guidance, sampler=o.sampler,
-                              guidance_schedule=o.guidance_schedule, seed=o.seed, preview_every=o.preview_every)
+                              guidance_schedule=o.guidance_schedule, seed=o.seed, preview_every=o.preview_every,
+                              start_with_image=o.start_with_image, ignore_eos=o.ignore_eos)
 
     async def start(segments, options: Options) -> Handle:
         params = params_of(options)

@@ -1,0 +1,306 @@
+#!/usr/bin/env python
+"""Benchmark the generation server: throughput and latency at several numbers of concurrent streaming clients, and
+the time per image with the prefix cache reused across denoising passes vs the prefix recomputed at every pass.
+
+    python tools/bench_serve.py --export runs/shapes_tiny/export            # starts the server in this process
+    python tools/bench_serve.py --recipe recipes/shapes_tiny.toml            # the recipe's shape, random weights
+    python tools/bench_serve.py --url http://127.0.0.1:8000 --clients 1 4 16 # against a running server
+
+Workload per client: requests one after another, alternating a text request (``--tokens`` text tokens,
+``ignore_eos``) and a text -> image request (``start_with_image``, ``--steps`` passes, then 8 text tokens), all
+streamed. Reported per concurrency: requests/s, tokens/s, images/s; p50 / p95 of time to first text token (text
+requests), of image time (image_start -> image event, seen by the client) and of request time. The prefix table
+(in-process engines only) times one guided image per prompt length, cached vs recomputed, median of ``--repeats``.
+Timings name the machine they come from (CPU capability and flags); compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transfusion.cli import fail_cleanly  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--export", help="export directory: serve it in this process")
+    src.add_argument("--recipe", help="TOML recipe: serve a randomly initialised model of its shape "
+                     "(default recipes/shapes_tiny.toml when neither --export nor --url is given)")
+    src.add_argument("--url", help="a running server (then no prefix table)")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels (default 1 4 16)")
+    p.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends (default 4)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps per image (default 20)")
+    p.add_argument("--tokens", type=int, default=32, help="text tokens per text request (default 32)")
+    p.add_argument("--workload", choices=("mixed", "text", "image"), default="mixed",
+                   help="mixed: text and text -> image requests alternate (default); text / image: one kind only")
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--repeats", type=int, default=3, help="prefix table: timed images per cell (median)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--token", default=None, help="bearer token of the server, if it needs one")
+    p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--skip-prefix", action="store_true", help="no prefix-reuse table")
+    args = p.parse_args(argv)
+    if min(args.clients) < 1 or args.requests_per_client < 1 or args.steps < 1 or args.tokens < 1:
+        p.error("--clients, --requests-per-client, --steps and --tokens must be positive")
+    if not (args.export or args.url or args.recipe):
+        args.recipe = "recipes/shapes_tiny.toml"
+    return args
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    flags = ""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().split("\n")
+        line = next(x for x in cpuinfo if x.startswith("flags"))
+        wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma")
+        flags = " ".join(f for f in wanted if f" {f}" in line)
+    except (OSError, StopIteration):
+        pass
+    threads = torch.get_num_threads()
+    return (f"{platform.processor() or platform.machine()}, torch {torch.__version__}, CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()} (flags: {flags or 'n/a'}), {threads} threads")
+
+
+def build_engine(args):
+    from transfusion.generation.engine import Engine
+
+    if args.export:
+        return Engine.from_export(args.export, precision=args.precision)
+    import torch
+
+    from transfusion.components import build_components
+    from transfusion.config import load_config
+
+    cfg = load_config(args.recipe)
+    torch.manual_seed(0)  # the same random model every run
+    parts = build_components(cfg, torch.device("cpu"))
+    return Engine(parts.model, parts.tokenizer, parts.schedule, parts.codec, parts.patch_grid, torch.device("cpu"),
+                  args.precision, cfg)
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+async def one_request(client, url: str, body: dict, headers: dict) -> dict:
+    t0 = time.perf_counter()
+    rec = {"kind": "image" if body.get("start_with_image") else "text", "ttft": None, "image": [], "tokens": 0}
+    image_started = None
+    async with client.stream("POST", url + "/v1/generate", json=body, headers=headers) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"server answered {r.status_code}: {(await r.aread())[:200]!r}")
+        name = None
+        async for line in r.aiter_lines():
+            now = time.perf_counter()
+            if line.startswith("event: "):
+                name = line[7:]
+                if name == "image_start":
+                    image_started = now
+                elif name == "image" and image_started is not None:
+                    rec["image"].append(now - image_started)
+            elif line.startswith("data: ") and name == "text" and rec["ttft"] is None:
+                rec["ttft"] = now - t0
+            elif line.startswith("data: ") and name == "done":
+                rec["tokens"] = json.loads(line[6:])["usage"]["tokens"]
+    rec["seconds"] = time.perf_counter() - t0
+    return rec
+
+
+async def load(url: str, clients: int, args, headers: dict) -> dict:
+    import httpx
+
+    text = {"segments": [{"type": "text", "text": "a red circle to the left of a blue square"}], "stream": True,
+            "max_tokens": args.tokens, "ignore_eos": True, "max_images": 0}
+    image = {"segments": [{"type": "text", "text": "two green triangles"}], "stream": True, "start_with_image": True,
+             "max_images": 1, "max_tokens": 8, "ignore_eos": True, "steps": args.steps, "guidance": args.guidance}
+
+    async def client_loop(c, i: int) -> list[dict]:
+        out = []
+        for j in range(args.requests_per_client):
+            kind = {"text": 0, "image": 1}.get(args.workload, (i + j) % 2)
+            body = dict(image if kind else text, seed=1000 * i + j)
+            out.append(await one_request(c, url, body, headers))
+        return out
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as c:
+        await one_request(c, url, dict(image, steps=2), headers)  # warm-up
+        t0 = time.perf_counter()
+        recs = [r for rs in await asyncio.gather(*(client_loop(c, i) for i in range(clients))) for r in rs]
+        wall = time.perf_counter() - t0
+    ttft = [r["ttft"] for r in recs if r["kind"] == "text" and r["ttft"] is not None]
+    imgs = [s for r in recs for s in r["image"]]
+    reqs = [r["seconds"] for r in recs]
+    return {"clients": clients, "requests": len(recs), "wall_s": wall, "requests_per_s": len(recs) / wall,
+            "tokens_per_s": sum(r["tokens"] for r in recs) / wall, "images_per_s": len(imgs) / wall,
+            "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95), "image_p50": pct(imgs, 0.5),
+            "image_p95": pct(imgs, 0.95), "request_p50": pct(reqs, 0.5), "request_p95": pct(reqs, 0.95)}
+
+
+def serve_in_subprocess(export: str, max_batch: int, precision: str):
+    """``tools/serve.py`` in its own process (the client's event loop must not share the server's interpreter)."""
+    import socket
+    import subprocess
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, str(Path(__file__).with_name("serve.py")), "--export", export, "--port", str(port),
+           "--max-batch", str(max_batch), "--max-queue", "1024", "--log-level", "warning", "--precision", precision,
+           "--max-steps", "1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stderr.read()[-500:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return url, proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not start within 180 s")
+
+
+def export_random(engine, directory: str) -> str:
+    from transfusion.checkpoint.export import export_model
+    from transfusion.config import to_dict
+
+    return str(export_model(Path(directory) / "export", engine.model.state_dict(), to_dict(engine.cfg)))
+
+
+def prefix_table(engine, args) -> list[dict]:
+    """One guided image per prompt, prefix cached vs recomputed at every pass, for prompts of growing length:
+    a caption, and a conversation holding 1 and 2 earlier images with their captions."""
+    import torch
+
+    from transfusion.sequence import caption_prompt_tokens
+
+    tok, P = engine.tok, engine.num_patches
+    caption = tok.encode("a red circle to the left of a blue square")
+    turn = [tok.boi_id] + [tok.image_id] * P + [tok.eoi_id] + caption
+    rows = []
+    for name, earlier in (("caption prompt", 0), ("1 earlier image + captions", 1), ("2 earlier images + captions", 2)):
+        seq = [tok.bos_id] + caption + turn * earlier + [tok.boi_id]
+        h, w = engine.image_size
+        images = torch.zeros(earlier, engine.codec.channels, h // engine.codec.downsample, w // engine.codec.downsample)
+        spans = [(0, 1 + len(caption) + k * len(turn) + 1) for k in range(earlier)]
+
+        def cached():
+            pre = engine.prefill([seq], images if earlier else None, spans if earlier else None)
+            unc = engine.prefill([caption_prompt_tokens(tok)])
+            return engine.denoise(pre, uncond=unc, guidance=args.guidance, sampler=None, steps=args.steps,
+                                  generator=torch.Generator().manual_seed(0))
+
+        def recomputed():
+            if earlier:  # the recompute reference runs token prompts; earlier images enter as placeholders' slots
+                return _recompute_with_images(engine, seq, images, spans, args)
+            return engine.denoise_recomputing([seq], guidance=args.guidance, sampler=None, steps=args.steps,
+                                              generator=torch.Generator().manual_seed(0))
+
+        times = {}
+        for label, fn in (("cached", cached), ("recomputed", recomputed)):
+            fn()  # warm-up
+            ts = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            times[label] = statistics.median(ts)
+        rows.append({"prompt": name, "prefix_tokens": len(seq), "image_tokens": P, "cached_s": times["cached"],
+                     "recomputed_s": times["recomputed"], "speedup": times["recomputed"] / times["cached"]})
+    return rows
+
+
+def _recompute_with_images(engine, seq, images, spans, args):
+    """``Engine.denoise_recomputing`` for prompts that hold images: the same job, the prefix (with its images)
+    prefilled again before every pass."""
+    import torch
+
+    from transfusion.sequence import caption_prompt_tokens
+
+    job = engine.model.image_head.start(engine, 1, guided=True, guidance=args.guidance, sampler=None,
+                                        steps=args.steps, generator=torch.Generator().manual_seed(0),
+                                        guidance_schedule=engine.resolve_guidance_schedule(None))
+    while not job.done:
+        pre = engine.stack_prefixes(engine.prefill([seq], images, spans),
+                                    engine.prefill([caption_prompt_tokens(engine.tok)]))
+        x, t, mask = job.block_input()
+        job.advance(engine.image_block(pre, job.block_pass, job.rows(x), t, job.rows(mask)))
+    return job.result()
+
+
+def fmt(x, digits=3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+@fail_cleanly
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    engine = None if args.url else build_engine(args)
+    where = args.url or f"tools/serve.py in a subprocess ({args.export or args.recipe + ', random weights'})"
+    print(f"# bench_serve: {where}\n# machine: {machine()}", flush=True)
+    if engine is not None:
+        print(f"# engine precision: {engine.precision.name}; image {engine.image_size}, {engine.num_patches} image "
+              f"tokens; steps {args.steps}, guidance {args.guidance}", flush=True)
+    results = {"machine": machine(), "source": where, "load": [], "prefix": []}
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    import tempfile
+
+    proc, tmp = None, tempfile.TemporaryDirectory()
+    url = args.url
+    if url is None:
+        export = args.export or export_random(engine, tmp.name)
+        url, proc = serve_in_subprocess(export, max(args.clients), args.precision)
+    try:
+        print("\n| clients | requests | req/s | tokens/s | images/s | TTFT p50 / p95 (s) | image p50 / p95 (s) | "
+              "request p50 / p95 (s) |\n|---|---|---|---|---|---|---|---|", flush=True)
+        for n in args.clients:
+            r = asyncio.run(load(url, n, args, headers))
+            results["load"].append(r)
+            print(f"| {n} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+                  f"{r['images_per_s']:.2f} | {fmt(r['ttft_p50'])} / {fmt(r['ttft_p95'])} | {fmt(r['image_p50'])} / "
+                  f"{fmt(r['image_p95'])} | {fmt(r['request_p50'])} / {fmt(r['request_p95'])} |", flush=True)
+        base = results["load"][0]["requests_per_s"]
+        for r in results["load"][1:]:
+            print(f"# throughput at {r['clients']} clients: {r['requests_per_s'] / base:.2f}x that at "
+                  f"{results['load'][0]['clients']} (requests/s)")
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        tmp.cleanup()
+    if engine is not None and not args.skip_prefix:
+        print("\n| prompt | prefix tokens | cached s/image | recomputed s/image | reuse speed-up |\n|---|---|---|---|---|",
+              flush=True)
+        for row in prefix_table(engine, args):
+            results["prefix"].append(row)
+            print(f"| {row['prompt']} | {row['prefix_tokens']} | {row['cached_s']:.3f} | {row['recomputed_s']:.3f} | "
+                  f"{row['speedup']:.2f}x |", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
