@@ -14,7 +14,7 @@ WORLD ?= 2
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
 	TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor_avx2  # compiled kernels of one CPU capability must not serve another
 
-.PHONY: install demo demo-avx2 demo3 synergy bench test data train grid evaluate clean
+.PHONY: install demo demo-avx2 demo3 synergy bench serve bench-serve test data train grid evaluate clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -57,6 +57,15 @@ synergy: install
 
 bench: install
 	$(PY) tools/bench_step.py $(RECIPE)
+
+# The generation server on the demo's export: web page, /v1/generate (SSE), /v1/chat/completions, /metrics.
+HOST ?= 127.0.0.1
+PORT ?= 8000
+serve: install
+	$(PY) tools/serve.py --export $(RUN)/export --host $(HOST) --port $(PORT)
+
+bench-serve: install
+	$(PY) tools/bench_serve.py $(if $(wildcard $(RUN)/export),--export $(RUN)/export,--recipe $(RECIPE))
 
 test: install
 	$(PY) -m pytest

@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 from test_serving import engine  # noqa: E402
 
-from transfusion.serving.protocol import BadRequest, ServeLimits, decode_image  # noqa: E402
+from transfusion.serving.protocol import BadRequest, ServeLimits, decode_image, to_pixels  # noqa: E402
 from transfusion.serving.server import create_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def test_bearer_token():
 
 def test_decode_image_refuses_hostile_input():
     limits = ServeLimits()
-    x = decode_image("data:image/png;base64," + png_b64(16, 12), (8, 8), limits)
+    x = to_pixels(decode_image("data:image/png;base64," + png_b64(16, 12), (8, 8), limits))
     assert x.shape == (3, 8, 8) and abs(float(x.mean()) - (90 / 127.5 - 1)) < 0.02
     bomb = io.BytesIO()
     Image.new("1", (30000, 30000)).save(bomb, format="PNG")  # ~100 kB on disk, 900 Mpx decoded
@@ -337,7 +337,7 @@ def test_prompt_images_through_http_match_the_engine():
     """An uploaded image is read like the captioning layout: same text as Engine.caption on the decoded pixels."""
     eng = engine()
     b64 = png_b64(8, 8)
-    pixels = decode_image(b64, eng.image_size, ServeLimits())
+    pixels = to_pixels(decode_image(b64, eng.image_size, ServeLimits()))
     with TestClient(create_app(eng)) as client:
         r = client.post("/v1/generate", json={"segments": [{"type": "image", "image": b64}], "max_tokens": 8,
                                               "max_images": 0})
@@ -345,3 +345,19 @@ def test_prompt_images_through_http_match_the_engine():
     text = "".join(s["text"] for s in r.json()["output"] if s["type"] == "text")
     assert text == eng.caption(pixels[None], max_tokens=8)[0]
     assert torch.is_tensor(pixels)
+
+
+def test_bench_serve_runs_at_toy_size(tmp_path):
+    """tools/bench_serve.py end to end: a random-weight tiny recipe served by tools/serve.py in a subprocess, two
+    concurrency levels, the prefix-reuse table. (Speed is reported by the tool, not asserted here.)"""
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, "tools/bench_serve.py", "--recipe", "recipes/shapes_tiny.toml", "--clients",
+                          "1", "2", "--requests-per-client", "2", "--steps", "2", "--tokens", "4", "--repeats", "1",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [r["clients"] for r in data["load"]] == [1, 2] and all(r["requests"] == 2 * r["clients"]
+                                                                  for r in data["load"])
+    assert all(r["images_per_s"] > 0 and r["tokens_per_s"] > 0 for r in data["load"])
+    assert [r["prefix_tokens"] for r in data["prefix"]] == sorted(r["prefix_tokens"] for r in data["prefix"])
+    assert "CPU capability" in res.stdout and "| clients |" in res.stdout

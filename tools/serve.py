@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
+import time
 
 from transfusion.cli import fail_cleanly
 
@@ -64,12 +67,30 @@ def main(argv=None) -> int:
     limits = ServeLimits(max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
                          max_steps=args.max_steps, max_prompt_tokens=args.max_prompt_tokens,
                          max_body_bytes=int(args.max_body_mb * 2**20))
-    app = create_app(engine, model_name=name, limits=limits, token=args.token)
+    app = create_app(engine, model_name=name, limits=limits, token=args.token, start_worker=False)
     h, w = engine.image_size
+    # HTTP on a thread, the engine on the main thread (the thread that loaded the model: torch's CPU thread pool
+    # runs its kernels fastest there; see EngineWorker.start)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    http = threading.Thread(target=server.run, name="http", daemon=True)
+    signal.signal(signal.SIGTERM, lambda *_: app.state.worker.stop())
+    http.start()
+    while not server.started and http.is_alive():
+        time.sleep(0.05)
+    if not server.started:
+        print(f"error: could not serve on {args.host}:{args.port} (address in use?)", file=sys.stderr)
+        return 1
     print(f"serving {name} ({export}) on http://{args.host}:{args.port}/  images {h}x{w}, "
           f"precision {engine.precision.name}, max batch {limits.max_batch}, "
           f"token {'required' if args.token else 'off'}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    try:
+        app.state.worker.run(until=lambda: not http.is_alive())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(timeout=10)
     return 0
 
 

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
@@ -178,10 +179,11 @@ def check_options(o: Options, limits: ServeLimits, samplers: tuple[str, ...]) ->
 
 
 # -- images ----------------------------------------------------------------------------------------------------------
-def decode_image(data: str, size: tuple[int, int], limits: ServeLimits) -> Tensor:
-    """base64 PNG / JPEG (or a ``data:image/...;base64,`` URI) -> pixels [3, H, W] in [-1, 1] at the model's
-    ``size`` (H, W), resized if needed. The declared dimensions are checked before any pixel is decoded, so a
-    decompression bomb is refused from its header."""
+def decode_image(data: str, size: tuple[int, int], limits: ServeLimits) -> np.ndarray:
+    """base64 PNG / JPEG (or a ``data:image/...;base64,`` URI) -> RGB uint8 [H, W, 3] at the model's ``size``
+    (H, W), resized if needed. The declared dimensions are checked before any pixel is decoded, so a decompression
+    bomb is refused from its header. No torch here: torch's CPU pool belongs to the engine thread
+    (``to_pixels`` runs there)."""
     from PIL import Image, UnidentifiedImageError
 
     if data.startswith("data:"):
@@ -204,22 +206,31 @@ def decode_image(data: str, size: tuple[int, int], limits: ServeLimits) -> Tenso
             img = img.convert("RGB")
             if img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.BICUBIC)
-            arr = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size[0], size[1], 3)
+            arr = np.array(img, dtype=np.uint8).reshape(size[0], size[1], 3)  # a writable copy
     except BadRequest:
         raise
     except Image.DecompressionBombError:  # PIL's own check, from the header, above ~179 Mpx
         raise BadRequest(f"image: declared size is outside 1..{limits.max_image_side} px per side", status=413) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise BadRequest(f"image: cannot decode ({type(e).__name__})") from None
-    return arr.permute(2, 0, 1).float() / 127.5 - 1
+    return arr
 
 
-def encode_png(image_CHW: Tensor, scale: int = 1) -> str:
-    """Pixels [3, H, W] in [-1, 1] -> base64 PNG (upscaled by ``scale`` with nearest neighbours)."""
+def to_pixels(rgb_HW3: np.ndarray) -> Tensor:
+    """uint8 [H, W, 3] -> pixels [3, H, W] in [-1, 1] (what the engine reads)."""
+    return torch.from_numpy(np.array(rgb_HW3, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def to_rgb(image_CHW: Tensor) -> np.ndarray:
+    """Pixels [3, H, W] in [-1, 1] -> uint8 [H, W, 3] (what PNG encoding reads)."""
+    return ((image_CHW.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+
+def encode_png(rgb_HW3: np.ndarray, scale: int = 1) -> str:
+    """uint8 [H, W, 3] -> base64 PNG (upscaled by ``scale`` with nearest neighbours)."""
     from PIL import Image
 
-    arr = ((image_CHW.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous()
-    img = Image.fromarray(arr.numpy())
+    img = Image.fromarray(rgb_HW3)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     buf = io.BytesIO()
@@ -227,6 +238,6 @@ def encode_png(image_CHW: Tensor, scale: int = 1) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def png_payload(image_CHW: Tensor, **meta: Any) -> dict[str, Any]:
-    return {"png": encode_png(image_CHW), "width": int(image_CHW.shape[-1]), "height": int(image_CHW.shape[-2]),
+def png_payload(rgb_HW3: np.ndarray, **meta: Any) -> dict[str, Any]:
+    return {"png": encode_png(rgb_HW3), "width": int(rgb_HW3.shape[1]), "height": int(rgb_HW3.shape[0]),
             **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in meta.items()}}

@@ -135,8 +135,9 @@ class Metrics:
 
 
 def create_app(engine, *, model_name: str = "default", limits: ServeLimits | None = None, token: str | None = None,
-               worker: EngineWorker | None = None) -> FastAPI:
-    """The app for one engine. Its engine thread starts with the app and stops with it (lifespan)."""
+               worker: EngineWorker | None = None, start_worker: bool = True) -> FastAPI:
+    """The app for one engine. With ``start_worker`` its engine thread starts with the app and stops with it
+    (lifespan); without, the caller runs ``app.state.worker.run()`` itself (``tools/serve.py``, on the main thread)."""
     from contextlib import asynccontextmanager
 
     limits = limits or ServeLimits()
@@ -150,7 +151,7 @@ def create_app(engine, *, model_name: str = "default", limits: ServeLimits | Non
 
     @asynccontextmanager
     async def lifespan(app):
-        if not worker.alive:
+        if start_worker and not worker.alive:
             worker.start()
         yield
         worker.stop()
