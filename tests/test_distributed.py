@@ -207,7 +207,13 @@ def test_gpu_check_runs_on_cpu():
     assert out.returncode == 0, out.stderr[-2000:]
     table = [ln for ln in out.stdout.splitlines() if ln.startswith("|")]
     assert len(table) == 3 and "tokens/s/GPU" in table[0] and "MFU" in table[0]
-    assert table[2].startswith("| CPU | " + torch.__version__)
+    assert table[2].startswith("| CPU | " + torch.__version__) and "| sdpa |" in table[2]
+    split = subprocess.run([sys.executable, "tools/gpu_check.py", "--device", "cpu", "--steps", "1", "--warmup", "1",
+                            "--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "256", "--rows", "2",
+                            "--image-size", "16", "--attention", "split", "--split-kernel", "sdpa"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert split.returncode == 0, split.stderr[-2000:]
+    assert "| split/sdpa |" in [ln for ln in split.stdout.splitlines() if ln.startswith("|")][2]
 
 
 def test_compile_on_cpu_without_a_compiler_stays_eager(monkeypatch):

@@ -48,6 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=64, help="pixels; with 4x4 patches: 256 tokens per image")
     p.add_argument("--ac", default="selective", choices=("none", "selective", "full"))
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--attention", default="auto", choices=("auto", "flex", "sdpa", "split"),
+                   help="attention backend (auto: the trainer's choice; flex on CUDA unless flash-attn / xformers "
+                        "are installed, then the varlen split); run once per backend to compare")
+    p.add_argument("--split-kernel", default="auto", choices=("auto", "flash_attn", "torch_varlen", "xformers", "sdpa"),
+                   help="the split backend's kernel")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="compute precision (auto: bf16 on CUDA with bf16 support; measured on CPU)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -122,7 +127,8 @@ def build_config(args, run_dir: str):
         f"--run.dir={run_dir}", f"--run.device={args.device}", "--data.format=pixels",
         f"--data.image_size={args.image_size}", f"--data.seq_len={args.seq_len}", f"--data.batch_rows={args.rows}",
         "--data.num_workers=0", f"--model.dim={args.dim}", f"--model.n_layers={args.layers}",
-        f"--model.n_heads={args.heads}", "--model.patch_size=4", f"--model.attention={'flex' if gpu else 'sdpa'}",
+        f"--model.n_heads={args.heads}", "--model.patch_size=4", f"--model.attention={args.attention}",
+        f"--model.split_kernel={args.split_kernel}",
         "--diffusion.objective=flow", "--diffusion.timestep_sampling=logit_normal", "--sample.sampler=euler",
         f"--train.steps={args.warmup + args.steps + 10}", "--train.warmup_steps=10", "--train.lr=1e-4",
         f"--train.autocast={args.precision}", f"--parallel.activation_checkpointing={args.ac}",
@@ -130,6 +136,14 @@ def build_config(args, run_dir: str):
         f"--parallel.param_dtype={'bf16' if gpu else 'fp32'}", "--parallel.timeout_s=1800",
         "--sample.prompts=['a synthetic prompt']",  # no data set here: the grid prompts must not come from one
     ])
+
+
+def attention_label(trainer) -> str:
+    from transfusion.attention.backends import resolve_split_kernel
+
+    if trainer.backend != "split":
+        return trainer.backend
+    return f"split/{resolve_split_kernel(trainer.cfg.model.split_kernel, trainer.device)}"
 
 
 def main(argv=None) -> int:
@@ -176,7 +190,7 @@ def main(argv=None) -> int:
                     "share of measured peak",
                     "peak mem GiB", "first step s", "loss"]
             row = [card, torch.__version__, args.commit or git_commit(), str(trainer.env.world_size),
-                   f"{n_params / 1e6:.1f}M", f"{args.rows} x {args.seq_len}", trainer.backend,
+                   f"{n_params / 1e6:.1f}M", f"{args.rows} x {args.seq_len}", attention_label(trainer),
                    str(trainer.cfg.parallel.compile).lower(), args.ac, trainer.precision.name,
                    f"{s['tokens_per_s']:.0f}", f"{s['text_tokens_per_s']:.0f}", f"{s['image_tokens_per_s']:.0f}", mfu,
                    f"{s['tflops_per_s']:.1f}", f"{100 * s['peak_share']:.0f}%", f"{s['peak_memory_gib']:.1f}",

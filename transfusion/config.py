@@ -149,7 +149,9 @@ class ModelConfig:
     qk_norm: bool = True
     patch_size: Positive = 4  # patch side in pixels (or latent cells)
     time_freq_dim: Annotated[int, Range(2)] = 256  # sinusoidal features fed to the timestep MLP
-    attention: Literal["auto", "flex", "sdpa"] = "auto"  # "auto" (flex on CUDA, sdpa elsewhere)
+    attention: Literal["auto", "flex", "sdpa", "split"] = "auto"  # "auto": on CUDA the varlen split when a fast
+    # kernel is installed (and no clean copies), else flex; sdpa elsewhere (transfusion/attention/backends.py)
+    split_kernel: Literal["auto", "flash_attn", "torch_varlen", "xformers", "sdpa"] = "auto"  # the split's kernel
     init_std: PosFloat = 0.02
     image_attention: Literal["bidirectional", "causal"] = "bidirectional"  # inside an image block (causal: raster)
     image_pos_dim: Count = 64  # 2D sin-cos features of each patch's grid position, mapped to dim by a learned

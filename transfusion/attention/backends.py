@@ -8,6 +8,12 @@ Backends:
   elsewhere (a forward-only reference on CPU: FlexAttention has no CPU backward).
 - ``"sdpa"``: ``scaled_dot_product_attention`` with the dense boolean mask from the same function (CPU training,
   numerical reference, and the KV-cache path of generation).
+- ``"split"``: the mask as variable-length calls (``split.py``: causal text runs, non-causal image blocks) of a
+  kernel: flash-attn's varlen function, torch's ``varlen_attn``, xformers' block-diagonal attention, or SDPA per
+  segment (the reference kernel, any device). Not for batches with hidden spans (clean copies).
+
+``auto`` on CUDA: the split when a fast varlen kernel is installed and the data has no hidden spans, else flex; on
+CPU: sdpa. ``describe_backend`` says what was chosen and why (the trainer logs it).
 
 Shapes: q/k/v ``[B, H, L, Dh]`` (k/v may be longer than q when a KV cache is used); a dense mask is ``[B, 1, Lq, Lk]``
 (True = may attend) or None (attend everywhere).
@@ -16,30 +22,84 @@ Shapes: q/k/v ``[B, H, L, Dh]`` (k/v may be longer than q when a KV cache is use
 from __future__ import annotations
 
 import functools
+import importlib.util
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from transfusion.attention.masks import dense_mask, hybrid_mask_mod
+from transfusion.attention.split import KERNELS, Kernel, SplitPlan, split_attention, split_plan
 
-BACKENDS = ("flex", "sdpa")
+BACKENDS = ("flex", "sdpa", "split")
+# Kernels ``auto`` picks on CUDA, when their package is installed (the user opted in by installing it). torch's own
+# varlen_attn is used when asked for (model.split_kernel = "torch_varlen") until it is measured on a GPU here.
+AUTO_SPLIT_KERNELS = ("flash_attn", "xformers")
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """``"auto"`` -> flex on CUDA, sdpa elsewhere."""
+def available_split_kernels(device: torch.device, find_spec=importlib.util.find_spec) -> list[str]:
+    """Split kernels usable on ``device``: the fast ones need CUDA and their package; "sdpa" always works."""
+    out = []
+    if device.type == "cuda":
+        if find_spec("flash_attn") is not None:
+            out.append("flash_attn")
+        if find_spec("torch.nn.attention.varlen") is not None:
+            out.append("torch_varlen")
+        if find_spec("xformers") is not None:
+            out.append("xformers")
+    return out + ["sdpa"]
+
+
+def resolve_split_kernel(name: str, device: torch.device, find_spec=importlib.util.find_spec) -> str:
+    available = available_split_kernels(device, find_spec)
     if name == "auto":
-        return "flex" if device.type == "cuda" else "sdpa"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r} (known: auto, {', '.join(BACKENDS)})")
+        return next((k for k in available if k in AUTO_SPLIT_KERNELS), "sdpa")
+    if name not in available:
+        raise ValueError(f"attention split kernel {name!r} is not usable on {device.type} here "
+                         f"(usable: {', '.join(available)})")
     return name
 
 
+def resolve_backend(name: str, device: torch.device, *, hidden_spans: bool = False,
+                    find_spec=importlib.util.find_spec) -> str:
+    """``"auto"`` -> on CUDA the split when a fast varlen kernel is installed and the data has no hidden spans
+    (``data.clean_copy``), else flex; sdpa elsewhere. An explicit "split" with hidden spans is refused."""
+    if name == "auto":
+        if device.type != "cuda":
+            return "sdpa"
+        fast = any(k in AUTO_SPLIT_KERNELS for k in available_split_kernels(device, find_spec))
+        return "split" if fast and not hidden_spans else "flex"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r} (known: auto, {', '.join(BACKENDS)})")
+    if name == "split" and hidden_spans:
+        raise ValueError("model.attention = 'split' cannot express hidden spans (data.clean_copy = true): use "
+                         "'flex' or 'sdpa'")
+    return name
+
+
+def describe_backend(requested: str, backend: str, kernel: str | None, device: torch.device) -> str:
+    what = f"split ({kernel} kernel)" if backend == "split" else backend
+    return f"attention: {what} on {device.type} (model.attention = {requested!r})"
+
+
+@dataclass
+class SplitMask:
+    """The split backend's per-batch mask object: the plan and the kernel that runs it."""
+
+    plan: SplitPlan
+    kernel: Kernel
+
+
 def build_attention_mask(doc_ids: Tensor, image_ids: Tensor, backend: str, bidirectional_images: bool = True,
-                         *, hidden_ids: Tensor | None = None) -> object:
+                         *, hidden_ids: Tensor | None = None, split_kernel: str = "auto") -> object:
     """Build the per-batch mask object for ``backend`` from [B, L] document and image ids
     (``bidirectional_images=False``: causal image blocks, the attention ablation; ``hidden_ids``: spans hidden from
-    later tokens, ``Batch.hidden_ids``)."""
+    later tokens, ``Batch.hidden_ids``; ``split_kernel``: the split backend's kernel, ``KERNELS`` or auto)."""
+    if backend == "split":
+        kernel = KERNELS[resolve_split_kernel(split_kernel, doc_ids.device)]
+        plan = split_plan(doc_ids, image_ids, bidirectional_images, hidden_ids)
+        return SplitMask(plan.to(doc_ids.device), kernel)
     if backend == "sdpa":
         return dense_mask(doc_ids, image_ids, bidirectional_images, hidden_ids=hidden_ids)[:, None]  # [B, 1, L, L]
     if backend == "flex":
@@ -70,4 +130,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: object) -> Tensor:
     """Attention of q over k/v under ``mask`` (a BlockMask, a dense bool tensor, or None)."""
     if mask is None or isinstance(mask, Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if isinstance(mask, SplitMask):
+        return split_attention(q, k, v, mask.plan, mask.kernel)
     return _flex_fn(q.device.type == "cuda")(q, k, v, block_mask=mask)

@@ -34,7 +34,12 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from transfusion.attention.backends import build_attention_mask, resolve_backend
+from transfusion.attention.backends import (
+    build_attention_mask,
+    describe_backend,
+    resolve_backend,
+    resolve_split_kernel,
+)
 from transfusion.batch import IGNORE_INDEX, Batch
 from transfusion.checkpoint.dcp import ModelOptimizerState, ObjectState, fault_point
 from transfusion.checkpoint.manager import CheckpointManager
@@ -98,7 +103,9 @@ class Trainer:
         self.patch_grid = parts.patch_grid
         self.model = parallelize(parts.model, cfg.parallel, self.env.mesh, self.device)
         materialize(self.model, self.device, cfg.run.seed)
-        self.backend = resolve_backend(cfg.model.attention, self.device)
+        self.backend = resolve_backend(cfg.model.attention, self.device, hidden_spans=cfg.data.clean_copy)
+        kernel = resolve_split_kernel(cfg.model.split_kernel, self.device) if self.backend == "split" else None
+        log.info(describe_backend(cfg.model.attention, self.backend, kernel, self.device))
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
         self.ema = EMA(self.model, cfg.train.ema_decay)
@@ -170,7 +177,8 @@ class Trainer:
         stats = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss, text sum, image sum, counts
         for consumer, batch in micro:
             mask = build_attention_mask(batch.doc_ids, batch.image_ids, self.backend, hidden_ids=batch.hidden_ids,
-                                        bidirectional_images=cfg.model.image_attention == "bidirectional")
+                                        bidirectional_images=cfg.model.image_attention == "bidirectional",
+                                        split_kernel=cfg.model.split_kernel)
             with self.autocast():
                 parts = compute_loss_terms(self.model, batch, mask, self.schedule, cfg.loss,
                                            self.noise_generator(consumer))

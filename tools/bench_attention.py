@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Time the hybrid-mask attention backends, forward + backward, against pure-causal SDPA at the same shape.
+
+    python tools/bench_attention.py                                   # CUDA: seq 4096 and 8192, 1-4 images per row
+    python tools/bench_attention.py --device cpu                      # toy sizes on the CPU (tested in the suite)
+    python tools/bench_attention.py --seq 8192 --images 4 --heads 16 --head-dim 128
+
+Each row of the batch is one document of ``seq`` tokens holding ``images`` image blocks of ``seq / 8`` tokens,
+evenly spaced, text between them. Backends: ``causal`` (SDPA with is_causal: the bar, it ignores the images),
+``sdpa`` (dense boolean mask), ``flex`` (FlexAttention with the block mask; compiled on CUDA; on the CPU forward only,
+it has no CPU backward), and ``split/<kernel>`` for every usable varlen kernel (flash_attn, torch_varlen,
+xformers; ``split/sdpa`` is the per-segment reference, timed at toy sizes only). Mask / plan building is timed apart
+(it happens once per batch, shared by all layers). Reported: ms per forward + backward (median), the ratio to causal,
+peak memory on CUDA. The header names the device (card or CPU capability and flags) and torch version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--seq", type=int, nargs="+", default=None, help="sequence lengths (cuda: 4096 8192; cpu: 512)")
+    p.add_argument("--images", type=int, nargs="+", default=[1, 2, 4], help="image blocks per row (default 1 2 4)")
+    p.add_argument("--batch", type=int, default=None, help="rows (cuda: 2; cpu: 1)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (cuda: 16; cpu: 4)")
+    p.add_argument("--head-dim", type=int, default=None, help="cuda: 128; cpu: 32")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (cuda: 20; cpu: 3)")
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="subset of: causal sdpa flex split/flash_attn split/torch_varlen split/xformers split/sdpa")
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    args.seq = args.seq or ([4096, 8192] if gpu else [512])
+    args.batch = args.batch or (2 if gpu else 1)
+    args.heads = args.heads or (16 if gpu else 4)
+    args.head_dim = args.head_dim or (128 if gpu else 32)
+    args.repeats = args.repeats or (20 if gpu else 3)
+    if min(args.seq) < 64 or min(args.images) < 0 or max(args.images) > 7:
+        p.error("--seq must be >= 64 and --images between 0 and 7 (images are seq / 8 tokens each)")
+    return args
+
+
+def layout(batch: int, seq: int, images: int):
+    import torch
+
+    doc = torch.zeros(batch, seq, dtype=torch.long)
+    img = torch.full((batch, seq), -1, dtype=torch.long)
+    size, gap = seq // 8, seq // (images + 1) if images else seq
+    for r in range(batch):
+        for i in range(images):
+            start = (i + 1) * gap - size // 2
+            img[r, start:start + size] = r * images + i
+    return doc, img
+
+
+def device_name(device) -> str:
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    flags = ""
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().split("\n") if x.startswith("flags"))
+        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in line)
+    except (OSError, StopIteration):
+        pass
+    return (f"{platform.machine()} CPU, capability {torch.backends.cpu.get_cpu_capability()} (flags: {flags}), "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    import torch.nn.functional as F
+
+    from transfusion.attention.backends import attend, available_split_kernels, build_attention_mask
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device here; use --device cpu for the toy run", file=sys.stderr)
+        return 1
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    kernels = [k for k in available_split_kernels(device) if gpu or k == "sdpa"]
+    if gpu:
+        kernels = [k for k in kernels if k != "sdpa"]  # the per-segment reference is a test kernel, not a contender
+    names = args.backends or (["causal", "sdpa", "flex"] + [f"split/{k}" for k in kernels])
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()
+
+    print(f"# bench_attention on {device_name(device)}; {dtype}, batch {args.batch}, {args.heads} heads x "
+          f"{args.head_dim}, images of seq/8 tokens; forward + backward, median of {args.repeats}")
+    print("\n| seq | images | backend | mask build ms | fwd+bwd ms | vs causal | peak MiB |\n|---|---|---|---|---|---|---|")
+    for seq in args.seq:
+        for n_img in args.images:
+            doc, img = layout(args.batch, seq, n_img)
+            doc, img = doc.to(device), img.to(device)
+            g = torch.Generator(device=device).manual_seed(0)
+            shape = (args.batch, args.heads, seq, args.head_dim)
+            q, k, v = (torch.randn(shape, generator=g, device=device, dtype=dtype).requires_grad_() for _ in range(3))
+            base = None
+            for name in names:
+                backend, _, kernel = name.partition("/")
+                backward = not (backend == "flex" and not gpu)
+                try:
+                    t0 = time.perf_counter()
+                    mask = None if backend == "causal" else build_attention_mask(doc, img, backend,
+                                                                                split_kernel=kernel or "auto")
+                    sync()
+                    build_ms = (time.perf_counter() - t0) * 1e3
+
+                    qq, kk, vv = (q, k, v) if backward else (q.detach(), k.detach(), v.detach())
+
+                    def step():
+                        with torch.set_grad_enabled(backward):
+                            if backend == "causal":
+                                out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
+                            else:
+                                out = attend(qq, kk, vv, mask)
+                        if backward:
+                            out.sum().backward()
+                        else:
+                            out.sum().item()
+
+                    step()  # warm-up (compiles flex on CUDA)
+                    if gpu:
+                        torch.cuda.reset_peak_memory_stats(device)
+                    times = []
+                    for _ in range(args.repeats):
+                        sync()
+                        t0 = time.perf_counter()
+                        step()
+                        sync()
+                        times.append((time.perf_counter() - t0) * 1e3)
+                    ms = statistics.median(times)
+                except Exception as e:  # a kernel that does not run here: say so in its row
+                    print(f"| {seq} | {n_img} | {name} | - | failed: {type(e).__name__}: {str(e)[:80]} | - | - |")
+                    continue
+                finally:
+                    for t in (q, k, v):
+                        t.grad = None
+                if backend == "causal":
+                    base = ms
+                peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if gpu else "-"
+                ratio = f"{ms / base:.2f}x" if base else "-"
+                label = name + ("" if backward else " (fwd only)")
+                print(f"| {seq} | {n_img} | {label} | {build_ms:.1f} | {ms:.2f} | {ratio} | {peak} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
