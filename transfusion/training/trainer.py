@@ -105,7 +105,7 @@ class Trainer:
         materialize(self.model, self.device, cfg.run.seed)
         self.backend = resolve_backend(cfg.model.attention, self.device, hidden_spans=cfg.data.clean_copy)
         kernel = resolve_split_kernel(cfg.model.split_kernel, self.device) if self.backend == "split" else None
-        log.info(describe_backend(cfg.model.attention, self.backend, kernel, self.device))
+        self.attention_choice = describe_backend(cfg.model.attention, self.backend, kernel, self.device)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
         self.ema = EMA(self.model, cfg.train.ema_decay)
@@ -127,6 +127,7 @@ class Trainer:
         self.trace = DataTrace(self.run_dir, self.env, enabled=cfg.train.trace_data)
         self.trace.truncate(self.step)
         n_params = sum(p.numel() for p in self.model.parameters())
+        log.info(self.attention_choice)
         log.info("model: %.2fM parameters, attention=%s, device=%s x %d rank(s) (mesh %s), patch grid %s, "
                  "grad_accum %d, start step %d", n_params / 1e6, self.backend, self.device, self.env.world_size,
                  f"{self.env.dp_replicate}x{self.env.dp_shard}" if self.env.distributed else "none",
