@@ -131,7 +131,23 @@ def run_one(args: argparse.Namespace, name: str) -> dict:
             "train_wall_s": wall, "report": report}
 
 
+V3_COLUMNS = [  # report v2 (world v3): seen / unseen compositions apart
+    ("GenEval seen", lambda r: r["report"]["geneval"]["overall.seen"]),
+    ("GenEval unseen", lambda r: r["report"]["geneval"]["overall.unseen"]),
+    ("caption exact seen", lambda r: r["report"]["caption"]["seen"]["exact_match"]),
+    ("caption exact unseen", lambda r: r["report"]["caption"]["unseen"]["exact_match"]),
+    ("CIDEr unseen", lambda r: r["report"]["caption"]["unseen"]["cider"]),
+    ("caption NLL bits seen / unseen", lambda r: "{:.2f} / {:.2f}".format(
+        r["report"]["caption_nll"]["seen"], r["report"]["caption_nll"]["unseen"])),
+    ("diff. loss held out, mean of 4 noise quarters", lambda r: sum(r["report"]["diffusion"].values()) / 4),
+    ("train samples/s", lambda r: r["train_samples_per_s"]),
+    ("params (M)", lambda r: r["params_m"]),
+]
+
+
 def table(results: list[dict], header: str) -> str:
+    if results and "geneval" in results[0]["report"]:
+        return _table(results, header, V3_COLUMNS)
     cols = [("t2i color", lambda r: r["report"]["t2i"]["color_accuracy"]),
             ("t2i shape", lambda r: r["report"]["t2i"]["shape_accuracy"]),
             ("t2i position", lambda r: r["report"]["t2i"]["position_accuracy"]),
@@ -142,6 +158,10 @@ def table(results: list[dict], header: str) -> str:
             ("train samples/s", lambda r: r["train_samples_per_s"]),
             ("s / generated image", lambda r: r["report"]["timings"]["t2i_seconds_per_image"]),
             ("params (M)", lambda r: r["params_m"])]
+    return _table(results, header, cols)
+
+
+def _table(results: list[dict], header: str, cols) -> str:
     lines = [header, "", "| variant | steps | " + " | ".join(c for c, _ in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
     for r in results:
@@ -149,7 +169,8 @@ def table(results: list[dict], header: str) -> str:
         for _, get in cols:
             try:
                 v = get(r)
-                vals.append(f"{v:.3f}" if isinstance(v, float) and abs(v) < 100 else f"{v:.1f}")
+                vals.append(v if isinstance(v, str) else f"{v:.3f}" if isinstance(v, float) and abs(v) < 100
+                            else f"{v:.1f}")
             except (KeyError, TypeError):
                 vals.append("n/a")
         lines.append(f"| {r['description']} (`{r['variant']}`) | {r['steps']} | " + " | ".join(vals) + " |")
@@ -197,7 +218,7 @@ def write_table(args: argparse.Namespace, results: list[dict]) -> None:
 
     base = load_config(args.recipe, [])
     steps = sorted({r["steps"] for r in results})
-    n_t2i = sorted({r["report"]["t2i"]["n"] for r in results})
+    n_t2i = sorted({r["report"]["t2i"]["n"] if "t2i" in r["report"] else r["report"]["num_samples"] for r in results})
     guidance = sorted({r["report"]["settings"]["guidance"] for r in results})
     header = (f"Recipe `{args.recipe}`, {', '.join(map(str, steps))} training steps per variant "
               f"(recipe default {base.train.steps}){' (REDUCED)' if steps and steps[-1] < base.train.steps else ''}; "
