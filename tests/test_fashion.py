@@ -1,0 +1,157 @@
+"""Real-image plumbing at toy size: IDX files -> captioned shards with held-out templates and content-disjoint
+held-out images; GPT-2-style BPE -> tokenizer.json and its corpus-reduced form (same pieces on the corpus); the
+autoencoder trainer writes a loadable VAE with its scaling factor."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipelines.fashion import (
+    CLASSES,
+    HELDOUT_TEMPLATES,
+    TRAIN_TEMPLATES,
+    IDXError,
+    caption_for,
+    class_of_caption,
+    read_idx,
+    read_idx_pair,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
+    head = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = head + array.astype(np.uint8).tobytes()
+    (gzip.open(str(path) + ".gz", "wb") if gz else open(path, "wb")).write(data)
+
+
+@pytest.fixture()
+def idx_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 255, (60, 28, 28))
+    test = rng.integers(0, 255, (12, 28, 28))
+    test[3] = train[7]  # one test image equal to a training image: must not be held out
+    write_idx(tmp_path / "train-images-idx3-ubyte", train)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(60) % 10)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", test)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(12) % 10, gz=False)
+    return tmp_path
+
+
+def test_idx_reader_and_captions(idx_dir, tmp_path):
+    x, y = read_idx_pair(idx_dir, "train")
+    assert x.shape == (60, 28, 28) and y.tolist()[:3] == [0, 1, 2]
+    assert read_idx(idx_dir / "t10k-labels-idx1-ubyte").shape == (12,)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(IDXError, match="bad magic"):
+        read_idx(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError):
+        read_idx(tmp_path / "missing")
+    assert caption_for(9, TRAIN_TEMPLATES[0]) == "a photo of an ankle boot"
+    assert [class_of_caption(caption_for(c, t)) for c in range(10) for t in HELDOUT_TEMPLATES] == \
+        [c for c in range(10) for _ in HELDOUT_TEMPLATES]  # "shirt" is not read inside "t-shirt"
+    assert not set(TRAIN_TEMPLATES) & set(HELDOUT_TEMPLATES)
+
+
+def members(path: Path) -> dict[str, dict[str, bytes]]:
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar:
+            key, _, ext = m.name.partition(".")
+            out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out
+
+
+def test_make_fashion_shards(idx_dir, tmp_path):
+    out = tmp_path / "shards"
+    res = subprocess.run([sys.executable, "tools/make_fashion_shards.py", "--idx", str(idx_dir), "--out", str(out),
+                          "--image-size", "32", "--heldout-samples", "20", "--shard-size", "25"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["heldout"]["dropped_equal_to_a_training_image"] == 1
+    train = {k: v for s in manifest["splits"]["train"]["shards"] for k, v in members(out / s).items()}
+    held = members(out / manifest["splits"]["heldout"]["shards"][0])
+    train_pngs = {v for m in train.values() for ext, v in m.items() if ext.endswith("png")}
+    assert not train_pngs & {m["png"] for m in held.values()}  # disjoint by content
+    train_texts = [m["txt"].decode() for m in train.values() if "txt" in m]
+    assert train_texts and not any(class_of_caption(t) is None for t in train_texts)
+    unseen = {caption_for(c, t) for c in range(10) for t in HELDOUT_TEMPLATES}
+    assert not unseen & set(train_texts)  # held-out phrasings never reach training
+    docs = [json.loads(m["json"]) for m in train.values() if "0.png" in m]
+    assert docs and all([s.get("image") for s in d["segments"] if "image" in s] == [0, 1] for d in docs)
+    kinds = [json.loads(m["json"])["template_seen"] for m in held.values()]
+    assert kinds.count(True) == kinds.count(False) == 11  # 12 test images minus the duplicate, each twice
+    bad = subprocess.run([sys.executable, "tools/make_fashion_shards.py", "--idx", str(tmp_path / "nope"), "--out",
+                          str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "apt-get install" in bad.stderr
+
+
+def test_tokenizer_build_and_reduction(tmp_path):
+    """A miniature GPT-2 BPE (byte alphabet + a few merges) through tools/make_tokenizer.py --from-dir."""
+    from tokenizers import pre_tokenizers
+
+    from transfusion.tokenizer import build_tokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(alphabet)}
+    merges = [("a", "b"), ("Ġ", "c"), ("ab", "c"), ("x", "y"), ("Ġc", "d")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    src = tmp_path / "bpe"
+    src.mkdir()
+    (src / "encoder.json").write_text(json.dumps(vocab))
+    (src / "vocab.bpe").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    shard = tmp_path / "train-000000.tar"
+    import io
+
+    with tarfile.open(shard, "w") as tar:
+        for i, text in enumerate(["abc cd", "ab c"]):
+            data = text.encode()
+            info = tarfile.TarInfo(f"{i:06d}.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "tok"
+    res = subprocess.run([sys.executable, "tools/make_tokenizer.py", "--from-dir", str(src), "--out", str(out),
+                          "--reduce", str(tmp_path / "train-*.tar")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    full, small = build_tokenizer(str(out / "tokenizer.json")), build_tokenizer(str(out / "tokenizer-reduced.json"))
+    assert full.vocab_size == 256 + 5 + 6 and small.vocab_size == 256 + 4 + 6  # "xy" is not used by the corpus
+    for text in ("abc cd", "ab c", "xyz abc"):
+        assert small.decode(small.encode(text)) == text == full.decode(full.encode(text))
+    assert len(small.encode("abc cd")) == len(full.encode("abc cd")) == 2  # "abc", " cd"
+    assert len(small.encode("xy")) == 2 and len(full.encode("xy")) == 1  # outside the corpus: smaller pieces
+
+
+@pytest.mark.slow
+def test_train_autoencoder_writes_a_loadable_vae(tmp_path, idx_dir):
+    import torch
+
+    from transfusion.latents.vae import VAECodec
+
+    shards = tmp_path / "shards"
+    subprocess.run([sys.executable, "tools/make_fashion_shards.py", "--idx", str(idx_dir), "--out", str(shards),
+                    "--heldout-samples", "5"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    out = tmp_path / "vae"
+    res = subprocess.run([sys.executable, "tools/train_autoencoder.py", "--shards", str(shards / "train-*.tar"),
+                          "--eval-shards", str(shards / "heldout-000000.tar"), "--out", str(out), "--steps", "3",
+                          "--batch-size", "4", "--channels", "8", "16", "--latent-channels", "2"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["latent_shape"] == [2, 14, 14] and report["heldout_images"] == 5
+    codec = VAECodec(out)
+    z = codec.encode(torch.zeros(1, 3, 28, 28))
+    assert z.shape == (1, 2, 14, 14) and abs(codec.scaling_factor - report["scaling_factor"]) < 1e-6
+    assert codec.decode(z).shape == (1, 3, 28, 28)
