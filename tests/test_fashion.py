@@ -155,3 +155,45 @@ def test_train_autoencoder_writes_a_loadable_vae(tmp_path, idx_dir):
     z = codec.encode(torch.zeros(1, 3, 28, 28))
     assert z.shape == (1, 2, 14, 14) and abs(codec.scaling_factor - report["scaling_factor"]) < 1e-6
     assert codec.decode(z).shape == (1, 3, 28, 28)
+
+
+def test_cas_caption_accuracy_and_classifier_on_toy_data():
+    """evaluate_fashion's aggregation with an oracle classifier, and the CNN learning a separable toy problem."""
+    import torch
+    from helpers import GRID, TOK, tiny_model
+
+    from transfusion.config import DiffusionConfig
+    from transfusion.diffusion.schedule import NoiseSchedule
+    from transfusion.eval.fashion import classify, evaluate_fashion, train_classifier
+    from transfusion.generation.engine import Engine
+    from transfusion.latents.vae import PixelCodec
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 10
+    images = torch.full((200, 3, 28, 28), -1.0)
+    for i, y in enumerate(labels.tolist()):  # class y: a bright band at row 2y
+        images[i, :, 2 * y:2 * y + 3] = 1.0
+    images += 0.1 * torch.randn(images.shape, generator=g)
+    model = train_classifier(images, labels, epochs=15)
+    assert float((classify(model, images) == labels).float().mean()) > 0.9
+
+    class Always3(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.full((len(x),), 3), 10).float()
+
+    eng = Engine(tiny_model(), TOK, NoiseSchedule(DiffusionConfig()), PixelCodec(), GRID, torch.device("cpu"),
+                 precision="fp32")
+    samples = []
+    for j in range(6):
+        label = [3, 3, 5, 1, 3, 0][j]
+        img = torch.rand(3, 8, 8, generator=g) * 2 - 1
+        for seen in (True, False):
+            rec = {"label": label, "class": CLASSES[label][0], "template_seen": seen, "test_index": j}
+            samples.append((f"k{j}{seen}", img, caption_for(label, (TRAIN_TEMPLATES if seen else
+                                                                    HELDOUT_TEMPLATES)[0]), rec))
+    report = evaluate_fashion(eng, samples, num_t2i=6, num_caption=6, num_fid=0, batch_size=4, steps=2,
+                              guidance=1.0, sampler="ddim", guidance_schedule="constant", seed=0,
+                              max_caption_tokens=4, latents=False, progress=False, classifier=Always3())
+    assert report["cas"]["seen"] == report["cas"]["unseen"] == 0.5 and report["cas"]["n_seen"] == 6
+    assert report["cas"]["classifier_test_accuracy"] == 0.5  # 3 of the 6 distinct test images are class 3
+    assert report["caption"]["n"] == 6 and 0.0 <= report["caption"]["accuracy"] <= 1.0

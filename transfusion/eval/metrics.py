@@ -1,6 +1,7 @@
 """Offline evaluation on held-out shards: text -> image judged from pixels, captioning, perplexity, diffusion loss.
 
-Held-out shards of the compositional world (v3) get report v2 (``transfusion/eval/compositional.py``: GenEval tags,
+Held-out shards of real images (Fashion-MNIST, ``transfusion/eval/fashion.py``) get CAS, caption accuracy and FID /
+KID against the test split. Held-out shards of the compositional world (v3) get report v2 (``transfusion/eval/compositional.py``: GenEval tags,
 caption scores, caption NLL in bits, loss per noise level, FID / KID; seen and unseen compositions apart). Report keys
 for the single-object world (v2) (``<run>/eval/report.json``):
     t2i.{color,shape,position,all}_accuracy    images generated from held-out captions, judged by eval.judge
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from data_pipelines.shapes import Scene
 from transfusion.eval.compositional import evaluate_v3, is_v3_record, teacher_forced
+from transfusion.eval.fashion import evaluate_fashion, is_fashion_record
 from transfusion.eval.judge import accuracy, judge_image, score_caption, score_scene
 from transfusion.generation.grid import make_grid, to_uint8
 
@@ -45,6 +47,16 @@ def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size:
     report: dict = {"num_samples": len(samples), "held_out_format": "latents" if latents else "pixels",
                     "settings": {"steps": steps, "guidance": guidance, "sampler": sampler,
                                  "guidance_schedule": schedule, "seed": seed}}
+    if is_fashion_record(samples[0][3]):  # real images: CAS, caption accuracy, FID / KID against the test split
+        want = 2 * max(num_t2i, num_caption, 2 * num_fid)  # each test image is held out twice (two template kinds)
+        if len(samples) < want:
+            samples = list(iter_decoded_samples(shards, cfg.data.image_size, cfg.data.caption_field, limit=want,
+                                                resize=cfg.data.resize, latents=latents))
+        report["num_samples"] = len(samples)
+        return report | evaluate_fashion(engine, samples, num_t2i=num_t2i, num_caption=num_caption, num_fid=num_fid,
+                                         batch_size=batch_size, steps=steps, guidance=guidance, sampler=sampler,
+                                         guidance_schedule=schedule, seed=seed, max_caption_tokens=max_caption_tokens,
+                                         out_dir=out_dir, progress=progress, latents=latents)
     if is_v3_record(samples[0][3]):  # the compositional world: report v2, seen / unseen apart
         return report | evaluate_v3(engine, samples, num_t2i=num_t2i, num_caption=num_caption, num_fid=num_fid,
                                     batch_size=batch_size, steps=steps, guidance=guidance, sampler=sampler,

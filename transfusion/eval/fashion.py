@@ -1,0 +1,178 @@
+"""Evaluation on real images (Fashion-MNIST held-out shards from ``tools/make_fashion_shards.py``).
+
+Report keys (``<run>/eval/report.json``):
+    cas.{seen,unseen}          classification accuracy score: images generated from held-out captions written with
+                               training templates (seen) or held-out templates (unseen), labelled by a classifier
+                               trained here on the real training images, against the class the caption asked for
+    cas.classifier_test_accuracy   that classifier on the real test images (the ceiling CAS is read against)
+    caption.accuracy           the class named in the model's greedy caption of a real test image
+    fid.{fid,kid,fid_floor,kid_floor,n}   generated (seen prompts) vs real test images; the floor: two disjoint halves
+                               of the real test images at the same count
+
+The classifier is a small CNN trained on the training split's pair samples (``train_classifier``); it is cached next to
+the held-out shard (``cas_classifier.pt``, with the training shards' names) so every run is judged by the same one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data_pipelines.fashion import CLASSES, class_of_caption
+
+
+def is_fashion_record(record) -> bool:
+    return isinstance(record, dict) and "template_seen" in record and "label" in record
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, classes: int = len(CLASSES)) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(64 * 7 * 7, 128), nn.Linear(128, classes)
+
+    def forward(self, x_N1HW: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x_N1HW, size=(28, 28), mode="bilinear", align_corners=False, antialias=True)
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        x = F.max_pool2d(F.relu(self.c2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def to_gray(images_NCHW: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] -> one channel (the mean of RGB)."""
+    return images_NCHW.float().mean(dim=1, keepdim=True)
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 3, seed: int = 0,
+                     batch_size: int = 128) -> SmallCNN:
+    """A CNN on real images [N, C, H, W] in [-1, 1] with labels [N] (a few minutes of CPU for 60k images)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = SmallCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = to_gray(images)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
+            loss = F.cross_entropy(model(x[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def classify(model: SmallCNN, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    x = to_gray(images)
+    return torch.cat([model(x[i:i + batch_size]).argmax(-1) for i in range(0, len(x), batch_size)])
+
+
+def load_or_train_classifier(cache: Path, train_shards: str, image_size: int, progress: bool = True) -> SmallCNN:
+    from data_pipelines.shards import iter_decoded_samples
+
+    if cache.is_file():
+        state = torch.load(cache, map_location="cpu", weights_only=True)
+        if state.get("train_shards") == train_shards:
+            model = SmallCNN()
+            model.load_state_dict(state["model"])
+            return model.eval()
+    images, labels = [], []
+    for _, img, _, record in iter_decoded_samples(train_shards, image_size, "txt"):
+        if isinstance(record, dict) and "label" in record:
+            images.append(img)
+            labels.append(int(record["label"]))
+    if not images:
+        raise FileNotFoundError(f"no labelled training images in {train_shards} for the CAS classifier")
+    t0 = time.perf_counter()
+    model = train_classifier(torch.stack(images), torch.tensor(labels))
+    if progress:
+        print(f"trained the CAS classifier on {len(images)} real images in {time.perf_counter() - t0:.0f} s")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "train_shards": train_shards}, cache)
+    return model
+
+
+def evaluate_fashion(engine, samples: list, *, num_t2i: int, num_caption: int, num_fid: int, batch_size: int,
+                     steps: int, guidance: float, sampler: str, guidance_schedule: str, seed: int,
+                     max_caption_tokens: int, latents: bool, progress: bool = True, out_dir: Path | None = None,
+                     classifier: SmallCNN | None = None) -> dict:
+    from transfusion.generation.grid import make_grid
+
+    cfg = engine.cfg
+
+    def pixels(rows):
+        imgs = torch.stack([im for _, im, _, _ in rows])
+        if latents:
+            with torch.no_grad():
+                imgs = engine.codec.decode(imgs.to(engine.device)).clamp(-1, 1).float().cpu()
+        return imgs
+
+    if classifier is None:
+        cache = Path(cfg.data.eval_shards.split("{")[0]).parent / "cas_classifier.pt"
+        classifier = load_or_train_classifier(cache, cfg.data.shards, cfg.data.image_size, progress)
+    report: dict = {"world": "fashion"}
+    distinct = {}
+    for row in samples:  # each test image appears with a seen and an unseen template
+        distinct.setdefault(row[3].get("test_index", row[0]), row)
+    real_rows = list(distinct.values())
+    real = pixels(real_rows)
+    real_labels = torch.tensor([r[3]["label"] for r in real_rows])
+    report["cas"] = {"classifier_test_accuracy": float((classify(classifier, real) == real_labels).float().mean())}
+
+    t0 = time.perf_counter()
+    generated: dict[bool, list] = {True: [], False: []}
+    for seen in (True, False):
+        rows = [r for r in samples if r[3]["template_seen"] == seen][:num_t2i]
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            imgs = engine.text_to_image([c for _, _, c, _ in chunk], steps=steps, guidance=guidance,
+                                        sampler=sampler, seed=seed + i, guidance_schedule=guidance_schedule)
+            generated[seen].append((imgs, torch.tensor([c[3]["label"] for c in chunk]), [c[2] for c in chunk]))
+    n_gen = sum(len(x[0]) for v in generated.values() for x in v)
+    report["timings"] = {"t2i_seconds_per_image": (time.perf_counter() - t0) / max(n_gen, 1)}
+    for seen, parts in generated.items():
+        if parts:
+            imgs, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            report["cas"]["seen" if seen else "unseen"] = float((classify(classifier, imgs) == labels).float().mean())
+            report["cas"]["n_" + ("seen" if seen else "unseen")] = len(imgs)
+
+    t0 = time.perf_counter()
+    rows = real_rows[:num_caption]
+    correct, examples = [], []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        texts = engine.caption(torch.stack([im for _, im, _, _ in chunk]), max_caption_tokens, latents=latents)
+        for (_, _, _, rec), text in zip(chunk, texts):
+            correct.append(class_of_caption(text) == rec["label"])
+            if len(examples) < 12:
+                examples.append({"class": rec["class"], "caption": text})
+    report["caption"] = {"accuracy": sum(correct) / max(len(correct), 1), "n": len(correct), "examples": examples}
+    report["timings"]["caption_seconds_per_image"] = (time.perf_counter() - t0) / max(len(rows), 1)
+
+    if num_fid:
+        from transfusion.eval.inception import InceptionFeatures
+        from transfusion.eval.scores import frechet_distance, kernel_inception_distance
+
+        gen = torch.cat([p[0] for p in generated[True]])
+        n = min(num_fid, len(gen), len(real) // 2)
+        if n >= 2:
+            feats = InceptionFeatures()
+            g, a, b = feats(gen[:n]), feats(real[:n]), feats(real[n:2 * n])
+            kid, kid_std = kernel_inception_distance(g, a, subset_size=min(n, 1000))
+            floor_kid, _ = kernel_inception_distance(b, a, subset_size=min(n, 1000))
+            report["fid"] = {"n": n, "fid": frechet_distance(g, a), "fid_floor": frechet_distance(b, a), "kid": kid,
+                             "kid_std": kid_std, "kid_floor": floor_kid}
+    if out_dir is not None and generated[True]:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        imgs, _, caps = generated[True][0]
+        make_grid(imgs[:32], caps[:32], cols=8).save(out_dir / "t2i_seen.png")
+        if generated[False]:
+            imgs, _, caps = generated[False][0]
+            make_grid(imgs[:32], caps[:32], cols=8).save(out_dir / "t2i_unseen.png")
+    return report
