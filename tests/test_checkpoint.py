@@ -175,10 +175,13 @@ def test_export_round_trip(tmp_path):
         assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
     assert export_metadata(out)["step"] == "12" and export_metadata(out)["commit"] == "abc"
 
+    (tmp_path / "tok.json").write_text("{}")
+    export_model(out, {"x": torch.ones(2)}, {"v": 2}, files={"tokenizer.json": tmp_path / "tok.json"})
+    assert (out / "tokenizer.json").read_text() == "{}"  # files travel with the export
     export_model(out, {"x": torch.ones(2)}, {"v": 2})  # replaces the previous export
     loaded, cfg = load_export(out)
     assert set(loaded) == {"x"} and cfg == {"v": 2}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temp dirs left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "tok.json"]  # no temp dirs left behind
 
 
 def test_export_errors(tmp_path):

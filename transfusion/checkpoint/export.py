@@ -53,10 +53,12 @@ def _plain_cpu(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def export_model(
-    out_dir: str | Path, state_dict: dict[str, Tensor], config: dict[str, Any], metadata: dict[str, Any] | None = None
+    out_dir: str | Path, state_dict: dict[str, Tensor], config: dict[str, Any], metadata: dict[str, Any] | None = None,
+    files: dict[str, Path] | None = None,
 ) -> Path:
     """Write ``state_dict`` and ``config`` to ``out_dir`` (replacing an existing export). Metadata values are stored
-    as strings (non-strings JSON-encoded). Returns ``out_dir``."""
+    as strings (non-strings JSON-encoded). ``files`` (name -> source path) are copied in beside them (a tokenizer).
+    Returns ``out_dir``."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / WEIGHTS).is_file():
         raise ExportError(f"export: {out_dir} exists and is not an export; refusing to replace it")
@@ -77,6 +79,8 @@ def export_model(
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata=meta)
         (tmp / CONFIG).write_text(config_text)
+        for name, src in (files or {}).items():
+            shutil.copyfile(src, tmp / name)
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)

@@ -101,8 +101,13 @@ class RunOutputs:
 
         out = None
         if self.env.is_main:
-            out = export_model(self.run_dir / "export", state, to_dict(self.cfg),
-                               {"step": str(step), "weights": "ema", "trained_precision": self.precision.name})
+            config, files = to_dict(self.cfg), {}
+            if self.cfg.data.tokenizer != "bytes":  # the export carries its tokenizer: it loads from anywhere
+                files["tokenizer.json"] = Path(self.cfg.data.tokenizer)
+                config["data"]["tokenizer"] = "tokenizer.json"  # resolved against the export directory on load
+            out = export_model(self.run_dir / "export", state, config,
+                               {"step": str(step), "weights": "ema", "trained_precision": self.precision.name},
+                               files=files)
             log.info("exported EMA weights to %s", out)
         barrier()
         return out
