@@ -86,6 +86,14 @@ async def _send_json(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def append_text(parts: list[dict], delta: str) -> None:
+    """Collect streamed text into content parts: consecutive deltas join one text part."""
+    if parts and parts[-1]["type"] == "text":
+        parts[-1]["text"] += delta
+    else:
+        parts.append({"type": "text", "text": delta})
+
+
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "code": status}}, status_code=status, headers=headers)
 
@@ -301,10 +309,7 @@ def create_app(engine, *, model_name: str = "default", limits: ServeLimits | Non
         output: list[dict] = []
         async for event in events(handle, request):
             if event.kind == "text":
-                if output and output[-1]["type"] == "text":
-                    output[-1]["text"] += event.data
-                else:
-                    output.append({"type": "text", "text": event.data})
+                append_text(output, event.data)
             elif event.kind == "image":
                 output.append({"type": "image", **image_payload(event)})
             elif event.kind == "done":
@@ -358,10 +363,7 @@ def create_app(engine, *, model_name: str = "default", limits: ServeLimits | Non
         parts: list[dict] = []
         async for event in events(handle, request):
             if event.kind == "text":
-                if parts and parts[-1]["type"] == "text":
-                    parts[-1]["text"] += event.data
-                else:
-                    parts.append({"type": "text", "text": event.data})
+                append_text(parts, event.data)
             elif event.kind == "image":
                 parts.append(image_part(event))
             elif event.kind == "done":
