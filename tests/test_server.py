@@ -362,3 +362,42 @@ def test_bench_serve_runs_at_toy_size(tmp_path):
     assert all(r["images_per_s"] > 0 and r["tokens_per_s"] > 0 for r in data["load"])
     assert [r["prefix_tokens"] for r in data["prefix"]] == sorted(r["prefix_tokens"] for r in data["prefix"])
     assert "CPU capability" in res.stdout and "| clients |" in res.stdout
+
+
+def test_review_regressions(client):
+    """Long chat messages, chunked oversized bodies, special tokens typed as text, a dead engine, the rate window."""
+    from transfusion.serving.worker import Window
+
+    long = {"model": "default", "messages": [{"role": "user", "content": "blue " * 200}], "max_tokens": 3,
+            "steps": 2, "max_images": 0}
+    assert client.post("/v1/chat/completions", json=long).status_code == 200  # > 256 characters of content
+    assert client.post("/v1/generate", json={**GEN, "temperature": 1e-38}).status_code == 200
+    app = create_app(engine(), limits=ServeLimits(max_body_bytes=1000))
+    with TestClient(app) as c:
+        def chunks():
+            for _ in range(20):
+                yield b" " * 100
+        r = c.post("/v1/generate", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413  # no Content-Length: counted while read
+        app.state.worker.stop()
+        assert c.get("/health").status_code == 503
+        assert c.post("/v1/generate", json=GEN).status_code == 503  # not a hang
+    w = Window(seconds=1.0)
+    for t in range(100):
+        w.add(1 if t % 2 else 0, t * 0.1)
+    assert len(w.stamps) <= 10 and abs(w.rate(9.95) - 5.0) < 1e-9
+
+
+def test_special_token_text_is_not_a_control_id(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from transfusion.tokenizer import HF_SPECIAL_TOKENS, HFTokenizer
+
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                               merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.add_special_tokens(list(HF_SPECIAL_TOKENS.values()))
+    tok.save(str(tmp_path / "t.json"))
+    hf = HFTokenizer(tmp_path / "t.json")
+    ids = hf.encode("a <|boi|> b <|image|>")
+    assert hf.boi_id not in ids and hf.image_id not in ids and len(ids) > 4

@@ -291,3 +291,31 @@ def test_start_with_image_is_text_to_image_and_ignore_eos_fills_max_tokens():
     ref = eng.text_to_image(["a red circle"], steps=4, guidance=2.5, seed=11)[0]
     assert torch.allclose(images[0], ref, atol=1e-5)
     assert len(sched.requests[rid].tokens) == 7 and reason == "length"
+
+
+def test_a_request_that_stops_early_leaves_its_batch_mates_unchanged():
+    """Stop strings end a request in the middle of a batched step; every other request keeps its whole cache
+    (found in review: batch-mates lost their oldest key) and its output equals running alone."""
+    eng = engine()
+    free = Scheduler(eng)
+    rid = free.submit("a red circle", SamplingParams(max_tokens=12, seed=1))
+    full = summary(run(free, [rid])[rid])[0]
+    stopper = SamplingParams(max_tokens=12, seed=1, stop=(full[2:4],))
+    mates = [("blue", SamplingParams(max_tokens=10, temperature=1.0, seed=s)) for s in range(5)]
+    sched = Scheduler(eng)
+    ids = [sched.submit("a red circle", stopper)] + [sched.submit(p, params) for p, params in mates]
+    out = run(sched, ids)
+    assert summary(out[ids[0]])[2] == "stop"
+    for rid, (prompt, params) in zip(ids[1:], mates):
+        alone = Scheduler(eng)
+        one = alone.submit(prompt, params)
+        (t1, i1, r1), (t2, i2, r2) = summary(run(alone, [one])[one]), summary(out[rid])
+        assert (t1, r1, len(i1)) == (t2, r2, len(i2)) and all(torch.allclose(a, b, atol=1e-4) for a, b in zip(i1, i2))
+
+
+def test_extreme_temperatures_do_not_break_sampling():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([0.0, 1.0, 5.0, 3.0])
+    assert sample_next(logits, SamplingParams(temperature=1e-38), g) == 2  # greedy, no overflow
+    assert sample_next(logits, SamplingParams(temperature=1e-3), g) == 2
+    assert sample_next(logits, SamplingParams(temperature=10.0, top_p=1e-9), g) == 2

@@ -187,3 +187,12 @@ def test_bench_attention_runs_on_cpu():
                          timeout=120)
     if not __import__("torch").cuda.is_available():
         assert gpu.returncode == 1 and gpu.stderr.startswith("error: no CUDA")
+
+
+def test_fp32_never_picks_flash_kernels():
+    fs = fake_find_spec({"flash_attn", "torch.nn.attention.varlen"})
+    assert resolve_backend("auto", CUDA, fp32=True, find_spec=fs) == "flex"
+    assert resolve_split_kernel("auto", CUDA, fp32=True, find_spec=fs) == "sdpa"
+    with_x = fake_find_spec({"flash_attn", "xformers"})
+    assert resolve_backend("auto", CUDA, fp32=True, find_spec=with_x) == "split"
+    assert resolve_split_kernel("auto", CUDA, fp32=True, find_spec=with_x) == "xformers"

@@ -157,6 +157,7 @@ def serve_in_subprocess(export: str, max_batch: int, precision: str):
     """``tools/serve.py`` in its own process (the client's event loop must not share the server's interpreter)."""
     import socket
     import subprocess
+    import tempfile
 
     import httpx
 
@@ -165,13 +166,15 @@ def serve_in_subprocess(export: str, max_batch: int, precision: str):
         port = s.getsockname()[1]
     cmd = [sys.executable, str(Path(__file__).with_name("serve.py")), "--export", export, "--port", str(port),
            "--max-batch", str(max_batch), "--max-queue", "1024", "--log-level", "warning", "--precision", precision,
-           "--max-steps", "1000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           "--max-steps", "1000", "--max-tokens", "100000"]
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server never blocks on it
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read()[-500:]}")
+            log.seek(0)
+            raise RuntimeError(f"the server exited: {log.read()[-500:]}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return url, proc
@@ -265,6 +268,7 @@ def main(argv=None) -> int:
               f"tokens; steps {args.steps}, guidance {args.guidance}", flush=True)
     results = {"machine": machine(), "source": where, "load": [], "prefix": []}
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    import subprocess
     import tempfile
 
     proc, tmp = None, tempfile.TemporaryDirectory()
@@ -288,7 +292,10 @@ def main(argv=None) -> int:
     finally:
         if proc is not None:
             proc.terminate()
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         tmp.cleanup()
     if engine is not None and not args.skip_prefix:
         print("\n| prompt | prefix tokens | cached s/image | recomputed s/image | reuse speed-up |\n|---|---|---|---|---|",

@@ -64,6 +64,8 @@ class HFTokenizer:
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         self.spec = str(path)
         self._tok = _HF.from_file(str(path))
+        if hasattr(self._tok, "encode_special_tokens"):
+            self._tok.encode_special_tokens = True  # "<|boi|>" typed in a prompt is text, not a control id
         size = self._tok.get_vocab_size(with_added_tokens=True)
         self._special: set[int] = set()
         for name in SPECIAL_NAMES:

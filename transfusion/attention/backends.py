@@ -38,21 +38,24 @@ BACKENDS = ("flex", "sdpa", "split")
 AUTO_SPLIT_KERNELS = ("flash_attn", "xformers")
 
 
-def available_split_kernels(device: torch.device, find_spec=importlib.util.find_spec) -> list[str]:
-    """Split kernels usable on ``device``: the fast ones need CUDA and their package; "sdpa" always works."""
+def available_split_kernels(device: torch.device, find_spec=importlib.util.find_spec, *,
+                            fp32: bool = False) -> list[str]:
+    """Split kernels usable on ``device``: the fast ones need CUDA and their package (flash-attn's and torch's
+    varlen kernels also need fp16 / bf16 inputs, so not under ``fp32``); "sdpa" always works."""
     out = []
     if device.type == "cuda":
-        if find_spec("flash_attn") is not None:
+        if find_spec("flash_attn") is not None and not fp32:
             out.append("flash_attn")
-        if find_spec("torch.nn.attention.varlen") is not None:
+        if find_spec("torch.nn.attention.varlen") is not None and not fp32:
             out.append("torch_varlen")
         if find_spec("xformers") is not None:
             out.append("xformers")
     return out + ["sdpa"]
 
 
-def resolve_split_kernel(name: str, device: torch.device, find_spec=importlib.util.find_spec) -> str:
-    available = available_split_kernels(device, find_spec)
+def resolve_split_kernel(name: str, device: torch.device, find_spec=importlib.util.find_spec, *,
+                         fp32: bool = False) -> str:
+    available = available_split_kernels(device, find_spec, fp32=fp32)
     if name == "auto":
         return next((k for k in available if k in AUTO_SPLIT_KERNELS), "sdpa")
     if name not in available:
@@ -61,14 +64,15 @@ def resolve_split_kernel(name: str, device: torch.device, find_spec=importlib.ut
     return name
 
 
-def resolve_backend(name: str, device: torch.device, *, hidden_spans: bool = False,
+def resolve_backend(name: str, device: torch.device, *, hidden_spans: bool = False, fp32: bool = False,
                     find_spec=importlib.util.find_spec) -> str:
-    """``"auto"`` -> on CUDA the split when a fast varlen kernel is installed and the data has no hidden spans
-    (``data.clean_copy``), else flex; sdpa elsewhere. An explicit "split" with hidden spans is refused."""
+    """``"auto"`` -> on CUDA the split when a fast varlen kernel is installed (for this precision: ``fp32`` rules
+    out flash-attn) and the data has no hidden spans (``data.clean_copy``), else flex; sdpa elsewhere. An explicit
+    "split" with hidden spans is refused."""
     if name == "auto":
         if device.type != "cuda":
             return "sdpa"
-        fast = any(k in AUTO_SPLIT_KERNELS for k in available_split_kernels(device, find_spec))
+        fast = any(k in AUTO_SPLIT_KERNELS for k in available_split_kernels(device, find_spec, fp32=fp32))
         return "split" if fast and not hidden_spans else "flex"
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r} (known: auto, {', '.join(BACKENDS)})")
@@ -92,12 +96,12 @@ class SplitMask:
 
 
 def build_attention_mask(doc_ids: Tensor, image_ids: Tensor, backend: str, bidirectional_images: bool = True,
-                         *, hidden_ids: Tensor | None = None, split_kernel: str = "auto") -> object:
+                         *, hidden_ids: Tensor | None = None, split_kernel: str = "auto", fp32: bool = False) -> object:
     """Build the per-batch mask object for ``backend`` from [B, L] document and image ids
     (``bidirectional_images=False``: causal image blocks, the attention ablation; ``hidden_ids``: spans hidden from
     later tokens, ``Batch.hidden_ids``; ``split_kernel``: the split backend's kernel, ``KERNELS`` or auto)."""
     if backend == "split":
-        kernel = KERNELS[resolve_split_kernel(split_kernel, doc_ids.device)]
+        kernel = KERNELS[resolve_split_kernel(split_kernel, doc_ids.device, fp32=fp32)]
         plan = split_plan(doc_ids, image_ids, bidirectional_images, hidden_ids)
         return SplitMask(plan.to(doc_ids.device), kernel)
     if backend == "sdpa":

@@ -154,7 +154,7 @@ def evaluate_fashion(engine, samples: list, *, num_t2i: int, num_caption: int, n
     report["caption"] = {"accuracy": sum(correct) / max(len(correct), 1), "n": len(correct), "examples": examples}
     report["timings"]["caption_seconds_per_image"] = (time.perf_counter() - t0) / max(len(rows), 1)
 
-    if num_fid:
+    if num_fid and generated[True]:
         from transfusion.eval.inception import InceptionFeatures
         from transfusion.eval.scores import frechet_distance, kernel_inception_distance
 

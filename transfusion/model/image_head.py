@@ -142,7 +142,8 @@ class ImageJob:
         raise NotImplementedError
 
     def preview(self) -> Tensor:
-        """The current clean estimate, latents [n, C, h, w] (what a client may show while denoising)."""
+        """The current clean estimate, latents [n, C, h, w] (what a client may show while denoising; decode, then
+        clamp: latents of a VAE are not bounded to [-1, 1])."""
         raise NotImplementedError
 
     def result(self) -> Tensor:
@@ -266,8 +267,8 @@ class DenoisingJob(ImageJob):
 
     def preview(self) -> Tensor:
         if self._pred is None:
-            return self.x.clamp(-1, 1)
-        return self.schedule.predict_x0(self._pred.float(), self._x_t.float(), self._t).clamp(-1, 1)
+            return self.x
+        return self.schedule.predict_x0(self._pred.float(), self._x_t.float(), self._t)
 
     def result(self) -> Tensor:
         return self.x

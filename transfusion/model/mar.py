@@ -279,7 +279,7 @@ class MARJob(ImageJob):
         self.index += 1
 
     def preview(self) -> Tensor:
-        return self._images().clamp(-1, 1)  # unrevealed patches are 0 (mid grey)
+        return self._images()  # unrevealed patches are 0 (mid grey in pixels)
 
     def result(self) -> Tensor:
         return self._images()

@@ -107,7 +107,8 @@ class ImagePart(Strict):
 
 class Message(Strict):
     role: Literal["system", "user", "assistant"]
-    content: str | list[Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]] = Field(max_length=256)
+    content: Annotated[str, Field(max_length=1 << 20)] | Annotated[
+        list[Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]], Field(max_length=256)]
     name: str | None = None
 
 
@@ -198,7 +199,7 @@ def decode_image(data: str, size: tuple[int, int], limits: ServeLimits) -> np.nd
         raise BadRequest("image: not valid base64") from None
     try:
         with Image.open(io.BytesIO(raw)) as img:
-            if img.format not in ("PNG", "JPEG"):
+            if img.format not in ("PNG", "JPEG", "MPO"):  # MPO: JPEG with the multi-picture extension (phones)
                 raise BadRequest(f"image: format {img.format} is not accepted (PNG or JPEG)")
             w, h = img.size
             if max(w, h) > limits.max_image_side or min(w, h) < 1:

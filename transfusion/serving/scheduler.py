@@ -116,9 +116,9 @@ def _split_prefix(stacked: Prefix, lengths: list[int]) -> list[Prefix]:
 def sample_next(logits_V: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token from fp32 logits [V] (banned ids already at -inf): greedy at temperature 0, else top-k / top-p
     filtered sampling from this request's generator."""
-    if params.temperature <= 0:
+    if params.temperature < 1e-4:  # below this, sampling is greedy (and dividing would overflow fp32)
         return int(logits_V.argmax())
-    logits = logits_V / params.temperature
+    logits = logits_V.double() / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -127,6 +127,8 @@ def sample_next(logits_V: Tensor, params: SamplingParams, generator: torch.Gener
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < params.top_p  # the smallest prefix whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        return int(logits_V.argmax())
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
@@ -204,6 +206,8 @@ class Scheduler:
         imaging = [r for r in self.running() if r.phase == "image"]
         if imaging:
             events += self._image_step(imaging)
+        else:
+            self._image_stacks.clear()  # no image in flight: drop the stacked prefix copies
         self.stats.steps += 1
         self.stats.peak_batch = max(self.stats.peak_batch, len(text) + len(imaging))
         return events
@@ -215,15 +219,16 @@ class Scheduler:
             try:
                 req.prefix = self._prefill(req)
             except (ValueError, RuntimeError) as e:  # e.g. an image the codec cannot take: this request fails alone
-                req.phase = "failed"
-                self.stats.failed += 1
-                events.append(Event(req.id, "failed", f"{type(e).__name__}: {e}"))
+                events.append(self._fail(req, e))
                 continue
             req.cache_len = len(req.prompt_ids)
             req.phase = "text"
             if req.params.start_with_image and req.params.max_images > 0:
                 req.phase = "image"
-                events.append(self._start_image(req))
+                try:
+                    events.append(self._start_image(req))
+                except (RuntimeError, ValueError) as e:
+                    events.append(self._fail(req, e))
         return events
 
     def _prefill(self, req: Request) -> Prefix:
@@ -287,8 +292,9 @@ class Scheduler:
                 return events
             stacked = self._stack_text([r for r, _ in stepping])
         self._text_prefix = eng.step_tokens(stacked, torch.tensor([t for _, t in stepping]))
-        for req, token in stepping:
+        for req, _ in stepping:  # every member's cache grew: before any of them leaves and the batch is split
             req.cache_len += 1
+        for req, token in stepping:
             if token == tok.boi_id:
                 events += self._emit(req, len(req.text))
                 req.phase = "image"
@@ -309,7 +315,10 @@ class Scheduler:
             self._unstack_text()  # requests that began an image (or stopped) take their caches out
         for req, _ in stepping:
             if req.phase == "image":
-                events.append(self._start_image(req))
+                try:
+                    events.append(self._start_image(req))
+                except (RuntimeError, ValueError) as e:  # e.g. a sampler this model's objective does not have
+                    events.append(self._fail(req, e))
         return events
 
     def _emit(self, req: Request, upto: int) -> list[Event]:
@@ -365,16 +374,24 @@ class Scheduler:
             n_cond = len(group)
             for i, req in enumerate(group):
                 rows = [i] + ([n_cond + guided.index(i)] if req.job.guided else [])
-                req.job.advance(out[rows])
-                every = req.params.preview_every
-                if req.job.done:
-                    events += self._finish_image(req)
-                elif every and req.job.index % every == 0:
-                    with torch.no_grad():
-                        preview = eng.codec.decode(req.job.preview())[0].clamp(-1, 1).float().cpu()
-                    events.append(Event(req.id, "preview", {"image": preview, "pass": req.job.index,
-                                                            "passes": req.job.total}))
+                try:  # a failure of one request's own work fails that request alone
+                    req.job.advance(out[rows])
+                    every = req.params.preview_every
+                    if req.job.done:
+                        events += self._finish_image(req)
+                    elif every and req.job.index % every == 0:
+                        with torch.no_grad():
+                            preview = eng.codec.decode(req.job.preview())[0].clamp(-1, 1).float().cpu()
+                        events.append(Event(req.id, "preview", {"image": preview, "pass": req.job.index,
+                                                                "passes": req.job.total}))
+                except (RuntimeError, ValueError) as e:
+                    events.append(self._fail(req, e))
         return events
+
+    def _fail(self, req: Request, error: Exception) -> Event:
+        self.stats.failed += 1
+        self._release(req, "failed")
+        return Event(req.id, "failed", f"{type(error).__name__}: {error}")
 
     def _finish_image(self, req: Request) -> list[Event]:
         eng = self.engine

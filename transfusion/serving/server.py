@@ -62,21 +62,29 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await _send_json(send, 413, f"request body above {self.limit} bytes")
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0  # read the body here (chunked bodies declare no length), at most limit bytes
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BadRequest(f"request body above {self.limit} bytes", status=413)
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await _send_json(send, 413, f"request body above {self.limit} bytes")
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
 
-        try:
-            await self.app(scope, limited, send)
-        except BadRequest as e:
-            await _send_json(send, e.status, str(e))
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: disconnects
+
+        await self.app(scope, replay, send)
 
 
 async def _send_json(send, status: int, message: str) -> None:
@@ -223,6 +231,8 @@ def create_app(engine, *, model_name: str = "default", limits: ServeLimits | Non
                               start_with_image=o.start_with_image, ignore_eos=o.ignore_eos)
 
     async def start(segments, options: Options) -> Handle:
+        if not worker.alive:
+            raise HTTPException(503, f"the engine is not running ({worker.error or 'stopped'})")
         params = params_of(options)
         prompt = await asyncio.to_thread(prompt_of, segments)  # image decoding off the event loop
         try:

@@ -49,18 +49,26 @@ class Handle:
 
 @dataclass
 class Window:
-    """Events per second over the last ``seconds``."""
+    """Events per second over the last ``seconds`` (written by the engine thread, read by /metrics)."""
 
     seconds: float = 10.0
     stamps: deque = field(default_factory=deque)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, n: int, now: float) -> None:
-        self.stamps.append((now, n))
-
-    def rate(self, now: float) -> float:
+    def _prune(self, now: float) -> None:
         while self.stamps and self.stamps[0][0] < now - self.seconds:
             self.stamps.popleft()
-        return sum(n for _, n in self.stamps) / self.seconds
+
+    def add(self, n: int, now: float) -> None:
+        with self.lock:
+            self._prune(now)
+            if n:
+                self.stamps.append((now, n))
+
+    def rate(self, now: float) -> float:
+        with self.lock:
+            self._prune(now)
+            return sum(n for _, n in self.stamps) / self.seconds
 
 
 class EngineWorker:

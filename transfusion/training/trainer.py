@@ -103,8 +103,11 @@ class Trainer:
         self.patch_grid = parts.patch_grid
         self.model = parallelize(parts.model, cfg.parallel, self.env.mesh, self.device)
         materialize(self.model, self.device, cfg.run.seed)
-        self.backend = resolve_backend(cfg.model.attention, self.device, hidden_spans=cfg.data.clean_copy)
-        kernel = resolve_split_kernel(cfg.model.split_kernel, self.device) if self.backend == "split" else None
+        self.fp32_attention = cfg.train.autocast == "fp32"  # flash-attn's kernels take fp16 / bf16 only
+        self.backend = resolve_backend(cfg.model.attention, self.device, hidden_spans=cfg.data.clean_copy,
+                                       fp32=self.fp32_attention)
+        kernel = (resolve_split_kernel(cfg.model.split_kernel, self.device, fp32=self.fp32_attention)
+                  if self.backend == "split" else None)
         self.attention_choice = describe_backend(cfg.model.attention, self.backend, kernel, self.device)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
@@ -179,7 +182,7 @@ class Trainer:
         for consumer, batch in micro:
             mask = build_attention_mask(batch.doc_ids, batch.image_ids, self.backend, hidden_ids=batch.hidden_ids,
                                         bidirectional_images=cfg.model.image_attention == "bidirectional",
-                                        split_kernel=cfg.model.split_kernel)
+                                        split_kernel=cfg.model.split_kernel, fp32=self.fp32_attention)
             with self.autocast():
                 parts = compute_loss_terms(self.model, batch, mask, self.schedule, cfg.loss,
                                            self.noise_generator(consumer))
