@@ -191,9 +191,10 @@ def test_cas_caption_accuracy_and_classifier_on_toy_data():
             rec = {"label": label, "class": CLASSES[label][0], "template_seen": seen, "test_index": j}
             samples.append((f"k{j}{seen}", img, caption_for(label, (TRAIN_TEMPLATES if seen else
                                                                     HELDOUT_TEMPLATES)[0]), rec))
-    report = evaluate_fashion(eng, samples, num_t2i=6, num_caption=6, num_fid=0, batch_size=4, steps=2,
+    report = evaluate_fashion(eng, samples, num_t2i=6, num_caption=6, num_fid=2, batch_size=4, steps=2,
                               guidance=1.0, sampler="ddim", guidance_schedule="constant", seed=0,
                               max_caption_tokens=4, latents=False, progress=False, classifier=Always3())
     assert report["cas"]["seen"] == report["cas"]["unseen"] == 0.5 and report["cas"]["n_seen"] == 6
     assert report["cas"]["classifier_test_accuracy"] == 0.5  # 3 of the 6 distinct test images are class 3
     assert report["caption"]["n"] == 6 and 0.0 <= report["caption"]["accuracy"] <= 1.0
+    assert report["fid"]["n"] == 2 and report["fid"]["fid"] > 0  # 2 generated vs 2 of the 6 distinct real images

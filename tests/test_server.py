@@ -19,7 +19,6 @@ import pytest
 pytest.importorskip("fastapi", reason="the server needs the 'serve' extra: pip install -e '.[serve]'")
 
 import httpx  # noqa: E402
-import torch  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 from test_serving import engine  # noqa: E402
@@ -345,7 +344,6 @@ def test_prompt_images_through_http_match_the_engine():
     assert r.status_code == 200
     text = "".join(s["text"] for s in r.json()["output"] if s["type"] == "text")
     assert text == eng.caption(pixels[None], max_tokens=8)[0]
-    assert torch.is_tensor(pixels)
 
 
 def test_bench_serve_runs_at_toy_size(tmp_path):

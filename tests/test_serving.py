@@ -319,3 +319,20 @@ def test_extreme_temperatures_do_not_break_sampling():
     assert sample_next(logits, SamplingParams(temperature=1e-38), g) == 2  # greedy, no overflow
     assert sample_next(logits, SamplingParams(temperature=1e-3), g) == 2
     assert sample_next(logits, SamplingParams(temperature=10.0, top_p=1e-9), g) == 2
+
+
+def test_prefix_reuse_equals_recomputation_with_images_in_the_prompt():
+    eng = engine()
+    P = eng.num_patches
+    seq = [TOK.bos_id] + TOK.encode("a") + [TOK.boi_id] + [TOK.image_id] * P + [TOK.eoi_id] + TOK.encode("b") + \
+        [TOK.boi_id]
+    img = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    spans = [(0, 3)]
+    g = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    cached = eng.denoise(eng.prefill([seq], img, spans), uncond=eng.prefill([[TOK.bos_id, TOK.boi_id]]),
+                         guidance=2.0, sampler=None, steps=4, generator=g())
+    again = eng.denoise_recomputing([seq], guidance=2.0, sampler=None, steps=4, generator=g(), images=img,
+                                    image_spans=spans)
+    assert torch.allclose(cached, again, atol=1e-5)
+    without = eng.denoise_recomputing([seq], guidance=2.0, sampler=None, steps=4, generator=g())
+    assert not torch.allclose(cached, without, atol=1e-3)  # the prompt's image matters

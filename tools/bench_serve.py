@@ -216,10 +216,10 @@ def prefix_table(engine, args) -> list[dict]:
                                   generator=torch.Generator().manual_seed(0))
 
         def recomputed():
-            if earlier:  # the recompute reference runs token prompts; earlier images enter as placeholders' slots
-                return _recompute_with_images(engine, seq, images, spans, args)
             return engine.denoise_recomputing([seq], guidance=args.guidance, sampler=None, steps=args.steps,
-                                              generator=torch.Generator().manual_seed(0))
+                                              generator=torch.Generator().manual_seed(0),
+                                              images=images if earlier else None,
+                                              image_spans=spans if earlier else None)
 
         times = {}
         for label, fn in (("cached", cached), ("recomputed", recomputed)):
@@ -233,24 +233,6 @@ def prefix_table(engine, args) -> list[dict]:
         rows.append({"prompt": name, "prefix_tokens": len(seq), "image_tokens": P, "cached_s": times["cached"],
                      "recomputed_s": times["recomputed"], "speedup": times["recomputed"] / times["cached"]})
     return rows
-
-
-def _recompute_with_images(engine, seq, images, spans, args):
-    """``Engine.denoise_recomputing`` for prompts that hold images: the same job, the prefix (with its images)
-    prefilled again before every pass."""
-    import torch
-
-    from transfusion.sequence import caption_prompt_tokens
-
-    job = engine.model.image_head.start(engine, 1, guided=True, guidance=args.guidance, sampler=None,
-                                        steps=args.steps, generator=torch.Generator().manual_seed(0),
-                                        guidance_schedule=engine.resolve_guidance_schedule(None))
-    while not job.done:
-        pre = engine.stack_prefixes(engine.prefill([seq], images, spans),
-                                    engine.prefill([caption_prompt_tokens(engine.tok)]))
-        x, t, mask = job.block_input()
-        job.advance(engine.image_block(pre, job.block_pass, job.rows(x), t, job.rows(mask)))
-    return job.result()
 
 
 def fmt(x, digits=3) -> str:

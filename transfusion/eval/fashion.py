@@ -154,19 +154,11 @@ def evaluate_fashion(engine, samples: list, *, num_t2i: int, num_caption: int, n
     report["caption"] = {"accuracy": sum(correct) / max(len(correct), 1), "n": len(correct), "examples": examples}
     report["timings"]["caption_seconds_per_image"] = (time.perf_counter() - t0) / max(len(rows), 1)
 
-    if num_fid and generated[True]:
-        from transfusion.eval.inception import InceptionFeatures
-        from transfusion.eval.scores import frechet_distance, kernel_inception_distance
+    if num_fid and generated[True]:  # the same FID / KID and floor as report v2, on distinct real test images
+        from transfusion.eval.compositional import fid_report
 
-        gen = torch.cat([p[0] for p in generated[True]])
-        n = min(num_fid, len(gen), len(real) // 2)
-        if n >= 2:
-            feats = InceptionFeatures()
-            g, a, b = feats(gen[:n]), feats(real[:n]), feats(real[n:2 * n])
-            kid, kid_std = kernel_inception_distance(g, a, subset_size=min(n, 1000))
-            floor_kid, _ = kernel_inception_distance(b, a, subset_size=min(n, 1000))
-            report["fid"] = {"n": n, "fid": frechet_distance(g, a), "fid_floor": frechet_distance(b, a), "kid": kid,
-                             "kid_std": kid_std, "kid_floor": floor_kid}
+        report["fid"] = fid_report(engine, real_rows, torch.cat([p[0] for p in generated[True]]), num_fid,
+                                   latents=latents)
     if out_dir is not None and generated[True]:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

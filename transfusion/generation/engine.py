@@ -140,16 +140,18 @@ class Engine:
                                             guidance_schedule=self.resolve_guidance_schedule(guidance_schedule))
 
     def denoise_recomputing(self, seqs: list[list[int]], *, guidance: float, sampler: str | None, steps: int,
-                            generator: torch.Generator, guidance_schedule: str | None = None) -> Tensor:
-        """``denoise`` without the prefix cache: before every pass the prompts ``seqs`` (each ending in BOI), and the
-        unconditional prefix under guidance, go through the model again. The naive reference that prefix reuse is
-        tested against and measured by (``tools/bench_serve.py``)."""
+                            generator: torch.Generator, guidance_schedule: str | None = None,
+                            images: Tensor | None = None, image_spans: list[tuple[int, int]] | None = None) -> Tensor:
+        """``denoise`` without the prefix cache: before every pass the prompts ``seqs`` (each ending in BOI; clean
+        ``images`` at ``image_spans`` as in ``prefill``), and the unconditional prefix under guidance, go through the
+        model again. The naive reference that prefix reuse is tested against and measured by
+        (``tools/bench_serve.py``)."""
         guided = guidance != 1.0
         job = self.model.image_head.start(self, len(seqs), guided=guided, guidance=guidance, sampler=sampler,
                                           steps=steps, generator=generator,
                                           guidance_schedule=self.resolve_guidance_schedule(guidance_schedule))
         while not job.done:
-            pre = self.prefill(seqs)
+            pre = self.prefill(seqs, images, image_spans)
             if guided:
                 pre = self.stack_prefixes(pre, self.prefill([caption_prompt_tokens(self.tok)] * len(seqs)))
             x, t, mask = job.block_input()
