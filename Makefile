@@ -14,7 +14,7 @@ WORLD ?= 2
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
 	TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor_avx2  # compiled kernels of one CPU capability must not serve another
 
-.PHONY: install demo demo-avx2 demo3 synergy bench serve bench-serve fashion-data tokenizer vae-fashion test data train grid evaluate clean
+.PHONY: install demo demo-avx2 demo3 synergy bench serve bench-serve fashion-data tokenizer vae-fashion fashion-latents test data train grid evaluate clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -82,6 +82,10 @@ tokenizer: install
 vae-fashion: install
 	$(PY) tools/train_autoencoder.py --shards "data/fashion/train-*.tar" --eval-shards data/fashion/heldout-000000.tar \
 		--out vae/fashion
+
+fashion-latents: install
+	$(PY) tools/precompute_latents.py --shards "data/fashion/train-*.tar" --vae vae/fashion --out data/fashion_latents \
+		--image-size 28 --dtype float32 --batch-size 256
 
 test: install
 	$(PY) -m pytest

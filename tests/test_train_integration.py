@@ -61,6 +61,23 @@ def test_resume_reaches_identical_parameters(shards, tmp_path):
     del part
 
 
+def test_max_minutes_ends_training_with_its_outputs(shards, tmp_path):
+    from transfusion.training.trainer import Trainer
+
+    run_dir = tmp_path / "capped"  # a budget already spent at the first check (log_interval = 2) ends at step 2
+    cfg = load_config(REPO / "recipes/shapes_tiny.toml", tiny_overrides(shards, run_dir, 6) + ["--train.max_minutes=1e-9"])
+    trainer = Trainer(cfg, progress=False)
+    trainer.fit()
+    assert trainer.step == 2
+    assert (run_dir / "checkpoints/step_00000002/COMPLETE").is_file() and (run_dir / "export/model.safetensors").is_file()
+    assert "train.max_minutes = 1e-09 spent at step 2 of 6" in (run_dir / "train.log").read_text()
+    cfg = load_config(REPO / "recipes/shapes_tiny.toml",
+                      tiny_overrides(shards, tmp_path / "roomy", 3) + ["--train.max_minutes=60"])
+    roomy = Trainer(cfg, progress=False)
+    roomy.fit()  # a budget not spent changes nothing
+    assert roomy.step == 3 and (tmp_path / "roomy/export/model.safetensors").is_file()
+
+
 def test_outputs_generate_and_evaluate(shards, tmp_path):
     run_dir = tmp_path / "run"
     train(shards, run_dir, 4)

@@ -201,6 +201,9 @@ class TrainConfig:
     autocast: PrecisionName = "auto"  # compute precision: "auto" (bf16 on CUDA; on CPU bf16 only where a short probe
     # of the model's matmuls shows it faster than fp32, see transfusion/precision.py), "bf16", "fp32"
     log_interval: Positive = 10
+    max_minutes: NonNegFloat = 0.0  # wall-clock budget of this process's loop, checked every log_interval steps: when
+    # spent, training ends there as if train.steps were reached (checkpoint, samples, export); 0 = none. The LR
+    # schedule still runs over train.steps, so size steps to the budget (tools/bench_step.py) and keep this as a cap.
     sample_interval: Count = 0  # 0 = only at the end
     num_threads: Count = 0  # torch intra-op threads on CPU; 0 = torch default
     grad_accum: Positive = 1  # micro-batches per optimizer step on each rank; global batch = dp ranks x grad_accum

@@ -72,12 +72,24 @@ def classify(model: SmallCNN, images: torch.Tensor, batch_size: int = 512) -> to
     return torch.cat([model(x[i:i + batch_size]).argmax(-1) for i in range(0, len(x), batch_size)])
 
 
+def classifier_source(cfg) -> tuple[Path, str]:
+    """(cache file, pixel training shards) of the CAS classifier: the *pixel* training split beside the held-out
+    shard (``tools/make_fashion_shards.py`` writes them together), so a latent run is judged by the same classifier
+    as a pixel run; else the run's own training shards."""
+    folder = Path(cfg.data.eval_shards.split("{")[0]).parent
+    pixel_train = sorted(folder.glob("train-*.tar"))
+    return folder / "cas_classifier.pt", (str(folder / "train-*.tar") if pixel_train else cfg.data.shards)
+
+
 def load_or_train_classifier(cache: Path, train_shards: str, image_size: int, progress: bool = True) -> SmallCNN:
     from data_pipelines.shards import iter_decoded_samples
 
-    if cache.is_file():
+    from data_pipelines.shards import expand_shard_spec
+
+    if cache.is_file():  # the cache names the shards it was trained on; any spelling of the same files matches
         state = torch.load(cache, map_location="cpu", weights_only=True)
-        if state.get("train_shards") == train_shards:
+        cached = state.get("train_shards")
+        if cached and sorted(expand_shard_spec(cached)) == sorted(expand_shard_spec(train_shards)):
             model = SmallCNN()
             model.load_state_dict(state["model"])
             return model.eval()
@@ -113,8 +125,7 @@ def evaluate_fashion(engine, samples: list, *, num_t2i: int, num_caption: int, n
         return imgs
 
     if classifier is None:
-        cache = Path(cfg.data.eval_shards.split("{")[0]).parent / "cas_classifier.pt"
-        classifier = load_or_train_classifier(cache, cfg.data.shards, cfg.data.image_size, progress)
+        classifier = load_or_train_classifier(*classifier_source(cfg), cfg.data.image_size, progress)
     report: dict = {"world": "fashion"}
     distinct = {}
     for row in samples:  # each test image appears with a seen and an unseen template

@@ -216,6 +216,7 @@ class Trainer:
                    mininterval=0.1 if sys.stderr.isatty() else 30.0,  # a log file gets a line per 30 s, not per step
                    disable=not self.progress)
         window = Window()
+        started = time.perf_counter()
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
@@ -242,6 +243,10 @@ class Trainer:
                 if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
                     self.log(window)
                     window = Window()
+                    if cfg.max_minutes and self.step < cfg.steps and self._over_time(started, cfg.max_minutes):
+                        log.info("train.max_minutes = %g spent at step %d of %d: ending here (checkpoint, samples, "
+                                 "export)", cfg.max_minutes, self.step, cfg.steps)
+                        break
                 self.checkpoints.poll()
                 if self.checkpoints.due(self.step, cfg.steps):
                     self.save()
@@ -261,6 +266,10 @@ class Trainer:
             bar.close()
             if self.writer is not None:
                 self.writer.close()
+
+    def _over_time(self, started: float, max_minutes: float) -> bool:
+        """Every rank stops at the same step: the budget counts as spent when it is on any rank."""
+        return not all_ranks_true(time.perf_counter() - started < max_minutes * 60.0, self.device)
 
     def _open_writer(self):
         if not self.env.is_main:
