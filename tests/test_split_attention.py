@@ -183,6 +183,13 @@ def test_bench_attention_runs_on_cpu():
     assert len(rows) == 8 and not any("failed" in r for r in rows)
     assert {r.split("|")[3].strip() for r in rows} == {"causal", "sdpa", "flex (fwd only)", "split/sdpa"}
     assert "CPU, capability" in out.stdout
+    out = subprocess.run([sys.executable, "tools/bench_attention.py", "--device", "cpu", "--seq", "128", "--images",
+                          "1", "--repeats", "1", "--backends", "causal", "flex/triton", "flex/flash", "--flex-sweep"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| 128 |")]
+    assert "failed: ValueError: model.flex_kernel = 'flash' needs a CUDA device" in rows[2]
+    assert len(rows) == 3 + 6 and "[cpu: USE_TMA=True]" in rows[-1] and "sweep on the CPU" in out.stdout
     gpu = subprocess.run([sys.executable, "tools/bench_attention.py"], cwd=root, capture_output=True, text=True,
                          timeout=120)
     if not __import__("torch").cuda.is_available():

@@ -7,11 +7,15 @@
 
 Each row of the batch is one document of ``seq`` tokens holding ``images`` image blocks of ``seq / 8`` tokens,
 evenly spaced, text between them. Backends: ``causal`` (SDPA with is_causal: the bar, it ignores the images),
-``sdpa`` (dense boolean mask), ``flex`` (FlexAttention with the block mask; compiled on CUDA; on the CPU forward only,
-it has no CPU backward), and ``split/<kernel>`` for every usable varlen kernel (flash_attn, torch_varlen,
+``sdpa`` (dense boolean mask), ``flex`` (FlexAttention with the block mask as the trainer configures it:
+``transfusion/attention/flex.py``; ``flex/triton`` and ``flex/flash`` force its kernel; compiled on CUDA; on the CPU
+forward only, it has no CPU backward), and ``split/<kernel>`` for every usable varlen kernel (flash_attn, torch_varlen,
 xformers; ``split/sdpa`` is the per-segment reference, timed at toy sizes only). Mask / plan building is timed apart
 (it happens once per batch, shared by all layers). Reported: ms per forward + backward (median), the ratio to causal,
 peak memory on CUDA. The header names the device (card or CPU capability and flags) and torch version.
+
+``--flex-sweep`` adds one ``flex/triton`` row per candidate kernel-option set (``SWEEP``) and ends with the line to
+put in ``transfusion/attention/flex.py``'s ``TUNED`` table when a candidate beats torch's defaults on every shape.
 """
 
 from __future__ import annotations
@@ -24,6 +28,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# Candidate Triton flex options for --flex-sweep (tile sizes, warps, stages, TMA on Hopper+); {} = torch's defaults
+SWEEP = [
+    {},
+    {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3},
+    {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2},
+    {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3},
+    {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64, "bwd_num_warps": 8},
+    {"USE_TMA": True},
+]
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=None, help="cuda: 128; cpu: 32")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (cuda: 20; cpu: 3)")
     p.add_argument("--backends", nargs="+", default=None,
-                   help="subset of: causal sdpa flex split/flash_attn split/torch_varlen split/xformers split/sdpa")
+                   help="subset of: causal sdpa flex flex/triton flex/flash split/flash_attn split/torch_varlen "
+                        "split/xformers split/sdpa")
+    p.add_argument("--flex-sweep", action="store_true",
+                   help="also time every candidate flex kernel-option set (SWEEP) and print the best as a TUNED line")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     args.seq = args.seq or ([4096, 8192] if gpu else [512])
@@ -84,6 +101,8 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
 
     from transfusion.attention.backends import attend, available_split_kernels, build_attention_mask
+    from transfusion.attention.flex import FlexTuning, flex_tuning
+    from transfusion.attention.flex import probe as probe_flex
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device here; use --device cpu for the toy run", file=sys.stderr)
@@ -95,6 +114,19 @@ def main(argv=None) -> int:
     if gpu:
         kernels = [k for k in kernels if k != "sdpa"]  # the per-segment reference is a test kernel, not a contender
     names = args.backends or (["causal", "sdpa", "flex"] + [f"split/{k}" for k in kernels])
+    tunings: dict[str, FlexTuning] = {}
+    for name in names:
+        if name.startswith("flex"):
+            try:
+                tuning = flex_tuning(device, name.partition("/")[2] or "auto")
+                tunings[name] = probe_flex(tuning, device, dtype, args.head_dim)[0] if gpu else tuning
+            except ValueError as e:
+                tunings[name] = e  # reported in its rows
+    if args.flex_sweep:
+        for i, opts in enumerate(SWEEP):
+            tunings[f"flex/sweep{i}"] = flex_tuning(device, "triton", opts)
+            names = [*names, f"flex/sweep{i}"]
+    sweep_ms: dict[str, list[float]] = {}
 
     def sync():
         if gpu:
@@ -116,8 +148,12 @@ def main(argv=None) -> int:
                 backward = not (backend == "flex" and not gpu)
                 try:
                     t0 = time.perf_counter()
+                    tuning = tunings.get(name)
+                    if isinstance(tuning, Exception):
+                        raise tuning
                     mask = None if backend == "causal" else build_attention_mask(doc, img, backend,
-                                                                                split_kernel=kernel or "auto")
+                                                                                split_kernel=kernel or "auto",
+                                                                                flex=tuning)
                     sync()
                     build_ms = (time.perf_counter() - t0) * 1e3
 
@@ -153,11 +189,38 @@ def main(argv=None) -> int:
                         t.grad = None
                 if backend == "causal":
                     base = ms
+                if name.startswith("flex/sweep"):
+                    sweep_ms.setdefault(name, []).append(ms)
                 peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if gpu else "-"
                 ratio = f"{ms / base:.2f}x" if base else "-"
                 label = name + ("" if backward else " (fwd only)")
+                if isinstance(tunings.get(name), FlexTuning) and name != "flex":
+                    label += f" [{tunings[name].kernel}{': ' if tunings[name].options else ''}" + ", ".join(
+                        f"{k}={v}" for k, v in tunings[name].options.items()) + "]"
                 print(f"| {seq} | {n_img} | {label} | {build_ms:.1f} | {ms:.2f} | {ratio} | {peak} |", flush=True)
+    if args.flex_sweep and gpu:
+        print(sweep_verdict(sweep_ms, SWEEP, device))
+    elif args.flex_sweep:
+        print("\nsweep on the CPU: the options are the Triton kernel's (the CPU kernel ignores most); these rows only "
+              "test the script, TUNED is for CUDA cards")
     return 0
+
+
+def sweep_verdict(sweep_ms: dict[str, list[float]], candidates: list[dict], device) -> str:
+    """The TUNED line for the candidate that beats the defaults (sweep0) on every shape, by its total time."""
+    import torch
+
+    default = sweep_ms.get("flex/sweep0")
+    complete = {n: t for n, t in sweep_ms.items() if default and len(t) == len(default)}
+    winners = {n: sum(t) for n, t in complete.items()
+               if n != "flex/sweep0" and all(a < b for a, b in zip(t, default))}
+    if not winners:
+        return "\nsweep: no candidate beats torch's default flex options on every shape; TUNED stays as it is"
+    best = min(winners, key=winners.get)
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else ("cpu",)
+    opts = candidates[int(best.removeprefix("flex/sweep"))]
+    return (f"\nsweep: best {best} ({winners[best]:.2f} ms total vs {sum(default):.2f} ms default); for "
+            f"transfusion/attention/flex.py:\nTUNED[{tuple(cap)}] = {opts!r}")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention", default="auto", choices=("auto", "flex", "sdpa", "split"),
                    help="attention backend (auto: the trainer's choice; flex on CUDA unless flash-attn / xformers "
                         "are installed, then the varlen split); run once per backend to compare")
+    p.add_argument("--flex-kernel", default="auto", choices=("auto", "triton", "flash"),
+                   help="flex's kernel (auto: FlexAttention's Flash backend on sm90+ when flash_attn.cute is "
+                        "installed and its probe passes, else Triton)")
     p.add_argument("--split-kernel", default="auto", choices=("auto", "flash_attn", "torch_varlen", "xformers", "sdpa"),
                    help="the split backend's kernel")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -128,7 +131,7 @@ def build_config(args, run_dir: str):
         f"--data.image_size={args.image_size}", f"--data.seq_len={args.seq_len}", f"--data.batch_rows={args.rows}",
         "--data.num_workers=0", f"--model.dim={args.dim}", f"--model.n_layers={args.layers}",
         f"--model.n_heads={args.heads}", "--model.patch_size=4", f"--model.attention={args.attention}",
-        f"--model.split_kernel={args.split_kernel}",
+        f"--model.split_kernel={args.split_kernel}", f"--model.flex_kernel={args.flex_kernel}",
         "--diffusion.objective=flow", "--diffusion.timestep_sampling=logit_normal", "--sample.sampler=euler",
         f"--train.steps={args.warmup + args.steps + 10}", "--train.warmup_steps=10", "--train.lr=1e-4",
         f"--train.autocast={args.precision}", f"--parallel.activation_checkpointing={args.ac}",
@@ -141,6 +144,8 @@ def build_config(args, run_dir: str):
 def attention_label(trainer) -> str:
     from transfusion.attention.backends import resolve_split_kernel
 
+    if trainer.backend == "flex" and trainer.flex_tuning is not None:
+        return f"flex/{trainer.flex_tuning.kernel}"
     if trainer.backend != "split":
         return trainer.backend
     return f"split/{resolve_split_kernel(trainer.cfg.model.split_kernel, trainer.device)}"

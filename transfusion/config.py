@@ -152,6 +152,10 @@ class ModelConfig:
     attention: Literal["auto", "flex", "sdpa", "split"] = "auto"  # "auto": on CUDA the varlen split when a fast
     # kernel is installed (and no clean copies), else flex; sdpa elsewhere (transfusion/attention/backends.py)
     split_kernel: Literal["auto", "flash_attn", "torch_varlen", "xformers", "sdpa"] = "auto"  # the split's kernel
+    flex_kernel: Literal["auto", "triton", "flash"] = "auto"  # flex's kernel: "auto" = FlexAttention's Flash backend
+    # (flash-attention 4) on sm90+ when flash_attn.cute is installed and its probe passes, else Triton (attention/flex.py)
+    flex_options: dict[str, int | bool | str] = field(default_factory=dict)  # flex_attention kernel_options, e.g.
+    # [model.flex_options] fwd_BLOCK_M = 128 (names: FlexKernelOptions); over the measured / default table
     init_std: PosFloat = 0.02
     image_attention: Literal["bidirectional", "causal"] = "bidirectional"  # inside an image block (causal: raster)
     image_pos_dim: Count = 64  # 2D sin-cos features of each patch's grid position, mapped to dim by a learned
@@ -293,6 +297,13 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config section '{where}' must be a table, got {value!r}")
         return from_dict(typ, value, prefix=where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{where}' expects a table, got {value!r}")
+        bad = [k for k, v in value.items() if isinstance(v, (dict, list, float))]
+        if bad:
+            raise ConfigError(f"config key '{where}.{bad[0]}' expects an integer, true/false or a string")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(typ)
         if not isinstance(value, list):
@@ -393,6 +404,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dim ({cfg.model.dim}) must be divisible by model.n_heads ({cfg.model.n_heads})")
     if (cfg.model.dim // cfg.model.n_heads) % 2:
         raise ConfigError("model.dim / model.n_heads must be even for rotary embeddings")
+    if cfg.model.flex_options:  # names checked against this torch build's FlexKernelOptions (lazy torch import)
+        from transfusion.attention.flex import kernel_option_names
+
+        names = kernel_option_names()
+        unknown = sorted(k for k in cfg.model.flex_options if names and k not in names)
+        if unknown:
+            raise ConfigError(f"unknown model.flex_options key(s) {', '.join(unknown)} for this torch build (see "
+                              f"torch.nn.attention.flex_attention.FlexKernelOptions; fwd_ / bwd_ prefixes allowed)")
     if cfg.latents.kind == "vae" and not cfg.latents.vae_path:
         raise ConfigError("latents.kind = 'vae' needs latents.vae_path (a local diffusers AutoencoderKL directory)")
     if not _DEVICE.fullmatch(cfg.run.device):

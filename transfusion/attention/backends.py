@@ -4,8 +4,9 @@
     out  = attend(q, k, v, mask)                                # per layer
 
 Backends:
-- ``"flex"``: FlexAttention with a BlockMask built from ``hybrid_mask_mod``; compiled on CUDA (fast kernels), eager
-  elsewhere (a forward-only reference on CPU: FlexAttention has no CPU backward).
+- ``"flex"``: FlexAttention with a BlockMask built from ``hybrid_mask_mod`` (``flex.py``: compiled cached builder,
+  lengths padded to buckets of 128, kernel and options per GPU architecture); compiled on CUDA, eager elsewhere (a
+  forward-only reference on CPU: FlexAttention has no CPU backward).
 - ``"sdpa"``: ``scaled_dot_product_attention`` with the dense boolean mask from the same function (CPU training,
   numerical reference, and the KV-cache path of generation).
 - ``"split"``: the mask as variable-length calls (``split.py``: causal text runs, non-causal image blocks) of a
@@ -21,7 +22,6 @@ Shapes: q/k/v ``[B, H, L, Dh]`` (k/v may be longer than q when a KV cache is use
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from transfusion.attention.masks import dense_mask, hybrid_mask_mod
+from transfusion.attention.flex import FlexMask, FlexTuning, flex_attend, flex_mask
+from transfusion.attention.masks import dense_mask
 from transfusion.attention.split import KERNELS, Kernel, SplitPlan, split_attention, split_plan
 
 BACKENDS = ("flex", "sdpa", "split")
@@ -96,10 +97,12 @@ class SplitMask:
 
 
 def build_attention_mask(doc_ids: Tensor, image_ids: Tensor, backend: str, bidirectional_images: bool = True,
-                         *, hidden_ids: Tensor | None = None, split_kernel: str = "auto", fp32: bool = False) -> object:
+                         *, hidden_ids: Tensor | None = None, split_kernel: str = "auto", fp32: bool = False,
+                         flex: FlexTuning | None = None) -> object:
     """Build the per-batch mask object for ``backend`` from [B, L] document and image ids
     (``bidirectional_images=False``: causal image blocks, the attention ablation; ``hidden_ids``: spans hidden from
-    later tokens, ``Batch.hidden_ids``; ``split_kernel``: the split backend's kernel, ``KERNELS`` or auto)."""
+    later tokens, ``Batch.hidden_ids``; ``split_kernel``: the split backend's kernel, ``KERNELS`` or auto; ``flex``:
+    the flex backend's tuning, ``flex.flex_tuning``, default torch's defaults with 128-token buckets)."""
     if backend == "split":
         kernel = KERNELS[resolve_split_kernel(split_kernel, doc_ids.device, fp32=fp32)]
         plan = split_plan(doc_ids, image_ids, bidirectional_images, hidden_ids)
@@ -107,33 +110,16 @@ def build_attention_mask(doc_ids: Tensor, image_ids: Tensor, backend: str, bidir
     if backend == "sdpa":
         return dense_mask(doc_ids, image_ids, bidirectional_images, hidden_ids=hidden_ids)[:, None]  # [B, 1, L, L]
     if backend == "flex":
-        bsz, length = doc_ids.shape
-        mod = hybrid_mask_mod(doc_ids, image_ids, bidirectional_images, hidden_ids=hidden_ids)
-        return _block_mask_fn(doc_ids.device.type == "cuda")(mod, bsz, None, length, length, device=doc_ids.device)
+        return flex_mask(doc_ids, image_ids, flex or FlexTuning(), bidirectional_images, hidden_ids=hidden_ids)
     raise ValueError(f"unknown attention backend {backend!r} (known: {', '.join(BACKENDS)})")
 
 
-@functools.cache
-def _block_mask_fn(compiled: bool):
-    """``create_block_mask``, compiled once per process on CUDA (as torchtitan does: eager, it materialises the dense
-    [L, L] mask on every call; compiled, it evaluates the mask function block by block). The mask function's tensors
-    are inputs of the compiled graph, so a new batch of the same shape does not recompile."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    return torch.compile(create_block_mask) if compiled else create_block_mask
-
-
-@functools.cache
-def _flex_fn(compiled: bool):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
-
-
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: object) -> Tensor:
-    """Attention of q over k/v under ``mask`` (a BlockMask, a dense bool tensor, or None)."""
+    """Attention of q over k/v under ``mask`` (a FlexMask, a SplitMask, a dense bool tensor, or None)."""
     if mask is None or isinstance(mask, Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if isinstance(mask, SplitMask):
         return split_attention(q, k, v, mask.plan, mask.kernel)
-    return _flex_fn(q.device.type == "cuda")(q, k, v, block_mask=mask)
+    if isinstance(mask, FlexMask):
+        return flex_attend(q, k, v, mask)
+    raise TypeError(f"unknown attention mask object {type(mask).__name__}")

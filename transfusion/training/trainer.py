@@ -40,6 +40,8 @@ from transfusion.attention.backends import (
     resolve_backend,
     resolve_split_kernel,
 )
+from transfusion.attention.flex import flex_tuning
+from transfusion.attention.flex import probe as probe_flex
 from transfusion.batch import IGNORE_INDEX, Batch
 from transfusion.checkpoint.dcp import ModelOptimizerState, ObjectState, fault_point
 from transfusion.checkpoint.manager import CheckpointManager
@@ -109,6 +111,14 @@ class Trainer:
         kernel = (resolve_split_kernel(cfg.model.split_kernel, self.device, fp32=self.fp32_attention)
                   if self.backend == "split" else None)
         self.attention_choice = describe_backend(cfg.model.attention, self.backend, kernel, self.device)
+        self.flex_tuning, flex_note = None, ""
+        if self.backend == "flex":
+            tuning = flex_tuning(self.device, cfg.model.flex_kernel, cfg.model.flex_options)
+            dtype = torch.float32 if self.fp32_attention else torch.bfloat16
+            self.flex_tuning, flex_note = probe_flex(tuning, self.device, dtype, cfg.model.dim // cfg.model.n_heads)
+            self.attention_choice += f"; {self.flex_tuning.describe()}"
+            if flex_note:
+                self.attention_choice += f" (the Flash backend failed its probe: {flex_note})"
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
         self.ema = EMA(self.model, cfg.train.ema_decay)
@@ -182,7 +192,8 @@ class Trainer:
         for consumer, batch in micro:
             mask = build_attention_mask(batch.doc_ids, batch.image_ids, self.backend, hidden_ids=batch.hidden_ids,
                                         bidirectional_images=cfg.model.image_attention == "bidirectional",
-                                        split_kernel=cfg.model.split_kernel, fp32=self.fp32_attention)
+                                        split_kernel=cfg.model.split_kernel, fp32=self.fp32_attention,
+                                        flex=self.flex_tuning)
             with self.autocast():
                 parts = compute_loss_terms(self.model, batch, mask, self.schedule, cfg.loss,
                                            self.noise_generator(consumer))
