@@ -1,6 +1,6 @@
 """Real-image plumbing at toy size: IDX files -> captioned shards with held-out templates and content-disjoint
 held-out images; GPT-2-style BPE -> tokenizer.json and its corpus-reduced form (same pieces on the corpus); the
-autoencoder trainer writes a loadable VAE with its scaling factor."""
+autoencoder trainer writes a loadable VAE with its scaling factor, and the latent recipe runs on it end to end."""
 
 from __future__ import annotations
 
@@ -155,6 +155,40 @@ def test_train_autoencoder_writes_a_loadable_vae(tmp_path, idx_dir):
     z = codec.encode(torch.zeros(1, 3, 28, 28))
     assert z.shape == (1, 2, 14, 14) and abs(codec.scaling_factor - report["scaling_factor"]) < 1e-6
     assert codec.decode(z).shape == (1, 3, 28, 28)
+
+    # the latent path end to end, as recipes/fashion_latents.toml runs it: precomputed latent shards -> training ->
+    # export -> evaluation on the *pixel* held-out shard (CAS classifier from the pixel training split beside it)
+    from transfusion.components import build_components
+    from transfusion.config import load_config
+
+    lat = tmp_path / "latents"
+    res = subprocess.run([sys.executable, "tools/precompute_latents.py", "--shards", str(shards / "train-*.tar"),
+                          "--vae", str(out), "--out", str(lat), "--image-size", "28", "--dtype", "float32",
+                          "--decode-workers", "0", "--no-progress"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = tmp_path / "run"
+    overrides = [f"--run.dir={run}", f"--data.shards={lat}/train-*.tar", f"--latents.vae_path={out}",
+                 f"--data.eval_shards={shards}/heldout-000000.tar", "--data.tokenizer=bytes", "--data.num_workers=0",
+                 "--model.patch_size=2", "--data.shuffle_buffer=8", "--data.batch_rows=2", "--model.dim=32",
+                 "--model.n_layers=1", "--model.n_heads=2", "--train.steps=2", "--train.log_interval=1",
+                 "--sample.steps=2", "--sample.prompts=['a bag']", "--eval.num_t2i=4", "--eval.num_caption=4",
+                 "--eval.batch_size=4", "--eval.num_fid=2", "--eval.max_caption_tokens=4", "--train.autocast=fp32"]
+    cfg = load_config(ROOT / "recipes/fashion_latents.toml", overrides)
+    parts = build_components(cfg, torch.device("cpu"))  # latents.vae_path loads the saved VAE
+    assert parts.patch_grid == (7, 7) and parts.codec.channels == 2
+    torch.testing.assert_close(parts.codec.encode(torch.zeros(1, 3, 28, 28)), z)
+    res = subprocess.run([sys.executable, "-m", "transfusion.train", "recipes/fashion_latents.toml", *overrides,
+                          "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = subprocess.run([sys.executable, "tools/evaluate.py", "--run", str(run), "--steps", "2", "--no-progress"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ev = json.loads((run / "eval/report.json").read_text())
+    assert ev["held_out_format"] == "pixels" and ev["world"] == "fashion"
+    assert ev["cas"]["n_seen"] == 4 and ev["fid"]["n"] == 2 and 0.0 <= ev["caption"]["accuracy"] <= 1.0
+    assert (shards / "cas_classifier.pt").is_file()  # trained on the pixel split beside the held-out shard
+    assert torch.load(shards / "cas_classifier.pt", weights_only=True)["train_shards"] == str(shards / "train-*.tar")
 
 
 def test_cas_caption_accuracy_and_classifier_on_toy_data():

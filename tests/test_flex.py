@@ -42,7 +42,8 @@ def qkv(length: int, seed: int = 0):
 def test_padded_flex_equals_dense(length, bidirectional):
     doc, img, hid = ids(length)
     q, k, v = qkv(length)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(doc, img, bidirectional, hidden_ids=hid)[:, None])
+    dense = dense_mask(doc, img, bidirectional, hidden_ids=hid)[:, None]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     mask = build_attention_mask(doc, img, "flex", bidirectional, hidden_ids=hid)
     assert isinstance(mask, FlexMask) and mask.length == length and mask.padded == padded_length(length, 128)
     with warnings.catch_warnings():
@@ -91,6 +92,8 @@ def test_tuning_per_device_and_installed_packages():
     assert flex_tuning(CUDA, "triton", capability=(9, 0), find_spec=fs(cute), known_options=KNOWN).kernel == "triton"
     with pytest.raises(ValueError, match="capability >= 9.0"):
         flex_tuning(CUDA, "flash", capability=(8, 6), find_spec=fs(cute), known_options=KNOWN)
+    with pytest.raises(ValueError, match="model.flex_kernel, not a BACKEND"):
+        flex_tuning(CUDA, options={"BACKEND": "FLASH"}, capability=(9, 0), find_spec=fs(cute), known_options=KNOWN)
     with pytest.raises(ValueError, match="unknown flex kernel option"):
         flex_tuning(CUDA, options={"BLOCK_Q": 64}, capability=(9, 0), find_spec=fs(set()), known_options=KNOWN)
 
@@ -105,34 +108,56 @@ def test_measured_table_and_user_options(monkeypatch):
     assert flex_tuning(CUDA, capability=(8, 0), find_spec=fs, known_options=KNOWN).options == {}  # other cards
 
 
-def test_probe_falls_back_to_triton_with_the_reason():
+def test_probe_falls_back_to_the_triton_tuning_with_the_reason():
     flash = FlexTuning(kernel="flash", options={"BACKEND": "FLASH", "num_warps": 4})
+    triton = FlexTuning(kernel="triton", options={"num_warps": 4}, source="sm90: measured table")
+    calls = []
 
-    def broken(*_):
+    def broken(*args):
+        calls.append(args[4:])
         raise RuntimeError("BACKEND='FLASH' but flash attention cannot be used: no sm90 build\nmore detail")
 
-    t, why = probe(flash, CUDA, torch.bfloat16, 64, run=broken)
-    assert t.kernel == "triton" and t.options == {"num_warps": 4} and why.startswith("RuntimeError: BACKEND=")
-    assert "\n" not in why
-    t, why = probe(flash, CUDA, torch.bfloat16, 64, run=lambda *_: None)
+    t, why = probe(flash, CUDA, torch.bfloat16, 64, fallback=triton, bidirectional_images=False, hidden_spans=True,
+                   run=broken)
+    assert t is triton and why.startswith("RuntimeError: BACKEND=") and "\n" not in why
+    assert calls == [(False, True)]  # the run's own mask variant is probed
+    t, why = probe(flash, CUDA, torch.bfloat16, 64, fallback=triton, run=lambda *_: None)
     assert t is flash and why == ""
+    # a probe that passed here but failed on another rank: every rank falls back together
+    t, why = probe(flash, CUDA, torch.bfloat16, 64, fallback=triton, run=lambda *_: None, agree=lambda ok: False)
+    assert t is triton and why == "another rank's probe failed"
+    votes = []
     plain = FlexTuning()
-    assert probe(plain, CUDA, torch.bfloat16, 64, run=broken) == (plain, "")  # only the Flash path is probed
+    assert probe(plain, CUDA, torch.bfloat16, 64, run=broken, agree=lambda ok: votes.append(ok) or ok) == (plain, "")
+    assert votes == [True] and len(calls) == 1  # the Triton path is not probed, but every rank still votes
 
 
-def test_the_real_probe_catches_a_real_failure():
-    # FlexAttention has no CPU backward: the real probe (forward + backward) fails here, and the run falls back
-    t, why = probe(FlexTuning(kernel="flash", options={"BACKEND": "FLASH"}), CPU, torch.float32, 16)
-    assert t.kernel == "triton" and "BACKEND" not in t.options and why
+@pytest.mark.parametrize("bidirectional,hidden", [(True, False), (False, True)])
+def test_the_probe_rows_through_flex_equal_dense_attention(bidirectional, hidden):
+    """What the probe runs (its rows: documents, images, padding, a hidden span; a length off the bucket grid) is the
+    real mask: flex equals dense SDPA there (forward; the CPU has no flex backward)."""
+    doc, img, hid = flex.probe_rows(100, CPU, hidden)
+    assert doc.min() == -1 and img.max() == 2 and (hid is not None) == hidden
+    q, k, v = qkv(100, seed=3)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(doc, img, bidirectional,
+                                                                       hidden_ids=hid)[:, None])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = flex.flex_attend(q, k, v, flex.flex_mask(doc, img, FlexTuning(), bidirectional, hidden_ids=hid))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_config_keys(tmp_path):
-    cfg = load_config(None, ["--model.flex_kernel=triton", "--model.flex_options.fwd_BLOCK_M=64"])
-    assert cfg.model.flex_options == {"fwd_BLOCK_M": 64}
+    cfg = load_config(None, ["--model.flex_kernel=triton", "--model.flex_options.fwd_BLOCK_M=64",
+                             "--model.flex_options.USE_TMA=true", "--model.flex_options.kpack=2"])
+    want = {"fwd_BLOCK_M": 64, "USE_TMA": True, "kpack": 2}
+    assert cfg.model.flex_options == want
     again = tmp_path / "c.toml"
     again.write_text(dumps_toml(cfg))
-    assert load_config(again).model.flex_options == {"fwd_BLOCK_M": 64}
+    assert load_config(again).model.flex_options == want
     with pytest.raises(ConfigError, match="unknown model.flex_options key"):
         load_config(None, ["--model.flex_options.BLOCK_Q=64"])
+    with pytest.raises(ConfigError, match="choose flex's kernel with model.flex_kernel"):
+        load_config(None, ["--model.flex_options.BACKEND=FLASH"])
     with pytest.raises(ConfigError, match="unknown value 'fast'"):
         load_config(None, ["--model.flex_kernel=fast"])

@@ -119,14 +119,23 @@ def main(argv=None) -> int:
         if name.startswith("flex"):
             try:
                 tuning = flex_tuning(device, name.partition("/")[2] or "auto")
-                tunings[name] = probe_flex(tuning, device, dtype, args.head_dim)[0] if gpu else tuning
+                tunings[name] = probe_flex(tuning, device, dtype, args.head_dim,
+                                           fallback=flex_tuning(device, "triton"))[0] if gpu else tuning
             except ValueError as e:
                 tunings[name] = e  # reported in its rows
     if args.flex_sweep:
         for i, opts in enumerate(SWEEP):
-            tunings[f"flex/sweep{i}"] = flex_tuning(device, "triton", opts)
+            kind = "triton" if gpu else "cpu"  # the candidates alone, not merged with a TUNED entry
+            tunings[f"flex/sweep{i}"] = FlexTuning(kernel=kind, options=dict(opts), source="sweep")
             names = [*names, f"flex/sweep{i}"]
     sweep_ms: dict[str, list[float]] = {}
+    # one compiled flex per (options, length): more than dynamo's default recompile limit (8) in a sweep, past which
+    # it would silently fall back to the unfused eager kernel and time that; fail loudly instead
+    dyn = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"  # the torch < 2.7 name
+    setattr(dyn, limit, max(getattr(dyn, limit), 256))
+    if hasattr(dyn, "fail_on_recompile_limit_hit"):
+        dyn.fail_on_recompile_limit_hit = True
 
     def sync():
         if gpu:

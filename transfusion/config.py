@@ -153,7 +153,7 @@ class ModelConfig:
     # kernel is installed (and no clean copies), else flex; sdpa elsewhere (transfusion/attention/backends.py)
     split_kernel: Literal["auto", "flash_attn", "torch_varlen", "xformers", "sdpa"] = "auto"  # the split's kernel
     flex_kernel: Literal["auto", "triton", "flash"] = "auto"  # flex's kernel: "auto" = FlexAttention's Flash backend
-    # (flash-attention 4) on sm90+ when flash_attn.cute is installed and its probe passes, else Triton (attention/flex.py)
+    # (flash-attention 4) on sm90+ when flash_attn.cute is installed and its probe passes, else Triton (flex.py)
     flex_options: dict[str, int | bool | str] = field(default_factory=dict)  # flex_attention kernel_options, e.g.
     # [model.flex_options] fwd_BLOCK_M = 128 (names: FlexKernelOptions); over the measured / default table
     init_std: PosFloat = 0.02
@@ -412,6 +412,8 @@ def validate(cfg: Config) -> None:
         if unknown:
             raise ConfigError(f"unknown model.flex_options key(s) {', '.join(unknown)} for this torch build (see "
                               f"torch.nn.attention.flex_attention.FlexKernelOptions; fwd_ / bwd_ prefixes allowed)")
+        if "BACKEND" in cfg.model.flex_options:
+            raise ConfigError("model.flex_options.BACKEND: choose flex's kernel with model.flex_kernel")
     if cfg.latents.kind == "vae" and not cfg.latents.vae_path:
         raise ConfigError("latents.kind = 'vae' needs latents.vae_path (a local diffusers AutoencoderKL directory)")
     if not _DEVICE.fullmatch(cfg.run.device):

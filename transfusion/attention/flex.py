@@ -9,13 +9,16 @@
   id tensors are graph inputs, so a new batch of the same shape reuses the graph.
 - **Lengths padded to buckets.** A length that is not a multiple of ``pad_multiple`` (128) is padded to the next one
   with padding ids (-1: padding keys are invisible to real queries, each padding query sees only itself; see
-  masks.py), and q / k / v are padded to match and the output cut back. Compiled builders and kernels are specialised
-  per shape, so evaluation and prefill at many lengths compile once per bucket instead of once per length. The
-  padded result equals the unpadded one (tests/test_flex.py).
+  masks.py), and q / k / v are padded to match and the output cut back, so the kernel and the BlockMask only ever see
+  whole blocks and every length in a bucket shares one compiled mask builder and kernel. Training rows have the fixed
+  length ``data.seq_len`` (one bucket; a ``seq_len`` off the grid costs the padded compute), so this matters for
+  callers with varying lengths; generation and evaluation use SDPA today. The padded result equals the unpadded one
+  (tests/test_flex.py).
 - **Kernel per architecture.** ``flex_kernel = "auto"`` uses the Flash backend of FlexAttention (``kernel_options=
-  {"BACKEND": "FLASH"}``: flash-attention 4's CuTe kernels, torch >= 2.9) on Hopper and Blackwell when the
-  ``flash_attn.cute`` package is installed, and the Triton kernel otherwise; a probe (one tiny forward and backward)
-  confirms the Flash path before a run commits to it, and falls back with the reason logged. Tile sizes of the Triton
+  {"BACKEND": "FLASH"}``: flash-attention 4's CuTe kernels, torch >= 2.9) on compute capability 9.0 and newer
+  (Hopper, Blackwell) when the ``flash_attn.cute`` package is installed, and the Triton kernel otherwise; a probe
+  (one small forward and backward with the run's own mask variant, agreed by every rank) confirms the Flash path
+  before a run commits to it, and falls back to the Triton tuning with the reason logged. Tile sizes of the Triton
   kernel are torch's own per-architecture defaults (inductor's flex heuristics for sm8x / sm90 / sm10x) unless
   ``TUNED`` holds a measured entry for the card or ``model.flex_options`` sets them. ``TUNED`` is empty until a sweep
   on a card (``tools/bench_attention.py --flex-sweep``) shows an option set beating the defaults; nothing unmeasured
@@ -73,11 +76,6 @@ def kernel_option_names() -> set[str]:
     return names | {f"{p}_{n}" for n in names for p in ("fwd", "bwd")}
 
 
-def has_flash_backend(find_spec: Callable = importlib.util.find_spec) -> bool:
-    """The torch build accepts ``BACKEND`` and flash-attention's CuTe package is installed."""
-    return "BACKEND" in kernel_option_names() and find_spec("flash_attn.cute") is not None
-
-
 def _spec(name: str, find_spec: Callable):
     try:
         return find_spec(name)
@@ -98,6 +96,8 @@ def flex_tuning(device: torch.device, kernel: str = "auto", options: dict[str, A
     if unknown:
         raise ValueError(f"unknown flex kernel option(s) {', '.join(unknown)} for this torch build "
                          f"(see torch.nn.attention.flex_attention.FlexKernelOptions)")
+    if "BACKEND" in options:
+        raise ValueError("choose flex's kernel with model.flex_kernel, not a BACKEND kernel option")
     if device.type != "cuda":
         if kernel == "flash":
             raise ValueError("model.flex_kernel = 'flash' needs a CUDA device (FlexAttention's Flash backend)")
@@ -182,30 +182,50 @@ def _flex_fn(compiled: bool):
     return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
 
-def probe(tuning: FlexTuning, device: torch.device, dtype: torch.dtype, head_dim: int,
-          run: Callable[[FlexTuning, torch.device, torch.dtype, int], None] | None = None) -> tuple[FlexTuning, str]:
-    """Confirm the Flash kernel with one tiny forward + backward before a run commits to it; on failure fall back to
-    the Triton kernel (without the BACKEND option) and say why. Other tunings pass through untouched."""
-    if tuning.kernel != "flash":
+def probe(tuning: FlexTuning, device: torch.device, dtype: torch.dtype, head_dim: int, *,
+          fallback: FlexTuning | None = None, bidirectional_images: bool = True, hidden_spans: bool = False,
+          run: Callable[..., None] | None = None,
+          agree: Callable[[bool], bool] = lambda ok: ok) -> tuple[FlexTuning, str]:
+    """Confirm the Flash kernel with one small forward + backward of the run's mask variant (``bidirectional_images``,
+    ``hidden_spans``) before a run commits to it; on failure, or when any rank failed (``agree``: every rank's
+    verdict, e.g. ``all_ranks_true``; called on every rank), return ``fallback`` (the Triton tuning) and say why.
+    Other tunings pass through untouched (``agree`` is still called, so every rank makes the same calls)."""
+    ok, reason = True, ""
+    if tuning.kernel == "flash":
+        try:
+            (run or _probe_run)(tuning, device, dtype, head_dim, bidirectional_images, hidden_spans)
+        except Exception as exc:  # noqa: BLE001 - any failure of the experimental kernel means: do not use it
+            ok = False
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    if agree(ok) or tuning.kernel != "flash":
         return tuning, ""
-    try:
-        (run or _probe_run)(tuning, device, dtype, head_dim)
-    except Exception as exc:  # noqa: BLE001 - any failure of the experimental kernel means: do not use it
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-        options = {k: v for k, v in tuning.options.items() if k != "BACKEND"}
-        return FlexTuning(kernel="triton", block_size=tuning.block_size, pad_multiple=tuning.pad_multiple,
-                          options=options, source="Flash backend failed its probe; torch defaults"), reason
-    return tuning, ""
+    fallback = fallback or FlexTuning(kernel="triton", block_size=tuning.block_size,
+                                      pad_multiple=tuning.pad_multiple, source="torch defaults")
+    return fallback, reason or "another rank's probe failed"
 
 
-def _probe_run(tuning: FlexTuning, device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
+def probe_rows(length: int, device: torch.device, hidden_spans: bool = False):
+    """The probe's ids: two packed rows of ``length`` with three documents, three images, padding, and a hidden span
+    when the run has them -> (doc_ids, image_ids, hidden_ids or None), each [2, length]."""
+    doc = torch.full((2, length), -1, dtype=torch.long, device=device)
+    img = torch.full((2, length), -1, dtype=torch.long, device=device)
+    half = length // 2
+    doc[0, :half], doc[0, half:length - 9], doc[1, :length - 3] = 0, 1, 2
+    img[0, 8:half - 8], img[0, half + 4:length - 20], img[1, 1:half + 1] = 0, 1, 2
+    hid = None
+    if hidden_spans:
+        hid = torch.full((2, length), -1, dtype=torch.long, device=device)
+        hid[1, 0:half + 2] = 0
+    return doc, img, hid
+
+
+def _probe_run(tuning: FlexTuning, device: torch.device, dtype: torch.dtype, head_dim: int,
+               bidirectional_images: bool = True, hidden_spans: bool = False) -> None:
     length = 2 * tuning.pad_multiple
-    doc = torch.zeros(1, length, dtype=torch.long, device=device)
-    img = torch.full((1, length), -1, dtype=torch.long, device=device)
-    img[0, 16:80] = 0
-    q, k, v = (torch.randn(1, 2, length, head_dim, device=device, dtype=dtype, requires_grad=True)
+    doc, img, hid = probe_rows(length, device, hidden_spans)
+    q, k, v = (torch.randn(2, 2, length, head_dim, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
-    out = flex_attend(q, k, v, flex_mask(doc, img, tuning))
+    out = flex_attend(q, k, v, flex_mask(doc, img, tuning, bidirectional_images, hidden_ids=hid))
     out.float().sum().backward()
     if not torch.isfinite(q.grad).all():
         raise FloatingPointError("non-finite gradients")

@@ -2,7 +2,8 @@
 
 Report keys (``<run>/eval/report.json``):
     cas.{seen,unseen}          classification accuracy score: images generated from held-out captions written with
-                               training templates (seen) or held-out templates (unseen), labelled by a classifier
+                               training templates (seen) or held-out templates (unseen), num_t2i each,
+                               labelled by a classifier
                                trained here on the real training images, against the class the caption asked for
     cas.classifier_test_accuracy   that classifier on the real test images (the ceiling CAS is read against)
     caption.accuracy           the class named in the model's greedy caption of a real test image
@@ -137,8 +138,9 @@ def evaluate_fashion(engine, samples: list, *, num_t2i: int, num_caption: int, n
 
     t0 = time.perf_counter()
     generated: dict[bool, list] = {True: [], False: []}
-    for seen in (True, False):
-        rows = [r for r in samples if r[3]["template_seen"] == seen][:num_t2i]
+    for seen in (True, False):  # FID / KID read the seen-template images: as many as num_fid asks for
+        count = max(num_t2i, num_fid) if seen else num_t2i
+        rows = [r for r in samples if r[3]["template_seen"] == seen][:count]
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
             imgs = engine.text_to_image([c for _, _, c, _ in chunk], steps=steps, guidance=guidance,
@@ -149,6 +151,7 @@ def evaluate_fashion(engine, samples: list, *, num_t2i: int, num_caption: int, n
     for seen, parts in generated.items():
         if parts:
             imgs, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            imgs, labels = imgs[:num_t2i], labels[:num_t2i]  # seen and unseen over the same count (FID reads all)
             report["cas"]["seen" if seen else "unseen"] = float((classify(classifier, imgs) == labels).float().mean())
             report["cas"]["n_" + ("seen" if seen else "unseen")] = len(imgs)
 

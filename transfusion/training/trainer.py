@@ -115,7 +115,11 @@ class Trainer:
         if self.backend == "flex":
             tuning = flex_tuning(self.device, cfg.model.flex_kernel, cfg.model.flex_options)
             dtype = torch.float32 if self.fp32_attention else torch.bfloat16
-            self.flex_tuning, flex_note = probe_flex(tuning, self.device, dtype, cfg.model.dim // cfg.model.n_heads)
+            self.flex_tuning, flex_note = probe_flex(
+                tuning, self.device, dtype, cfg.model.dim // cfg.model.n_heads,
+                fallback=flex_tuning(self.device, "triton", cfg.model.flex_options),
+                bidirectional_images=cfg.model.image_attention == "bidirectional", hidden_spans=cfg.data.clean_copy,
+                agree=lambda ok: all_ranks_true(ok, self.device))  # every rank runs the same kernel
             self.attention_choice += f"; {self.flex_tuning.describe()}"
             if flex_note:
                 self.attention_choice += f" (the Flash backend failed its probe: {flex_note})"
