@@ -101,9 +101,13 @@ def test_outputs_generate_and_evaluate(shards, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "tools/generate.py", "--export", str(run_dir / "export"), "--prompt",
                           "a red circle on the left", "--out", str(tmp_path / "gen"), "--steps", "2",
-                          "--grid", str(tmp_path / "grid.png")], cwd=REPO, env=env, capture_output=True, text=True)
+                          "--grid", str(tmp_path / "grid.png"), "--num-per-prompt", "2"], cwd=REPO, env=env,
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "gen/000.png").is_file() and (tmp_path / "grid.png").is_file()
+    assert (tmp_path / "gen/001.png").is_file() and (tmp_path / "grid.png").is_file()
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size[0] == 2 * (96 + 4) + 4  # one row per prompt, its samples across
     out = subprocess.run([sys.executable, "tools/generate.py", "--export", str(run_dir / "export"),
                           "--caption-image", str(tmp_path / "gen/000.png"), "--max-tokens", "4"], cwd=REPO, env=env,
                          capture_output=True, text=True)

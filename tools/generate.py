@@ -4,6 +4,8 @@
     python tools/generate.py --export runs/shapes_tiny/export --prompt "a red circle on the left" --out samples/
     python tools/generate.py --export runs/shapes_tiny/export --caption-image samples/000.png
     python tools/generate.py --export runs/shapes_tiny/export --grid runs/shapes_tiny/samples/grid.png
+    python tools/generate.py --export runs/fashion_latents/export --grid grid.png --num-per-prompt 8 \
+        --prompt "a photo of a sneaker" --prompt "a bag"          # one row of 8 samples per prompt
 """
 
 from __future__ import annotations
@@ -75,11 +77,14 @@ def main(argv=None) -> int:
     if args.grid:
         from transfusion.training.outputs import grid_prompts
 
-        prompts = args.prompt or grid_prompts(engine.cfg)
+        base = args.prompt or grid_prompts(engine.cfg)
+        n = args.num_per_prompt  # > 1: one row per prompt, its caption under the row's first image
+        prompts = [p for p in base for _ in range(n)]
         images = engine.text_to_image(prompts, **opts)
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-        make_grid(images, prompts).save(args.grid)
-        print(f"wrote {args.grid} ({len(prompts)} prompts)")
+        captions = [p if i % n == 0 else "" for i, p in enumerate(prompts)]
+        make_grid(images, captions, cols=n if n > 1 else 8).save(args.grid)
+        print(f"wrote {args.grid} ({len(base)} prompts x {n})")
 
     if args.caption_image:
         size = engine.cfg.data.image_size
