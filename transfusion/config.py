@@ -405,9 +405,7 @@ def validate(cfg: Config) -> None:
     if (cfg.model.dim // cfg.model.n_heads) % 2:
         raise ConfigError("model.dim / model.n_heads must be even for rotary embeddings")
     if cfg.model.flex_options:  # names checked against this torch build's FlexKernelOptions (lazy torch import)
-        from transfusion.attention.flex import kernel_option_names
-
-        names = kernel_option_names()
+        names = flex_kernel_option_names()
         unknown = sorted(k for k in cfg.model.flex_options if names and k not in names)
         if unknown:
             raise ConfigError(f"unknown model.flex_options key(s) {', '.join(unknown)} for this torch build (see "
@@ -426,6 +424,18 @@ def validate(cfg: Config) -> None:
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def flex_kernel_option_names() -> set[str]:
+    """The FlexAttention kernel options this torch build documents (FlexKernelOptions), with their fwd_ / bwd_ forms;
+    empty on torch < 2.8, which has no TypedDict for them (then nothing is checked). Torch is imported lazily, so
+    reading a config never needs it."""
+    try:
+        from torch.nn.attention.flex_attention import FlexKernelOptions
+    except ImportError:
+        return set()
+    names = set(FlexKernelOptions.__annotations__)
+    return names | {f"{p}_{n}" for n in names for p in ("fwd", "bwd")}
 
 
 def check_image_grid(cfg: Config, downsample: int) -> tuple[int, int]:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from transfusion.attention.masks import hybrid_mask_mod
+from transfusion.config import flex_kernel_option_names
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +67,6 @@ class FlexTuning:
                 f"kernel options: {opts} ({self.source})")
 
 
-def kernel_option_names() -> set[str]:
-    """The kernel options this torch build documents (FlexKernelOptions), with their fwd_ / bwd_ forms."""
-    try:
-        from torch.nn.attention.flex_attention import FlexKernelOptions
-    except ImportError:  # torch < 2.8 has no TypedDict for them
-        return set()
-    names = set(FlexKernelOptions.__annotations__)
-    return names | {f"{p}_{n}" for n in names for p in ("fwd", "bwd")}
-
-
 def _spec(name: str, find_spec: Callable):
     try:
         return find_spec(name)
@@ -90,7 +81,7 @@ def flex_tuning(device: torch.device, kernel: str = "auto", options: dict[str, A
     override the tuned / default kernel options. ``capability``, ``find_spec`` and ``known_options`` are for tests."""
     if kernel not in FLEX_KERNELS:
         raise ValueError(f"unknown flex kernel {kernel!r} (known: {', '.join(FLEX_KERNELS)})")
-    known = kernel_option_names() if known_options is None else known_options
+    known = flex_kernel_option_names() if known_options is None else known_options
     options = dict(options or {})
     unknown = sorted(k for k in options if known and k not in known)
     if unknown:
