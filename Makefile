@@ -14,7 +14,7 @@ WORLD ?= 2
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
 	TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor_avx2  # compiled kernels of one CPU capability must not serve another
 
-.PHONY: install demo demo-avx2 demo3 synergy bench serve bench-serve fashion-data tokenizer vae-fashion fashion-latents fashion fashion-avx2 test data train grid evaluate clean
+.PHONY: install demo demo-avx2 demo3 demo3-latents demo3-latents-avx2 vae-shapes3 shapes3-latents synergy bench serve bench-serve fashion-data tokenizer vae-fashion fashion-latents fashion fashion-avx2 test data train grid evaluate clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -50,6 +50,25 @@ demo-avx2:
 V3 := WORLD=3 DATA=data/shapes3 RECIPE=recipes/shapes3_tiny.toml RUN=runs/shapes3_tiny
 demo3:
 	$(MAKE) --no-print-directory $(V3) demo
+
+# World v3 in the latent space of a VAE trained here on its renders (kept once built: delete vae/shapes3 to rebuild).
+V3L := WORLD=3 DATA=data/shapes3 RECIPE=recipes/shapes3_latents.toml RUN=runs/shapes3_latents
+vae-shapes3: install
+	@if [ -f vae/shapes3/train_report.json ]; then echo "vae/shapes3 exists (delete it to retrain)"; else \
+	$(PY) tools/train_autoencoder.py --shards "data/shapes3/train-*.tar" --eval-shards data/shapes3/heldout-000000.tar \
+		--out vae/shapes3 --image-size 32 --steps 1500; fi
+
+shapes3-latents: install
+	$(PY) tools/precompute_latents.py --shards "data/shapes3/train-*.tar" --vae vae/shapes3 --out data/shapes3_latents \
+		--image-size 32 --dtype float32 --batch-size 256
+
+demo3-latents:
+	$(MAKE) --no-print-directory $(V3) data
+	$(MAKE) --no-print-directory vae-shapes3 shapes3-latents
+	$(MAKE) --no-print-directory $(V3L) train grid evaluate
+
+demo3-latents-avx2:
+	$(AVX2_ENV) $(MAKE) --no-print-directory demo3-latents
 
 synergy: install
 	$(MAKE) --no-print-directory $(V3) data

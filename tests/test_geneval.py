@@ -254,3 +254,42 @@ def test_judge_cli(tmp_path):
     missing = subprocess.run([sys.executable, "tools/judge.py", "--images", str(tmp_path / "nope"), "--out",
                               str(out)], cwd=repo, capture_output=True, text=True)
     assert missing.returncode == 2 and "not a directory" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_vae_judge_ceiling_reads_reconstructions(tmp_path):
+    """tools/train_autoencoder.py's ceiling: the judge's pass rate on what the autoencoder gives back. An identity
+    autoencoder keeps every render passing; one that decodes to the background fails them all; non-v3 data -> None."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import torch
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("train_autoencoder", repo / "tools/train_autoencoder.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    class Fake:
+        def __init__(self, blank: bool):
+            self.blank = blank
+
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+        def decode(self, z):
+            bg = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
+            return SimpleNamespace(sample=bg.expand_as(z).clone() if self.blank else z)
+
+    for world, name in ((3, "w3"), (2, "w2")):
+        subprocess.run([sys.executable, "tools/make_shapes_shards.py", "--world", str(world), "--out",
+                        str(tmp_path / name), "--train-samples", "10", "--heldout-samples", "40"], cwd=repo,
+                       check=True, capture_output=True)
+    shard = str(tmp_path / "w3" / "heldout-000000.tar")
+    same = tool.judge_ceiling(Fake(blank=False), shard, SIZE, batch=16)
+    blank = tool.judge_ceiling(Fake(blank=True), shard, SIZE, batch=16)
+    assert same == {"images": 40, "renders": 1.0, "reconstructions": 1.0}
+    assert blank["renders"] == 1.0 and blank["reconstructions"] == 0.0
+    assert tool.judge_ceiling(Fake(blank=False), str(tmp_path / "w2" / "heldout-000000.tar"), SIZE) is None

@@ -10,7 +10,9 @@ stay close to deterministic, their scale is fixed afterwards). After training th
 measured on training images and ``scaling_factor = 1 / std`` is written into the VAE's config, so the normalised
 latents the diffusion model sees have unit variance. Saved with ``save_pretrained`` (config.json + safetensors), the
 directory ``latents.vae_path`` and ``tools/precompute_latents.py --vae`` read. Reports reconstruction PSNR on the
-evaluation shards (distinct images) and on training images in ``<out>/train_report.json``.
+evaluation shards (distinct images) and on training images in ``<out>/train_report.json``; on the compositional shapes
+world (v3) also the strict judge's pass rate on reconstructions of the held-out renders against their own prompts: the
+ceiling a latent model's GenEval score can reach through this decoder.
 """
 
 from __future__ import annotations
@@ -91,6 +93,38 @@ def psnr(model, images_u8, batch: int = 256) -> float:
     return 10 * math.log10(1 / max(err / n, 1e-12))
 
 
+def judge_ceiling(model, pattern: str, size: int, batch: int = 256) -> dict | None:
+    """World v3 held-out shards: the judge's pass rate on VAE reconstructions (and on the renders themselves, which
+    must be 1.0); None for any other data."""
+    import numpy as np
+    import torch
+
+    from data_pipelines.scenes import Prompt
+    from data_pipelines.shards import iter_decoded_samples
+    from transfusion.eval.compositional import is_v3_record
+    from transfusion.eval.geneval import judge
+
+    samples = list(iter_decoded_samples(pattern, size, "txt"))
+    if not samples or not is_v3_record(samples[0][3]):
+        return None
+
+    def u8(t):
+        return ((t.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+    real, rec = [], []
+    with torch.no_grad():
+        for i in range(0, len(samples), batch):
+            x = torch.stack([s[1] for s in samples[i:i + batch]])
+            real.append(u8(x))
+            rec.append(u8(model.decode(model.encode(x).latent_dist.mean).sample.clamp(-1, 1)))
+    prompts = [Prompt.from_dict(s[3]["prompt"]) for s in samples]
+
+    def passed(imgs) -> float:
+        return float(np.mean([judge(im, p).passed for im, p in zip(np.concatenate(imgs), prompts)]))
+
+    return {"images": len(samples), "renders": passed(real), "reconstructions": passed(rec)}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -121,6 +155,9 @@ def main(argv=None) -> int:
     model.train()
     with tqdm(range(args.steps), desc="vae", file=sys.stderr, disable=None) as bar:
         for step in bar:
+            if bar.disable and step % max(args.steps // 10, 1) == 0 and step:  # no terminal: a line every 10 %
+                print(f"vae step {step}/{args.steps} | mse {mse.item():.4f} | {time.perf_counter() - t0:.0f} s",
+                      flush=True)
             idx = torch.randint(len(data), (args.batch_size,), generator=g)
             x = data[idx].float() / 127.5 - 1
             post = model.encode(x).latent_dist
@@ -150,11 +187,17 @@ def main(argv=None) -> int:
               "psnr_train": psnr(model, train[:2000]),
               "psnr_heldout": psnr(model, heldout) if heldout is not None else None,
               "heldout_images": 0 if heldout is None else len(heldout),
+              "judge_pass_heldout": judge_ceiling(model, args.eval_shards, args.image_size) if args.eval_shards
+              else None,
               "cpu": f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"}
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"saved {out}: {train_s:.0f} s, PSNR train {report['psnr_train']:.2f} dB"
           + (f", held out {report['psnr_heldout']:.2f} dB on {len(heldout)} images" if heldout is not None else "")
           + f"; scaling_factor {1 / std:.4f}")
+    if report["judge_pass_heldout"]:
+        j = report["judge_pass_heldout"]
+        print(f"judge on {j['images']} held-out scenes: renders {j['renders']:.3f}, reconstructions "
+              f"{j['reconstructions']:.3f} (the ceiling of GenEval through this VAE)")
     return 0
 
 
