@@ -103,20 +103,17 @@ def judge_ceiling(model, pattern: str, size: int, batch: int = 256) -> dict | No
     from data_pipelines.shards import iter_decoded_samples
     from transfusion.eval.compositional import is_v3_record
     from transfusion.eval.geneval import judge
+    from transfusion.generation.grid import to_uint8
 
     samples = list(iter_decoded_samples(pattern, size, "txt"))
     if not samples or not is_v3_record(samples[0][3]):
         return None
-
-    def u8(t):
-        return ((t.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-
     real, rec = [], []
     with torch.no_grad():
         for i in range(0, len(samples), batch):
             x = torch.stack([s[1] for s in samples[i:i + batch]])
-            real.append(u8(x))
-            rec.append(u8(model.decode(model.encode(x).latent_dist.mean).sample.clamp(-1, 1)))
+            real.append(to_uint8(x))
+            rec.append(to_uint8(model.decode(model.encode(x).latent_dist.mean).sample))
     prompts = [Prompt.from_dict(s[3]["prompt"]) for s in samples]
 
     def passed(imgs) -> float:
