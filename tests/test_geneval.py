@@ -13,7 +13,7 @@ from PIL import Image
 from data_pipelines import scenes
 from data_pipelines.scenes import HELDOUT, TAGS, Prompt, is_unseen, make_prompt
 from data_pipelines.shapes import BACKGROUND, COLORS, Scene, ShapeObject, render
-from transfusion.eval.geneval import detect, judge, relative_position, summarise
+from transfusion.eval.geneval import CHECKS, detect, judge, relative_position, summarise
 
 SIZE = scenes.IMAGE_SIZE
 
@@ -113,6 +113,31 @@ def test_adversarial_images_fail():
         assert sum(1 for k, _ in passed if k == kind) <= max(1, 0.05 * len(of_kind)), kind
 
 
+def test_failures_are_charged_to_the_check_that_catches_them():
+    """Each kind of attack fails at the check meant for it (most of the time: a stretched object can also leave the
+    size range, a missing object of a two-object prompt is a count error), and the summary tallies them."""
+    expected = {"uniform noise": {"background"}, "noise on the background": {"off_palette", "form", "size", "debris",
+                                                                             "aspect"},
+                "blank": {"count"}, "grey": {"background"}, "brown (off-palette)": {"off_palette"},
+                "stretched": {"aspect", "size"}, "extra object": {"count"}, "missing object": {"count"},
+                "swapped attribute": {"shapes", "color", "binding", "relation", "count"}}
+    results, by_kind = [], {}
+    for img, p, kind in adversarial_set(40):
+        v = judge(img, p)
+        assert v.passed or v.check in CHECKS
+        if not v.passed:
+            by_kind.setdefault(kind, []).append(v.check)
+            results.append({"tag": p.tag, "pass": False, "unseen": False, "check": v.check})
+    for kind, checks in by_kind.items():
+        share = sum(c in expected[kind] for c in checks) / len(checks)
+        assert share >= 0.9, (kind, sorted(set(checks)))
+    assert {"background", "off_palette", "aspect", "count"} <= {c for cs in by_kind.values() for c in cs}
+    fails = summarise(results)["failures"]
+    assert sum(v for k, v in fails.items() if k.endswith(".seen")) == len(results) == fails.get("background.all", 0) \
+        + sum(v for k, v in fails.items() if k.endswith(".all") and not k.startswith("background."))
+    assert fails["background.seen"] == sum(c == "background" for cs in by_kind.values() for c in cs)
+
+
 def test_detection_reports_why():
     img = render(Scene([ShapeObject("circle", "red", "", 0.3, 0.5, 0.14)]), SIZE)
     det = detect(img)
@@ -146,6 +171,7 @@ def test_overall_is_the_mean_of_tag_accuracies_not_of_images():
     assert s["geneval.overall.seen"] == pytest.approx(0.45)  # (0.9 + 0.0) / 2; per image it would be 9/11
     assert s["geneval.overall.unseen"] == 1.0 and s["counts"]["colors.unseen"] == 0
     assert s["geneval.overall.all"] == pytest.approx((0.9 + 2 / 3) / 2)
+    assert s["failures"] == {"unknown.seen": 2, "unknown.all": 2}  # failures without a named check
 
 
 def test_training_scenes_never_hold_a_heldout_composition():
@@ -244,6 +270,8 @@ def test_judge_cli(tmp_path):
     assert all(judged["images"][f"{i}.png"]["pass"] for i in range(12))
     noise = judged["images"]["noise.png"]
     assert not noise["pass"] and noise["failed"] == "background" and noise["tag"] == "counting"
+    assert noise["check"] == "background"
+    assert judged["summary"]["failures"]["background.all"] == 1 and len(judged["summary"]["failures"]) == 2
     assert "geneval.overall.all" in judged["summary"]
     # bad input: one line, exit 2, nothing written
     (d / "prompts.json").write_text(json.dumps({"0.png": "a purple dog"}))

@@ -53,7 +53,13 @@ def test_report_v2_end_to_end(shards, tmp_path):
     assert report["caption_nll"]["all"] > 0
     assert list(report["diffusion"]) == ["t0-250", "t250-500", "t500-750", "t750-1000"]
     assert report["fid"]["n"] == 3 and report["fid"]["fid"] >= 0 and "fid_floor" in report["fid"]
-    assert "| tag | seen | unseen" in (run / "eval" / "report.md").read_text()
+    md = (run / "eval" / "report.md").read_text()
+    assert "| tag | seen | unseen" in md
+    # a 3-step model fails its images; every failure is charged to one named check, in report.json and report.md
+    judged = json.loads((run / "eval" / "judged.json").read_text())["images"]
+    failed = 12 - sum(r["pass"] for r in judged)
+    assert sum(v for k, v in g["failures"].items() if k.endswith(".all")) == failed
+    assert failed > 0 and "| check | seen | unseen |" in md
     assert len(list((run / "tb").glob("events.*"))) >= 2  # training curves + the evaluation's scalars and grids
     # the written images re-judge to the same verdicts with the CLI
     out = tmp_path / "judged.json"
@@ -61,8 +67,9 @@ def test_report_v2_end_to_end(shards, tmp_path):
                         cwd=REPO, capture_output=True, text=True)
     assert rj.returncode == 0, rj.stderr
     again = json.loads(out.read_text())["images"]
-    first = {f"{r['key']}.png": r["pass"] for r in json.loads((run / "eval" / "judged.json").read_text())["images"]}
-    assert {k: v["pass"] for k, v in again.items()} == first
+    first = {f"{r['key']}.png": (r["pass"], r["check"])
+             for r in json.loads((run / "eval" / "judged.json").read_text())["images"]}
+    assert {k: (v["pass"], v["check"]) for k, v in again.items()} == first
     # the caption reference is the scene's full description, and the attribute scorer reads it back exactly
     rec = {"world": 3, "prompt": {"text": "a circle", "tag": "single_object", "objects": [[None, "circle"]],
                                   "relation": None},

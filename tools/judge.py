@@ -3,8 +3,9 @@
 
 DIR holds PNG files and ``prompts.json`` mapping file name -> prompt (the caption text, e.g. "two blue squares",
 or a record ``{"text": ..., "unseen": ...}``). Writes a verdict per image (pass, detected objects, the first check
-that failed) and a summary: GenEval tag accuracies and overall (mean of tag accuracies), seen / unseen apart
-(``unseen`` from the record, else from the world's held-out compositions).
+that failed: ``failed`` in words, ``check`` by name) and a summary: GenEval tag accuracies and overall (mean of tag
+accuracies), seen / unseen apart (``unseen`` from the record, else from the world's held-out compositions), and the
+failed images per check.
 
     python tools/judge.py --images runs/x/eval/t2i --out runs/x/eval/judged.json
 """
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         p = parsed[name]
         unseen = bool(prompts[name].get("unseen", is_unseen(p)))
         verdicts[name] = {"prompt": p.text, "tag": p.tag, "unseen": unseen, **verdict.to_dict()}
-    summary = summarise({"tag": v["tag"], "pass": v["pass"], "unseen": v["unseen"]} for v in verdicts.values())
+    summary = summarise(verdicts.values())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

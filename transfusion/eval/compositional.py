@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from data_pipelines.scenes import Prompt, is_unseen, make_prompt, parse_prompt
 from data_pipelines.shapes import Scene
-from transfusion.eval.geneval import judge, summarise
+from transfusion.eval.geneval import CHECKS, judge, summarise
 from transfusion.eval.scores import bits_per_caption, bleu, cider
 from transfusion.generation.grid import make_grid, to_uint8
 
@@ -132,7 +132,7 @@ def evaluate_v3(engine, samples: list, *, num_t2i: int, num_caption: int, num_fi
             prompt = Prompt.from_dict(rec["prompt"])
             verdict = judge(img, prompt)
             results.append({"key": key, "prompt": prompt.text, "tag": prompt.tag, "unseen": bool(rec["unseen"]),
-                            "pass": verdict.passed, "failed": verdict.failed})
+                            "pass": verdict.passed, "failed": verdict.failed, "check": verdict.check})
             grid_by_tag.setdefault(prompt.tag, []).append((pixels, prompt.text))
             if img_dir is not None:
                 Image.fromarray(img).save(img_dir / f"{key}.png")
@@ -142,8 +142,10 @@ def evaluate_v3(engine, samples: list, *, num_t2i: int, num_caption: int, num_fi
     timings["t2i_seconds_per_image"] = (time.perf_counter() - t0) / max(len(t2i), 1)
     if results:
         summary = summarise(results)
-        report["geneval"] = {k.removeprefix("geneval."): v for k, v in summary.items() if k != "counts"}
+        report["geneval"] = {k.removeprefix("geneval."): v for k, v in summary.items()
+                             if k not in ("counts", "failures")}
         report["geneval"]["counts"] = summary["counts"]
+        report["geneval"]["failures"] = summary["failures"]
     if img_dir is not None and prompts_json:
         (img_dir / "prompts.json").write_text(json.dumps(prompts_json, indent=1) + "\n")
         (out_dir / "judged.json").write_text(json.dumps({"images": results}, indent=1) + "\n")
@@ -315,6 +317,16 @@ def markdown(report: dict) -> str:
             lines.append(f"| {tag} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells)
                          + f" | {counts[0]} | {counts[1]} |")
         lines.append("")
+        fails = g.get("failures") or {}
+        if fails:
+            lines += ["Why generated images fail (each failed image counted once, at the first check it fails; "
+                      "`transfusion.eval.geneval.CHECKS`):", "",
+                      "| check | seen | unseen | what it means |", "| --- | --- | --- | --- |"]
+            for check, meaning in (*CHECKS.items(), ("unknown", "no check recorded")):
+                n = [fails.get(f"{check}.{s}", 0) for s in ("seen", "unseen")]
+                if any(n):
+                    lines.append(f"| {check} | {n[0]} | {n[1]} | {meaning} |")
+            lines.append("")
     c = report.get("caption")
     if c:
         keys = ["exact_match", "count_accuracy", "shapes_accuracy", "colors_accuracy", "relation_accuracy", "bleu4",

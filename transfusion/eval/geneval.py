@@ -27,8 +27,12 @@ Tag rules (GenEval's, made strict: the object count must match exactly, extra ob
                    by the distance; a relation holds when its normalised component is beyond 0.5
     color_attr     exactly two objects whose shapes carry the asked colors
 
+Every failure is also named by the first check it failed (``CHECKS``: ``background``, ``aspect``, ``size``,
+``form``, ``off_palette``, ``debris`` from detection; ``count``, ``shapes``, ``color``, ``binding``, ``relation`` from
+the tag rule), so a report can say *why* a model's images fail, not only how often.
+
 ``summarise`` gives each tag's accuracy and the overall score as the mean of the tag accuracies (not of images),
-separately for seen and unseen compositions.
+separately for seen and unseen compositions, and the failures per check.
 """
 
 from __future__ import annotations
@@ -55,6 +59,21 @@ SIDE_RANGE = (2 * HALF_SIZE_RANGE[0] * 0.75, 2 * HALF_SIZE_RANGE[1] * 1.25)  # b
 SHAPE_IOU = 0.72
 SHAPE_MARGIN = 0.02
 POSITION_MARGIN = 0.1  # GenEval's POSITION_THRESHOLD
+
+# The checks an image can fail, in the order the judge applies them (an image is charged to the first it fails).
+CHECKS = {
+    "background": "the border is not the world's background (noise, grey, blank canvas of another color)",
+    "aspect": "an object's box is not square (stretched)",
+    "size": "an object is smaller or larger than any the world draws",
+    "form": "an object matches no world shape template (blobs, blends)",
+    "off_palette": "too many foreground pixels off the palette (blended or wrong colors)",
+    "debris": "too many stray specks",
+    "count": "the number of objects differs from the prompt's",
+    "shapes": "the objects' shapes differ from the prompt's",
+    "color": "no object of the asked color and shape",
+    "binding": "a color sits on the wrong object, or a counted object has another color",
+    "relation": "the two objects are not in the asked relative position",
+}
 
 _NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[c] for c in _NAMES], dtype=np.float64)
@@ -83,6 +102,13 @@ class DetectedObject:
 class Detection:
     objects: list[DetectedObject] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # reasons the image is not a clean world render
+    checks: list[str] = field(default_factory=list)  # the CHECKS key of each problem
+
+    def flag(self, check: str, problem: str) -> None:
+        if check not in CHECKS:
+            raise ValueError(f"unknown check {check!r} (known: {', '.join(CHECKS)})")
+        self.checks.append(check)
+        self.problems.append(problem)
 
     def to_dict(self) -> dict[str, Any]:
         return {"objects": [asdict(o) for o in self.objects], "problems": list(self.problems)}
@@ -157,7 +183,7 @@ def detect(img: Image.Image | np.ndarray) -> Detection:
     border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
     bg = np.median(border, axis=0)
     if np.linalg.norm(bg - np.array(BACKGROUND, dtype=np.float64)) > BACKGROUND_TOLERANCE:
-        out.problems.append("background")
+        out.flag("background", "background")
         return out
     fg = np.linalg.norm(px - bg, axis=-1) > FOREGROUND_DISTANCE
     dist = np.linalg.norm(px[:, :, None, :] - _PALETTE[None, None], axis=-1)  # [H, W, K]
@@ -183,11 +209,11 @@ def detect(img: Image.Image | np.ndarray) -> Detection:
             bw, bh = x1 - x0 + 1, y1 - y0 + 1
             object_pixels += area
             if not ASPECT_RANGE[0] <= bw / bh <= ASPECT_RANGE[1]:
-                out.problems.append(f"{name} object with aspect {bw / bh:.2f} (world shapes have 1)")
+                out.flag("aspect", f"{name} object with aspect {bw / bh:.2f} (world shapes have 1)")
                 continue
             side = max(bw / W, bh / H)
             if not SIDE_RANGE[0] <= side <= SIDE_RANGE[1]:
-                out.problems.append(f"{name} object of size {side:.2f} outside the world's {SIDE_RANGE[0]:.2f}-"
+                out.flag("size", f"{name} object of size {side:.2f} outside the world's {SIDE_RANGE[0]:.2f}-"
                                     f"{SIDE_RANGE[1]:.2f}")
                 continue
             crop = comp[y0:y1 + 1, x0:x1 + 1]
@@ -195,14 +221,14 @@ def detect(img: Image.Image | np.ndarray) -> Detection:
             ranked = sorted(ious, key=ious.get, reverse=True)
             best, second = ious[ranked[0]], ious[ranked[1]]
             if best < SHAPE_IOU or best - second < SHAPE_MARGIN:
-                out.problems.append(f"{name} object of no world shape (best IoU {best:.2f} {ranked[0]}, "
+                out.flag("form", f"{name} object of no world shape (best IoU {best:.2f} {ranked[0]}, "
                                     f"runner-up {second:.2f})")
                 continue
             out.objects.append(DetectedObject(name, ranked[0], (x0, y0, x1, y1), area, round(best, 3)))
     if off_palette > OFF_PALETTE_EDGE_SHARE * max(object_pixels, min_area):
-        out.problems.append(f"{off_palette} off-palette pixels")
+        out.flag("off_palette", f"{off_palette} off-palette pixels")
     if debris > DEBRIS_SHARE * max(object_pixels, min_area):
-        out.problems.append(f"{debris} pixels of debris")
+        out.flag("debris", f"{debris} pixels of debris")
     out.objects.sort(key=lambda o: (o.box[0], o.box[1]))
     return out
 
@@ -232,32 +258,33 @@ def relative_position(a: DetectedObject, b: DetectedObject) -> set[str]:
 @dataclass
 class Verdict:
     passed: bool
-    failed: str | None  # the first check that failed
+    failed: str | None  # what the first failed check found, in words
     detection: Detection
+    check: str | None = None  # the CHECKS key of the first failed check
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pass": self.passed, "failed": self.failed, **self.detection.to_dict()}
+        return {"pass": self.passed, "failed": self.failed, "check": self.check, **self.detection.to_dict()}
 
 
 def judge(img: Image.Image | np.ndarray, prompt: Prompt) -> Verdict:
     """Whether ``img`` shows ``prompt`` under its tag's rule (see the module docstring)."""
     det = detect(img)
     if det.problems:
-        return Verdict(False, det.problems[0], det)
+        return Verdict(False, det.problems[0], det, det.checks[0])
     objs, want = det.objects, prompt.objects
     if len(objs) != len(want):
-        return Verdict(False, f"{len(objs)} objects, the prompt asks for {len(want)}", det)
+        return Verdict(False, f"{len(objs)} objects, the prompt asks for {len(want)}", det, "count")
     if sorted(o.shape for o in objs) != sorted(s for _, s in want):
-        return Verdict(False, f"shapes {sorted(o.shape for o in objs)}, asked {sorted(s for _, s in want)}", det)
+        return Verdict(False, f"shapes {sorted(o.shape for o in objs)}, asked {sorted(s for _, s in want)}", det, "shapes")
     for color, shape in want:
         if color is not None and not any(o.shape == shape and o.color == color for o in objs):
-            return Verdict(False, f"no {color} {shape}", det)
+            return Verdict(False, f"no {color} {shape}", det, "color")
     if prompt.tag in ("color_attr", "position") and want[0][0] is not None:  # each color on its own object
         for color, shape in want:
             if [o.color for o in objs if o.shape == shape] != [color]:
-                return Verdict(False, f"the {shape} is not {color}", det)
+                return Verdict(False, f"the {shape} is not {color}", det, "binding")
     if prompt.tag == "counting" and want[0][0] is not None and any(o.color != want[0][0] for o in objs):
-        return Verdict(False, "not all objects have the asked color", det)
+        return Verdict(False, "not all objects have the asked color", det, "binding")
     if prompt.tag in ("colors", "counting", "color_attr", "single_object", "two_object"):
         return Verdict(True, None, det)
     if prompt.tag == "position":
@@ -265,21 +292,26 @@ def judge(img: Image.Image | np.ndarray, prompt: Prompt) -> Verdict:
         b = next(o for o in objs if o is not a)
         if prompt.relation not in relative_position(a, b):
             return Verdict(False, f"the {a.shape} is not {prompt.relation} the {b.shape} "
-                                  f"({sorted(relative_position(a, b)) or 'no relation'})", det)
+                                  f"({sorted(relative_position(a, b)) or 'no relation'})", det, "relation")
         return Verdict(True, None, det)
     raise ValueError(f"unknown tag {prompt.tag!r} (known: {', '.join(TAGS)})")
 
 
 def summarise(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """``results``: dicts with ``tag``, ``pass`` and ``unseen``. Returns ``{"geneval.<tag>.<split>": accuracy,
-    "geneval.overall.<split>": mean of the tag accuracies, "counts": {...}}`` for split in seen / unseen / all; a
-    tag without images in a split is left out of that split's overall (and its count is 0)."""
+    """``results``: dicts with ``tag``, ``pass``, ``unseen`` and (optional) ``check``. Returns
+    ``{"geneval.<tag>.<split>": accuracy, "geneval.overall.<split>": mean of the tag accuracies, "counts": {...},
+    "failures": {"<check>.<split>": images}}`` for split in seen / unseen / all; a tag without images in a split is left
+    out of that split's overall (and its count is 0); failures count each failed image once, under its first failed
+    check (``unknown`` when a result names none)."""
     tally: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    failures: dict[str, int] = defaultdict(int)
     for r in results:
         for split in ("unseen" if r["unseen"] else "seen", "all"):
             t = tally[(r["tag"], split)]
             t[0] += int(bool(r["pass"]))
             t[1] += 1
+            if not r["pass"]:
+                failures[f"{r.get('check') or 'unknown'}.{split}"] += 1
     out: dict[str, Any] = {}
     counts: dict[str, int] = {}
     for split in ("seen", "unseen", "all"):
@@ -293,4 +325,5 @@ def summarise(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         if accs:
             out[f"geneval.overall.{split}"] = float(np.mean(accs))
     out["counts"] = counts
+    out["failures"] = dict(sorted(failures.items()))
     return out
