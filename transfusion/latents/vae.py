@@ -15,6 +15,7 @@ with ``scale = scaling_factor`` and ``shift = shift_factor`` (None -> 0), or per
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Protocol
 
@@ -76,8 +77,11 @@ class VAECodec:
 
         self.path = Path(path)
         root, subfolder = _vae_dir(self.path)
+        # without accelerate, diffusers warns on every load unless asked for the plain path (small VAEs lose nothing)
+        lazy = importlib.util.find_spec("accelerate") is not None
         try:
-            vae = AutoencoderKL.from_pretrained(root, subfolder=subfolder, local_files_only=True, torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(root, subfolder=subfolder, local_files_only=True, torch_dtype=dtype,
+                                                low_cpu_mem_usage=lazy)
         except Exception as e:
             raise ValueError(f"cannot load AutoencoderKL from {self.path}: {' '.join(str(e).split())[:300]}") from None
         self.vae = vae.to(device=device).eval().requires_grad_(False)
