@@ -70,6 +70,14 @@ def test_report_v2_end_to_end(shards, tmp_path):
     first = {f"{r['key']}.png": (r["pass"], r["check"])
              for r in json.loads((run / "eval" / "judged.json").read_text())["images"]}
     assert {k: (v["pass"], v["check"]) for k, v in again.items()} == first
+    # caption guidance reaches the captions: at 0 only the text prior speaks, so every image gets the same caption
+    ev0 = subprocess.run([sys.executable, "tools/evaluate.py", "--run", str(run), "--num-t2i", "0", "--num-caption",
+                          "6", "--batch-size", "6", "--no-progress", "--precision", "fp32", "--caption-guidance", "0"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert ev0.returncode == 0, ev0.stderr[-2000:]
+    report0 = json.loads((run / "eval" / "report.json").read_text())
+    assert report0["settings"]["caption_guidance"] == 0.0 and report["settings"]["caption_guidance"] == 1.0
+    assert len({e["generated"] for e in report0["caption_examples"]}) == 1
     # the caption reference is the scene's full description, and the attribute scorer reads it back exactly
     rec = {"world": 3, "prompt": {"text": "a circle", "tag": "single_object", "objects": [[None, "circle"]],
                                   "relation": None},

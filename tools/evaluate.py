@@ -33,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, help="CFG scale (default: sample.guidance)")
     p.add_argument("--guidance-schedule", choices=("constant", "linear"), default=None,
                    help="constant CFG scale, or rising linearly from 1 (default: sample.guidance_schedule)")
+    p.add_argument("--caption-guidance", type=float,
+                   help="caption guidance: weight of the image against the text prior, 1 = plain greedy decoding "
+                        "(default: eval.caption_guidance)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -40,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute precision on this machine: auto (bf16 on CUDA; on CPU bf16 only where a short probe "
                         "shows it faster than fp32), bf16 or fp32")
     args = p.parse_args(argv)
+    if args.caption_guidance is not None and not args.caption_guidance >= 0:
+        p.error("--caption-guidance must be >= 0")
     for name in ("num_t2i", "num_caption", "num_fid", "batch_size", "steps"):
         v = getattr(args, name)
         if v is not None and v < (1 if name in ("batch_size", "steps") else 0):
@@ -109,6 +114,7 @@ def main(argv=None) -> int:
         guidance_schedule=args.guidance_schedule,
         seed=args.seed,
         max_caption_tokens=cfg.eval.max_caption_tokens,
+        caption_guidance=pick(args.caption_guidance, cfg.eval.caption_guidance),
         out_dir=run / "eval",
         progress=not args.no_progress,
     )

@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="constant CFG scale, or rising linearly from 1 (default: sample.guidance_schedule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=48, help="caption length limit")
+    p.add_argument("--caption-guidance", type=float, default=None,
+                   help="weight of the image against the text prior when captioning, 1 = plain greedy decoding "
+                        "(default: the export's eval.caption_guidance)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="compute precision on this machine: auto (bf16 on CUDA; on CPU bf16 only where a short probe "
@@ -45,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("nothing to do: give --prompt, --caption-image or --grid")
     if args.num_per_prompt < 1 or (args.steps is not None and args.steps < 1):
         p.error("--num-per-prompt and --steps must be positive")
+    if args.caption_guidance is not None and not args.caption_guidance >= 0:
+        p.error("--caption-guidance must be >= 0")
     return args
 
 
@@ -88,6 +93,7 @@ def main(argv=None) -> int:
 
     if args.caption_image:
         size = engine.cfg.data.image_size
+        cap_g = engine.cfg.eval.caption_guidance if args.caption_guidance is None else args.caption_guidance
         batch = []
         for path in args.caption_image:
             try:
@@ -95,7 +101,7 @@ def main(argv=None) -> int:
             except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
                 raise FileNotFoundError(f"cannot read image {path}: {e}") from None
             batch.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
-        for path, text in zip(args.caption_image, engine.caption(torch.stack(batch), args.max_tokens)):
+        for path, text in zip(args.caption_image, engine.caption(torch.stack(batch), args.max_tokens, guidance=cap_g)):
             print(f"{path}\t{text}")
     return 0
 

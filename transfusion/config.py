@@ -252,6 +252,7 @@ class EvalConfig:
     num_caption: Count = 200
     batch_size: Positive = 50
     max_caption_tokens: Positive = 48
+    caption_guidance: NonNegFloat = 1.0  # captions: weight of the image against the text prior (1 = plain greedy)
     num_fid: Count = 0  # compositional world: generated images for FID / KID (0 = skip); the floor needs 2x held out
 
 

@@ -111,7 +111,7 @@ def _chunks(seq: list, size: int):
 
 def evaluate_v3(engine, samples: list, *, num_t2i: int, num_caption: int, num_fid: int, batch_size: int, steps: int,
                 guidance: float, sampler: str, guidance_schedule: str, seed: int, max_caption_tokens: int,
-                out_dir: Path | None, progress: bool, latents: bool) -> dict:
+                out_dir: Path | None, progress: bool, latents: bool, caption_guidance: float = 1.0) -> dict:
     report: dict = {"world": 3}
     timings: dict[str, float] = {}
 
@@ -162,7 +162,8 @@ def evaluate_v3(engine, samples: list, *, num_t2i: int, num_caption: int, num_fi
     texts: list[str] = []
     bar = tqdm(total=len(cap), desc="eval captions", unit="img", disable=not progress)
     for chunk in _chunks(cap, batch_size):
-        texts += engine.caption(torch.stack([im for _, im, _, _ in chunk]), max_caption_tokens, latents=latents)
+        texts += engine.caption(torch.stack([im for _, im, _, _ in chunk]), max_caption_tokens, latents=latents,
+                                guidance=caption_guidance)
         bar.update(len(chunk))
     bar.close()
     timings["caption_seconds_per_image"] = (time.perf_counter() - t0) / max(len(cap), 1)

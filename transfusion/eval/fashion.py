@@ -113,7 +113,7 @@ def load_or_train_classifier(cache: Path, train_shards: str, image_size: int, pr
 def evaluate_fashion(engine, samples: list, *, num_t2i: int, num_caption: int, num_fid: int, batch_size: int,
                      steps: int, guidance: float, sampler: str, guidance_schedule: str, seed: int,
                      max_caption_tokens: int, latents: bool, progress: bool = True, out_dir: Path | None = None,
-                     classifier: SmallCNN | None = None) -> dict:
+                     classifier: SmallCNN | None = None, caption_guidance: float = 1.0) -> dict:
     from transfusion.generation.grid import make_grid
 
     cfg = engine.cfg
@@ -160,7 +160,8 @@ def evaluate_fashion(engine, samples: list, *, num_t2i: int, num_caption: int, n
     correct, examples = [], []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        texts = engine.caption(torch.stack([im for _, im, _, _ in chunk]), max_caption_tokens, latents=latents)
+        texts = engine.caption(torch.stack([im for _, im, _, _ in chunk]), max_caption_tokens, latents=latents,
+                               guidance=caption_guidance)
         for (_, _, _, rec), text in zip(chunk, texts):
             correct.append(class_of_caption(text) == rec["label"])
             if len(examples) < 12:

@@ -33,7 +33,8 @@ def _chunks(seq: list, size: int):
 
 def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size: int, steps: int, guidance: float,
              sampler: str, seed: int, max_caption_tokens: int, out_dir: Path | None = None,
-             progress: bool = True, guidance_schedule: str | None = None, num_fid: int = 0) -> dict:
+             progress: bool = True, guidance_schedule: str | None = None, num_fid: int = 0,
+             caption_guidance: float = 1.0) -> dict:
     from data_pipelines.loader import resolve_format
     from data_pipelines.shards import expand_shard_spec, iter_decoded_samples
 
@@ -46,7 +47,8 @@ def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size:
     schedule = engine.resolve_guidance_schedule(guidance_schedule)  # None -> the run's sample.guidance_schedule
     report: dict = {"num_samples": len(samples), "held_out_format": "latents" if latents else "pixels",
                     "settings": {"steps": steps, "guidance": guidance, "sampler": sampler,
-                                 "guidance_schedule": schedule, "seed": seed}}
+                                 "guidance_schedule": schedule, "seed": seed,
+                                 "caption_guidance": caption_guidance}}
     if is_fashion_record(samples[0][3]):  # real images: CAS, caption accuracy, FID / KID against the test split
         want = 2 * max(num_t2i, num_caption, 2 * num_fid)  # each test image is held out twice (two template kinds)
         if len(samples) < want:
@@ -56,12 +58,14 @@ def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size:
         return report | evaluate_fashion(engine, samples, num_t2i=num_t2i, num_caption=num_caption, num_fid=num_fid,
                                          batch_size=batch_size, steps=steps, guidance=guidance, sampler=sampler,
                                          guidance_schedule=schedule, seed=seed, max_caption_tokens=max_caption_tokens,
+                                         caption_guidance=caption_guidance,
                                          out_dir=out_dir, progress=progress, latents=latents)
     if is_v3_record(samples[0][3]):  # the compositional world: report v2, seen / unseen apart
         return report | evaluate_v3(engine, samples, num_t2i=num_t2i, num_caption=num_caption, num_fid=num_fid,
                                     batch_size=batch_size, steps=steps, guidance=guidance, sampler=sampler,
                                     guidance_schedule=schedule, seed=seed, max_caption_tokens=max_caption_tokens,
-                                    out_dir=out_dir, progress=progress, latents=latents)
+                                    caption_guidance=caption_guidance, out_dir=out_dir, progress=progress,
+                                    latents=latents)
     timings = {}
 
     # text -> image, judged from pixels
@@ -89,7 +93,8 @@ def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size:
     exact, cap_scores, examples = [], [], []
     bar = tqdm(total=len(cap), desc="eval captions", unit="img", disable=not progress)
     for chunk in _chunks(cap, batch_size):
-        texts = engine.caption(torch.stack([im for _, im, _, _ in chunk]), max_caption_tokens, latents=latents)
+        texts = engine.caption(torch.stack([im for _, im, _, _ in chunk]), max_caption_tokens, latents=latents,
+                               guidance=caption_guidance)
         for (key, _, ref, record), text in zip(chunk, texts):
             exact.append(text.strip() == ref.strip())
             if Scene.is_record(record):  # the judge scores shapes-world scenes only

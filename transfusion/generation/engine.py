@@ -219,9 +219,11 @@ class Engine:
             return self.codec.decode(z).clamp(-1, 1).float().cpu()
 
     # -- text ------------------------------------------------------------------------------------------------
-    def caption(self, images: Tensor, max_tokens: int = 48, *, latents: bool = False) -> list[str]:
+    def caption(self, images: Tensor, max_tokens: int = 48, *, latents: bool = False,
+                guidance: float = 1.0) -> list[str]:
         """Greedy captions for pixel images [N, 3, H, W] in [-1, 1], or with ``latents`` for images already in the
-        codec's space [N, c, h, w] (latent shards)."""
+        codec's space [N, c, h, w] (latent shards). ``guidance`` > 1 weighs the image's evidence against the text
+        prior (``decode_text``'s caption guidance; 1 = plain greedy decoding)."""
         with torch.no_grad():
             z = images.to(self.device) if latents else self.codec.encode(images.to(self.device))
         head = caption_prompt_tokens(self.tok)  # [BOS][BOI]
@@ -229,17 +231,27 @@ class Engine:
         n = len(images)
         with self._ctx():  # weights cast once for the whole loop
             prefix = self.prefill([seq] * n, z, [(i, len(head)) for i in range(n)])
-            out = self.decode_text(prefix, max_tokens)
+            prior = self.prefill([[self.tok.bos_id]] * n) if guidance != 1.0 else None
+            out = self.decode_text(prefix, max_tokens, prior=prior, guidance=guidance)
         return [self.tok.decode(ids) for ids in out]
 
     def decode_text(self, prefix: Prefix, max_tokens: int, temperature: float = 0.0,
-                    generator: torch.Generator | None = None) -> list[list[int]]:
-        """Sample (greedy at temperature 0) until EOS for every sequence; returns the ids before EOS."""
+                    generator: torch.Generator | None = None, *, prior: Prefix | None = None,
+                    guidance: float = 1.0) -> list[list[int]]:
+        """Sample (greedy at temperature 0) until EOS for every sequence; returns the ids before EOS.
+
+        Caption guidance (classifier-free guidance on text, as in Sanchez et al. 2023, "Stay on topic with CFG"):
+        with a ``prior`` prefix batch (the same text without the image, ``[BOS]``: the layout of a text -> image
+        prompt, so the model's prior over captions) the next token is chosen from
+        ``log p_prior + guidance * (log p_image - log p_prior)``; both prefixes take the same tokens."""
         n = prefix.next_pos.shape[0]
         done = torch.zeros(n, dtype=torch.bool)
         out: list[list[int]] = [[] for _ in range(n)]
         for _ in range(max_tokens):
-            nxt = self._next_token(prefix.last_h, temperature, generator)
+            if prior is None:
+                nxt = self._next_token(prefix.last_h, temperature, generator)
+            else:
+                nxt = self._next_token_guided(prefix.last_h, prior.last_h, guidance, temperature, generator)
             for i, tok in enumerate(nxt.tolist()):
                 if not done[i]:
                     if tok == self.tok.eos_id:
@@ -249,7 +261,19 @@ class Engine:
             if bool(done.all()):
                 break
             prefix = self.step_tokens(prefix, nxt)
+            if prior is not None:
+                prior = self.step_tokens(prior, nxt)
         return out
+
+    def _next_token_guided(self, h_ND: Tensor, prior_h_ND: Tensor, guidance: float, temperature: float,
+                           generator: torch.Generator | None) -> Tensor:
+        with torch.no_grad():
+            logp = self.model.text_logits(torch.cat((h_ND, prior_h_ND))).float().cpu().log_softmax(-1)
+        cond, prior = logp.chunk(2)
+        logits = prior + guidance * (cond - prior)
+        if temperature <= 0:
+            return logits.argmax(-1)
+        return torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
 
     def _next_token(self, h_ND: Tensor, temperature: float, generator: torch.Generator | None,
                     banned: list[int] | None = None) -> Tensor:
