@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the generation server: throughput and latency at several numbers of concurrent streaming clients, and
-the time per image with the prefix cache reused across denoising passes vs the prefix recomputed at every pass.
+the time per image with the prefix cache reused across denoising passes vs the prefix recomputed at every pass, and
+the batching ceiling of the machine (in-process images/s and the trunk's matmul GFLOP/s at each batch's rows).
 
     python tools/bench_serve.py --export runs/shapes_tiny/export            # starts the server in this process
     python tools/bench_serve.py --recipe recipes/shapes_tiny.toml            # the recipe's shape, random weights
@@ -48,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--token", default=None, help="bearer token of the server, if it needs one")
     p.add_argument("--out", help="also write the results as JSON here")
     p.add_argument("--skip-prefix", action="store_true", help="no prefix-reuse table")
+    p.add_argument("--skip-ceiling", action="store_true",
+                   help="no batching-ceiling table (in-process images/s and trunk matmul GFLOP/s per batch)")
     args = p.parse_args(argv)
     if min(args.clients) < 1 or args.requests_per_client < 1 or args.steps < 1 or args.tokens < 1:
         p.error("--clients, --requests-per-client, --steps and --tokens must be positive")
@@ -235,6 +238,54 @@ def prefix_table(engine, args) -> list[dict]:
     return rows
 
 
+def ceiling_table(engine, args) -> list[dict]:
+    """What batching can give on this machine, without HTTP: ``b`` text -> image requests run together through the
+    scheduler (images/s), and one matmul of the trunk's MLP shape at the rows a guided image pass of ``b`` requests
+    runs (GFLOP/s). When one request's pass already runs the matmul near the machine's rate, more requests per pass
+    cannot add throughput: the ratio of the two GFLOP/s figures bounds images/s(b) / images/s(1)."""
+    import torch
+
+    from transfusion.serving.scheduler import Scheduler, SamplingParams
+
+    dim = engine.cfg.model.dim
+    hidden2 = engine.model.layers[0].ffn.w13.out_features  # SwiGLU's two input projections in one matmul
+    rows_per_request = engine.num_patches * (2 if args.guidance != 1.0 else 1)
+
+    def images_per_s(b: int) -> float:
+        sched = Scheduler(engine, max_batch=b)
+        params = [SamplingParams(max_tokens=1, ignore_eos=True, start_with_image=True, max_images=1,
+                                 steps=args.steps, guidance=args.guidance, seed=i) for i in range(b)]
+        for p in params:
+            sched.submit("two green triangles", p)
+        t0 = time.perf_counter()
+        while sched.busy():
+            sched.step()
+        return b / (time.perf_counter() - t0)
+
+    def gflops(rows: int) -> float:
+        x = torch.randn(rows, dim)
+        w = torch.randn(dim, hidden2)
+        with engine._ctx():
+            for _ in range(3):
+                x @ w
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 0.5:
+                x @ w
+                n += 1
+        return 2 * rows * dim * hidden2 * n / (time.perf_counter() - t0) / 1e9
+
+    images_per_s(1)  # warm-up
+    out = []
+    for b in args.clients:
+        ips = statistics.median(images_per_s(b) for _ in range(args.repeats))
+        out.append({"requests": b, "rows_per_pass": b * rows_per_request, "images_per_s": ips,
+                    "matmul_gflops": gflops(b * rows_per_request)})
+    for r in out:
+        r["images_ratio"] = r["images_per_s"] / out[0]["images_per_s"]
+        r["matmul_ratio"] = r["matmul_gflops"] / out[0]["matmul_gflops"]
+    return out
+
+
 def fmt(x, digits=3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -286,6 +337,13 @@ def main(argv=None) -> int:
             results["prefix"].append(row)
             print(f"| {row['prompt']} | {row['prefix_tokens']} | {row['cached_s']:.3f} | {row['recomputed_s']:.3f} | "
                   f"{row['speedup']:.2f}x |", flush=True)
+    if engine is not None and not args.skip_ceiling:
+        print(f"\n| requests per pass | rows per pass | images/s (in-process) | vs 1 | trunk matmul GFLOP/s "
+              f"({engine.precision.name}) | vs 1 |\n|---|---|---|---|---|---|", flush=True)
+        for row in ceiling_table(engine, args):
+            results.setdefault("ceiling", []).append(row)
+            print(f"| {row['requests']} | {row['rows_per_pass']} | {row['images_per_s']:.2f} | "
+                  f"{row['images_ratio']:.2f}x | {row['matmul_gflops']:.1f} | {row['matmul_ratio']:.2f}x |", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0
