@@ -93,7 +93,11 @@ def test_training_timesteps():
 def test_guidance_schedules():
     assert guidance_scale(3.0, "constant", 0.1) == 3.0
     assert guidance_scale(3.0, "linear", 0.0) == 1.0 and guidance_scale(3.0, "linear", 1.0) == 3.0
-    with pytest.raises(ValueError, match="known: constant, linear"):
+    # interval: unguided for the first 16 % of the loop and after 78 %, guided between (50 steps: passes 9-39)
+    on = [k for k in range(50) if guidance_scale(3.0, "interval", (k + 1) / 50) == 3.0]
+    assert on == list(range(8, 39)) and all(guidance_scale(3.0, "interval", (k + 1) / 50) == 1.0
+                                            for k in range(50) if k not in on)
+    with pytest.raises(ValueError, match="known: constant, linear, interval"):
         guidance_scale(3.0, "cosine", 0.5)
 
 

@@ -336,3 +336,38 @@ def test_prefix_reuse_equals_recomputation_with_images_in_the_prompt():
     assert torch.allclose(cached, again, atol=1e-5)
     without = eng.denoise_recomputing([seq], guidance=2.0, sampler=None, steps=4, generator=g())
     assert not torch.allclose(cached, without, atol=1e-3)  # the prompt's image matters
+
+
+def test_interval_guidance_skips_unconditional_rows_and_equals_computing_them(monkeypatch):
+    """Passes whose guidance scale is 1 (the interval schedule's ends) run the conditional rows only; the images equal
+    the naive path that computes the unconditional rows on every pass, in the engine and in the scheduler, where an
+    interval request shares passes with a constantly guided one."""
+    from transfusion.model.image_head import DenoisingJob
+
+    eng = engine()
+    prompts = [[TOK.bos_id] + TOK.encode("a red circle") + [TOK.boi_id], [TOK.bos_id] + TOK.encode("x") + [TOK.boi_id]]
+    cond, unc = eng.prefill(prompts), eng.prefill([[TOK.bos_id, TOK.boi_id]] * 2)
+    rows = []
+    block = eng.image_block
+    eng.image_block = lambda pre, kind, x, t, mask: rows.append(x.shape[0]) or block(pre, kind, x, t, mask)
+
+    def images():
+        fast = eng.denoise(cond, uncond=unc, guidance=2.5, sampler=None, steps=10, guidance_schedule="interval",
+                           generator=torch.Generator().manual_seed(4))
+        sched = Scheduler(eng)
+        ids = [sched.submit("a red circle", SamplingParams(max_tokens=1, steps=10, guidance=2.5, seed=5,
+                                                           start_with_image=True, guidance_schedule=s))
+               for s in ("interval", "constant")]
+        out = run(sched, ids)
+        return fast, [summary(out[i])[1][0] for i in ids]
+
+    fast, served = images()
+    # 10 passes at progress 0.1 .. 1.0: guided on 0.2 .. 0.7 (6 passes, 4 rows), unguided on 4 (2 rows)
+    assert rows[:10] == [2, 4, 4, 4, 4, 4, 4, 2, 2, 2]
+    assert 3 in rows[10:]  # in the scheduler: the interval request's lone row beside the constant one's two
+    monkeypatch.setattr(DenoisingJob, "pass_guided", property(lambda self: self.guided))  # the naive path
+    rows.clear()
+    slow, served_slow = images()
+    assert rows[:10] == [4] * 10
+    assert torch.allclose(fast, slow, atol=1e-5) and fast.abs().max() > 0.1
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(served, served_slow))

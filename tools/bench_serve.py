@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark the generation server: throughput and latency at several numbers of concurrent streaming clients, and
 the time per image with the prefix cache reused across denoising passes vs the prefix recomputed at every pass, and
-the batching ceiling of the machine (in-process images/s and the trunk's matmul GFLOP/s at each batch's rows).
+the batching ceiling of the machine (in-process images/s and the trunk's matmul GFLOP/s at each batch's rows), and
+the time per image under constant and interval guidance.
 
     python tools/bench_serve.py --export runs/shapes_tiny/export            # starts the server in this process
     python tools/bench_serve.py --recipe recipes/shapes_tiny.toml            # the recipe's shape, random weights
@@ -50,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="also write the results as JSON here")
     p.add_argument("--skip-prefix", action="store_true", help="no prefix-reuse table")
     p.add_argument("--skip-ceiling", action="store_true",
-                   help="no batching-ceiling table (in-process images/s and trunk matmul GFLOP/s per batch)")
+                   help="no batching-ceiling and guidance-schedule tables (in-process images/s and trunk matmul "
+                        "GFLOP/s per batch; s/image under constant vs interval guidance)")
     args = p.parse_args(argv)
     if min(args.clients) < 1 or args.requests_per_client < 1 or args.steps < 1 or args.tokens < 1:
         p.error("--clients, --requests-per-client, --steps and --tokens must be positive")
@@ -286,6 +288,24 @@ def ceiling_table(engine, args) -> list[dict]:
     return out
 
 
+def schedule_table(engine, args) -> list[dict]:
+    """Seconds per image of a batch of 16 guided text -> image prompts under each guidance schedule (median of
+    ``--repeats``): ``interval`` runs the unconditional rows only on the passes it guides."""
+    prompts = ["two green triangles"] * 16
+    rows = []
+    for schedule in ("constant", "interval"):
+        engine.text_to_image(prompts[:2], steps=2, guidance=args.guidance, guidance_schedule=schedule)  # warm-up
+        ts = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            engine.text_to_image(prompts, steps=args.steps, guidance=args.guidance, guidance_schedule=schedule)
+            ts.append((time.perf_counter() - t0) / len(prompts))
+        rows.append({"schedule": schedule, "s_per_image": statistics.median(ts)})
+    for r in rows:
+        r["speedup"] = rows[0]["s_per_image"] / r["s_per_image"]
+    return rows
+
+
 def fmt(x, digits=3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -338,6 +358,10 @@ def main(argv=None) -> int:
             print(f"| {row['prompt']} | {row['prefix_tokens']} | {row['cached_s']:.3f} | {row['recomputed_s']:.3f} | "
                   f"{row['speedup']:.2f}x |", flush=True)
     if engine is not None and not args.skip_ceiling:
+        print("\n| guidance schedule (16 prompts per batch) | s/image | speed-up |\n|---|---|---|", flush=True)
+        for row in schedule_table(engine, args):
+            results.setdefault("schedules", []).append(row)
+            print(f"| {row['schedule']} | {row['s_per_image']:.4f} | {row['speedup']:.2f}x |", flush=True)
         print(f"\n| requests per pass | rows per pass | images/s (in-process) | vs 1 | trunk matmul GFLOP/s "
               f"({engine.precision.name}) | vs 1 |\n|---|---|---|---|---|---|", flush=True)
         for row in ceiling_table(engine, args):

@@ -32,8 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: the export's sample.sampler (ddim|ddpm for epsilon and v, euler|heun for flow)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the export's sample.steps)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale, 1 = off (default: export's)")
-    p.add_argument("--guidance-schedule", choices=("constant", "linear"), default=None,
-                   help="constant CFG scale, or rising linearly from 1 (default: sample.guidance_schedule)")
+    p.add_argument("--guidance-schedule", choices=("constant", "linear", "interval"), default=None,
+                   help="constant CFG scale, rising linearly from 1, or only in the middle of the loop (interval; default: sample.guidance_schedule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=48, help="caption length limit")
     p.add_argument("--caption-guidance", type=float, default=None,

@@ -184,11 +184,22 @@ class NoiseSchedule:
         return sched
 
 
+# Guidance only in the middle of the loop (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"): their
+# EDM2 interval sigma in (0.28, 5.42] is flow time t = sigma / (1 + sigma) in (0.22, 0.84], i.e. the share of a
+# uniform-time loop already done, 1 - t, in [0.16, 0.78). Early (pure-noise) steps and the last clean-up steps go
+# unguided.
+GUIDANCE_INTERVAL = (0.16, 0.78)
+
+
 def guidance_scale(guidance: float, schedule: str, progress: float) -> float:
     """Classifier-free guidance scale at ``progress`` in (0, 1] of the sampling loop: ``constant`` keeps
-    ``guidance``; ``linear`` rises from 1 (no guidance) towards ``guidance``, reached at the last step."""
+    ``guidance``; ``linear`` rises from 1 (no guidance) towards ``guidance``, reached at the last step; ``interval``
+    is ``guidance`` for progress in ``GUIDANCE_INTERVAL`` and 1 outside it."""
     if schedule == "constant":
         return guidance
     if schedule == "linear":
         return 1.0 + (guidance - 1.0) * progress
-    raise ConfigError(f"unknown guidance schedule {schedule!r} (known: constant, linear)")
+    if schedule == "interval":
+        lo, hi = GUIDANCE_INTERVAL
+        return guidance if lo < progress <= hi else 1.0
+    raise ConfigError(f"unknown guidance schedule {schedule!r} (known: constant, linear, interval)")

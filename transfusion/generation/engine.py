@@ -152,7 +152,7 @@ class Engine:
                                           guidance_schedule=self.resolve_guidance_schedule(guidance_schedule))
         while not job.done:
             pre = self.prefill(seqs, images, image_spans)
-            if guided:
+            if job.pass_guided:
                 pre = self.stack_prefixes(pre, self.prefill([caption_prompt_tokens(self.tok)] * len(seqs)))
             x, t, mask = job.block_input()
             job.advance(self.image_block(pre, job.block_pass, job.rows(x), t, job.rows(mask)))

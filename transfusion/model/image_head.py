@@ -104,9 +104,10 @@ class ImageHead(nn.Module):
         guided = uncond is not None and guidance != 1.0
         job = self.start(engine, prefix.next_pos.shape[0], guided=guided, guidance=guidance, sampler=sampler,
                          steps=steps, generator=generator, guidance_schedule=guidance_schedule)
-        pre = engine.stack_prefixes(prefix, uncond) if guided else prefix
+        both = engine.stack_prefixes(prefix, uncond) if guided else prefix
         while not job.done:
             x, t, mask = job.block_input()
+            pre = both if job.pass_guided else prefix
             job.advance(engine.image_block(pre, job.block_pass, job.rows(x), t, job.rows(mask)))
             if trace is not None:
                 trace.append(job.snapshot())
@@ -130,9 +131,15 @@ class ImageJob:
     def done(self) -> bool:
         return self.index >= self.total
 
+    @property
+    def pass_guided(self) -> bool:
+        """Whether the next pass needs the unconditional rows (a guided job may skip them on a pass whose guidance
+        scale is 1, as the ``interval`` schedule's unguided ends)."""
+        return self.guided
+
     def rows(self, x: Tensor | None) -> Tensor | None:
-        """Inputs for every row of a pass: the n conditional rows, repeated for the unconditional ones."""
-        return None if x is None else torch.cat((x, x)) if self.guided else x
+        """Inputs for every row of the next pass: the n conditional rows, repeated for the unconditional ones."""
+        return None if x is None else torch.cat((x, x)) if self.pass_guided else x
 
     def block_input(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """(images [n, C, H, W], timestep (0-d), patch mask [n, P] or None) for the next pass."""
@@ -252,14 +259,21 @@ class DenoisingJob(ImageJob):
         self.generator, self.index, self.total = generator, 0, len(sched.timesteps)
         self._pred: Tensor | None = None
 
+    def _scale(self) -> float:
+        return guidance_scale(self.guidance, self.guidance_schedule, (self.index + 1) / self.total)
+
+    @property
+    def pass_guided(self) -> bool:
+        return self.guided and self._scale() != 1.0  # at scale 1, unc + 1 (cond - unc) is cond: no unconditional rows
+
     def block_input(self) -> tuple[Tensor, Tensor, Tensor | None]:
         return self.x, self.sched.timesteps[self.index], None
 
     def advance(self, out: Tensor) -> None:
         t = self.sched.timesteps[self.index]
-        if self.guided:
+        if self.pass_guided:
             cond, unc = out.chunk(2)
-            out = unc + guidance_scale(self.guidance, self.guidance_schedule, (self.index + 1) / self.total) * (cond - unc)
+            out = unc + self._scale() * (cond - unc)
         self._pred = out  # turned into a clean estimate only when a preview is asked for
         self._t, self._x_t = t, self.x
         self.x = self.sched.step(out, t, self.x, generator=self.generator).prev_sample

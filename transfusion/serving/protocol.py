@@ -62,7 +62,7 @@ class Options(Strict):
     max_images: int = Field(1, ge=0, le=1 << 10)
     steps: int | None = Field(None, ge=1, le=1 << 20)
     guidance: Finite | None = Field(None, ge=0.0, le=1e6)
-    guidance_schedule: Literal["constant", "linear"] | None = None
+    guidance_schedule: Literal["constant", "linear", "interval"] | None = None
     sampler: Literal["ddim", "ddpm", "euler", "heun"] | None = None
     temperature: Finite = Field(0.0, ge=0.0, le=10.0)
     top_p: Finite = Field(1.0, gt=0.0, le=1.0)
@@ -137,7 +137,7 @@ class ChatRequest(Strict):
     max_images: int = Field(1, ge=0, le=1 << 10)
     steps: int | None = Field(None, ge=1, le=1 << 20)
     guidance: Finite | None = Field(None, ge=0.0, le=1e6)
-    guidance_schedule: Literal["constant", "linear"] | None = None
+    guidance_schedule: Literal["constant", "linear", "interval"] | None = None
     sampler: Literal["ddim", "ddpm", "euler", "heun"] | None = None
     preview_every: int = Field(0, ge=0, le=1 << 20)
     start_with_image: bool = False

@@ -342,10 +342,10 @@ class Scheduler:
     def _stack_images(self, block_pass: str, reqs: list[Request]) -> Prefix:
         """[conditional prefixes of ``reqs``; the unconditional prefix once per guided request], cached while the
         group keeps its members."""
-        key = tuple((r.id, r.images, r.job.guided) for r in reqs)  # r.images: a new image, a new prefix
+        key = tuple((r.id, r.images, r.job.pass_guided) for r in reqs)  # r.images: a new image, a new prefix
         cached = self._image_stacks.get(block_pass)
         if cached is None or cached[0] != key:
-            guided = [self._uncond] * sum(r.job.guided for r in reqs)
+            guided = [self._uncond] * sum(r.job.pass_guided for r in reqs)
             cached = (key, concat_prefixes(*(r.prefix for r in reqs), *guided))
             self._image_stacks[block_pass] = cached
         return cached[1]
@@ -362,7 +362,7 @@ class Scheduler:
         for block_pass, group in groups.items():
             pre = self._stack_images(block_pass, group)
             inputs = [r.job.block_input() for r in group]
-            guided = [i for i, r in enumerate(group) if r.job.guided]
+            guided = [i for i, r in enumerate(group) if r.job.pass_guided]
             order = list(range(len(group))) + guided  # row order: every conditional row, then unconditional ones
             x = torch.cat([inputs[i][0] for i in order])
             ts = [inputs[i][1] for i in order]
@@ -373,7 +373,7 @@ class Scheduler:
             out = eng.image_block(pre, block_pass, x, t, mask)
             n_cond = len(group)
             for i, req in enumerate(group):
-                rows = [i] + ([n_cond + guided.index(i)] if req.job.guided else [])
+                rows = [i] + ([n_cond + guided.index(i)] if i in guided else [])
                 try:  # a failure of one request's own work fails that request alone
                     req.job.advance(out[rows])
                     every = req.params.preview_every
