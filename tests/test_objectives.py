@@ -97,6 +97,14 @@ def test_guidance_schedules():
     on = [k for k in range(50) if guidance_scale(3.0, "interval", (k + 1) / 50) == 3.0]
     assert on == list(range(8, 39)) and all(guidance_scale(3.0, "interval", (k + 1) / 50) == 1.0
                                             for k in range(50) if k not in on)
+    # with the pass's noise level (EDM sigma), the interval is (0.28, 5.42]: flow Euler at 10 steps guides t = 0.8..0.3
+    sched = NoiseSchedule(DiffusionConfig(objective="flow"))
+    ts = sched.sampler("euler", 10).timesteps
+    assert [i for i, t in enumerate(ts) if guidance_scale(3.0, "interval", 0.5, sched.edm_sigma(t)) == 3.0] == \
+        list(range(2, 8))
+    shifted = NoiseSchedule(DiffusionConfig(objective="flow", shift=3.0))  # noisier passes: the window moves later
+    ts = shifted.sampler("euler", 10).timesteps
+    assert min(i for i, t in enumerate(ts) if guidance_scale(3.0, "interval", 0.5, shifted.edm_sigma(t)) == 3.0) > 2
     with pytest.raises(ValueError, match="known: constant, linear, interval"):
         guidance_scale(3.0, "cosine", 0.5)
 

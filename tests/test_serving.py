@@ -362,8 +362,9 @@ def test_interval_guidance_skips_unconditional_rows_and_equals_computing_them(mo
         return fast, [summary(out[i])[1][0] for i in ids]
 
     fast, served = images()
-    # 10 passes at progress 0.1 .. 1.0: guided on 0.2 .. 0.7 (6 passes, 4 rows), unguided on 4 (2 rows)
-    assert rows[:10] == [2, 4, 4, 4, 4, 4, 4, 2, 2, 2]
+    # 10 DDIM passes at EDM sigma 2e4, 6.4, 3.1, 2.0, 1.4, 1.0, 0.74, 0.52, 0.34, 0.17: guided (4 rows) inside
+    # (0.28, 5.42], the conditional rows alone (2) outside
+    assert rows[:10] == [2, 2, 4, 4, 4, 4, 4, 4, 4, 2]
     assert 3 in rows[10:]  # in the scheduler: the interval request's lone row beside the constant one's two
     monkeypatch.setattr(DenoisingJob, "pass_guided", property(lambda self: self.guided))  # the naive path
     rows.clear()

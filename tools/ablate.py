@@ -123,7 +123,7 @@ def run_one(args: argparse.Namespace, name: str) -> dict:
                       num_caption=cfg.eval.num_caption if args.num_caption is None else args.num_caption,
                       batch_size=cfg.eval.batch_size, steps=cfg.sample.steps, guidance=cfg.sample.guidance,
                       sampler=cfg.sample.sampler, seed=0, max_caption_tokens=cfg.eval.max_caption_tokens,
-                      out_dir=run / "eval", progress=False)
+                      caption_guidance=cfg.eval.caption_guidance, out_dir=run / "eval", progress=False)
     (run / "eval" / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return {"variant": name, "description": VARIANTS[name][0], "overrides": VARIANTS[name][1],
             "steps": clock["steps"], "params_m": n_params / 1e6,

@@ -256,7 +256,8 @@ def ceiling_table(engine, args) -> list[dict]:
     def images_per_s(b: int) -> float:
         sched = Scheduler(engine, max_batch=b)
         params = [SamplingParams(max_tokens=1, ignore_eos=True, start_with_image=True, max_images=1,
-                                 steps=args.steps, guidance=args.guidance, seed=i) for i in range(b)]
+                                 steps=args.steps, guidance=args.guidance, guidance_schedule="constant", seed=i)
+                  for i in range(b)]
         for p in params:
             sched.submit("two green triangles", p)
         t0 = time.perf_counter()

@@ -43,8 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute precision on this machine: auto (bf16 on CUDA; on CPU bf16 only where a short probe "
                         "shows it faster than fp32), bf16 or fp32")
     args = p.parse_args(argv)
-    if args.caption_guidance is not None and not args.caption_guidance >= 0:
-        p.error("--caption-guidance must be >= 0")
+    if args.caption_guidance is not None and not 0 <= args.caption_guidance < float("inf"):
+        p.error("--caption-guidance must be a finite number >= 0")
     for name in ("num_t2i", "num_caption", "num_fid", "batch_size", "steps"):
         v = getattr(args, name)
         if v is not None and v < (1 if name in ("batch_size", "steps") else 0):

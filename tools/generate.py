@@ -48,8 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("nothing to do: give --prompt, --caption-image or --grid")
     if args.num_per_prompt < 1 or (args.steps is not None and args.steps < 1):
         p.error("--num-per-prompt and --steps must be positive")
-    if args.caption_guidance is not None and not args.caption_guidance >= 0:
-        p.error("--caption-guidance must be >= 0")
+    if args.caption_guidance is not None and not 0 <= args.caption_guidance < float("inf"):
+        p.error("--caption-guidance must be a finite number >= 0")
     return args
 
 

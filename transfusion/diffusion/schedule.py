@@ -101,6 +101,11 @@ class NoiseSchedule:
         abar = self.alphas_cumprod.to(t_N.device)[t_N.long()]
         return abar / (1 - abar)
 
+    def edm_sigma(self, t) -> float:
+        """The noise level of timestep ``t`` in EDM units, sigma = 1 / sqrt(SNR) (inf at pure noise)."""
+        snr = float(self.snr(torch.as_tensor(t).reshape(1))[0])
+        return float("inf") if snr == 0 else snr ** -0.5
+
     def loss_weight(self, t_N: Tensor, gamma: float) -> Tensor:
         """Min-SNR-gamma loss weights [N] (float32; Hang et al. 2023, arXiv 2303.09556): w = min(SNR, gamma) / c_t,
         where c_t is this objective's error scale at fixed x_t, |objective error|^2 = c_t |x0 error|^2 (epsilon:
@@ -184,22 +189,28 @@ class NoiseSchedule:
         return sched
 
 
-# Guidance only in the middle of the loop (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"): their
-# EDM2 interval sigma in (0.28, 5.42] is flow time t = sigma / (1 + sigma) in (0.22, 0.84], i.e. the share of a
-# uniform-time loop already done, 1 - t, in [0.16, 0.78). Early (pure-noise) steps and the last clean-up steps go
-# unguided.
+# Guidance only at middle noise levels (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"): their
+# EDM2 interval of the noise level sigma = 1 / sqrt(SNR). Passes at the noisiest levels and the last clean-up ones go
+# unguided. A head without one noise level per pass (MAR) gates on the share of its loop done instead: the same
+# interval in flow time t = sigma / (1 + sigma) is (0.22, 0.84], about the passes of a uniform loop with a share
+# done in (0.16, 0.78].
+GUIDANCE_SIGMAS = (0.28, 5.42)
 GUIDANCE_INTERVAL = (0.16, 0.78)
 
 
-def guidance_scale(guidance: float, schedule: str, progress: float) -> float:
-    """Classifier-free guidance scale at ``progress`` in (0, 1] of the sampling loop: ``constant`` keeps
-    ``guidance``; ``linear`` rises from 1 (no guidance) towards ``guidance``, reached at the last step; ``interval``
-    is ``guidance`` for progress in ``GUIDANCE_INTERVAL`` and 1 outside it."""
+def guidance_scale(guidance: float, schedule: str, progress: float, sigma: float | None = None) -> float:
+    """Classifier-free guidance scale at ``progress`` in (0, 1] of the sampling loop (the share done after this
+    pass): ``constant`` keeps ``guidance``; ``linear`` rises from 1 (no guidance) towards ``guidance``, reached at the
+    last step; ``interval`` is ``guidance`` where the pass's noise level ``sigma`` (EDM units) is in
+    ``GUIDANCE_SIGMAS`` and 1 elsewhere; without a ``sigma``, where ``progress`` is in ``GUIDANCE_INTERVAL``."""
     if schedule == "constant":
         return guidance
     if schedule == "linear":
         return 1.0 + (guidance - 1.0) * progress
     if schedule == "interval":
+        if sigma is not None:
+            lo, hi = GUIDANCE_SIGMAS
+            return guidance if lo < sigma <= hi else 1.0
         lo, hi = GUIDANCE_INTERVAL
         return guidance if lo < progress <= hi else 1.0
     raise ConfigError(f"unknown guidance schedule {schedule!r} (known: constant, linear, interval)")

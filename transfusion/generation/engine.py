@@ -267,10 +267,15 @@ class Engine:
 
     def _next_token_guided(self, h_ND: Tensor, prior_h_ND: Tensor, guidance: float, temperature: float,
                            generator: torch.Generator | None) -> Tensor:
+        tok = self.tok
         with torch.no_grad():
             logp = self.model.text_logits(torch.cat((h_ND, prior_h_ND))).float().cpu().log_softmax(-1)
         cond, prior = logp.chunk(2)
+        # In the prior's layout ([BOS] caption [BOI] image) a caption ends with BOI, not EOS: its end-of-caption
+        # probability is the two together, else guidance would reward EOS by (g - 1) times EOS's tiny prior.
+        prior[:, tok.eos_id] = torch.logaddexp(prior[:, tok.eos_id], prior[:, tok.boi_id])
         logits = prior + guidance * (cond - prior)
+        logits[:, [tok.pad_id, tok.bos_id, tok.boi_id, tok.image_id, tok.eoi_id]] = float("-inf")  # never caption text
         if temperature <= 0:
             return logits.argmax(-1)
         return torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]

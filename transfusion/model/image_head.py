@@ -118,8 +118,8 @@ class ImageJob:
     """A head's sampling of ``n`` images in progress. Each ``block_input`` / ``advance`` pair is one transformer pass
     over the image blocks; ``block_pass`` names the engine pass it needs (``Engine.image_block``): "prediction"
     (noisy blocks at timestep t -> the head's prediction) or "condition" (clean blocks with masked patches -> per-token
-    conditions). Under guidance a pass covers 2n rows, [conditional; unconditional], with the same inputs
-    (``rows``), and ``advance`` receives the output of all of them. All randomness comes from the job's generator."""
+    conditions). Under guidance (``pass_guided``) a pass covers 2n rows, [conditional; unconditional], with the same
+    inputs (``rows``), and ``advance`` receives the output of all of them. All randomness comes from the job's generator."""
 
     block_pass: str
     n: int
@@ -260,7 +260,10 @@ class DenoisingJob(ImageJob):
         self._pred: Tensor | None = None
 
     def _scale(self) -> float:
-        return guidance_scale(self.guidance, self.guidance_schedule, (self.index + 1) / self.total)
+        sigma = None
+        if self.guidance_schedule == "interval":  # gated by this pass's own noise level
+            sigma = self.schedule.edm_sigma(self.sched.timesteps[self.index])
+        return guidance_scale(self.guidance, self.guidance_schedule, (self.index + 1) / self.total, sigma)
 
     @property
     def pass_guided(self) -> bool:
