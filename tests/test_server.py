@@ -361,10 +361,9 @@ def test_bench_serve_runs_at_toy_size(tmp_path):
     assert [r["prefix_tokens"] for r in data["prefix"]] == sorted(r["prefix_tokens"] for r in data["prefix"])
     ceiling = data["ceiling"]  # in-process images/s and matmul rate at each batch's rows (64 image tokens, guided)
     assert [(r["requests"], r["rows_per_pass"]) for r in ceiling] == [(1, 128), (2, 256)]
-    assert ceiling[0]["images_ratio"] == 1.0 and all(r["images_per_s"] > 0 and r["matmul_gflops"] > 0
-                                                     for r in ceiling)
+    assert all(r["images_per_s"] > 0 and r["matmul_gflops"] > 0 for r in ceiling)
     assert [r["schedule"] for r in data["schedules"]] == ["constant", "interval"]
-    assert data["schedules"][0]["speedup"] == 1.0 and data["schedules"][1]["s_per_image"] > 0
+    assert all(r["s_per_image"] > 0 for r in data["schedules"])
     assert "CPU capability" in res.stdout and "| clients |" in res.stdout and "| requests per pass |" in res.stdout
 
 

@@ -32,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="denoising steps (default: sample.steps)")
     p.add_argument("--guidance", type=float, help="CFG scale (default: sample.guidance)")
     p.add_argument("--guidance-schedule", choices=("constant", "linear", "interval"), default=None,
-                   help="constant CFG scale, rising linearly from 1, or only in the middle of the loop (interval; default: sample.guidance_schedule)")
+                   help="constant CFG scale, rising linearly from 1, or only at middle noise levels (interval; "
+                        "default: sample.guidance_schedule)")
     p.add_argument("--caption-guidance", type=float,
                    help="caption guidance: weight of the image against the text prior, 1 = plain greedy decoding "
                         "(default: eval.caption_guidance)")

@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the export's sample.steps)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale, 1 = off (default: export's)")
     p.add_argument("--guidance-schedule", choices=("constant", "linear", "interval"), default=None,
-                   help="constant CFG scale, rising linearly from 1, or only in the middle of the loop (interval; default: sample.guidance_schedule)")
+                   help="constant CFG scale, rising linearly from 1, or only at middle noise levels (interval; "
+                        "default: sample.guidance_schedule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=48, help="caption length limit")
     p.add_argument("--caption-guidance", type=float, default=None,

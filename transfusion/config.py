@@ -241,7 +241,8 @@ class SampleConfig:
     sampler: Literal["ddim", "ddpm", "euler", "heun"] = "ddim"  # ddim / ddpm (epsilon, v); euler / heun (flow)
     steps: Positive = 50
     guidance: NonNegFloat = 3.0  # classifier-free guidance scale: 1 = off, 0 = unconditional
-    # "linear": the scale rises from 1 to `guidance`; "interval": `guidance` mid-loop only (schedule.GUIDANCE_INTERVAL)
+    # "linear": the scale rises from 1 to `guidance`; "interval": `guidance` at middle noise levels only
+    # (schedule.GUIDANCE_SIGMAS)
     guidance_schedule: Literal["constant", "linear", "interval"] = "constant"
     seed: Count = 0
     prompts: list[str] = field(default_factory=list)  # grid prompts; empty = held-out captions

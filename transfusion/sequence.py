@@ -66,6 +66,12 @@ def t2i_prompt_tokens(tokenizer: Tokenizer, caption: str | list[int]) -> list[in
     return [tokenizer.bos_id, *ids, tokenizer.boi_id]
 
 
+def never_text_ids(tokenizer: Tokenizer) -> list[int]:
+    """Ids that are never sampled as text: PAD, BOS, the image placeholder and EOI (BOI is the caller's choice: it
+    starts an image where images are allowed)."""
+    return [tokenizer.pad_id, tokenizer.bos_id, tokenizer.image_id, tokenizer.eoi_id]
+
+
 def caption_prompt_tokens(tokenizer: Tokenizer) -> list[int]:
     """``[BOS][BOI]``: the prefix of a captioning document; the engine appends the image block and ``EOI``."""
     return [tokenizer.bos_id, tokenizer.boi_id]

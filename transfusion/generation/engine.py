@@ -30,7 +30,7 @@ from transfusion.attention.masks import dense_mask
 from transfusion.batch import IGNORE_INDEX
 from transfusion.model.layers import KV
 from transfusion.precision import PROBE_ROWS, Precision, model_matmul_shapes, resolve_precision
-from transfusion.sequence import Sequence, caption_prompt_tokens, rows_to_batch, t2i_prompt_tokens
+from transfusion.sequence import Sequence, caption_prompt_tokens, never_text_ids, rows_to_batch, t2i_prompt_tokens
 
 
 @dataclass
@@ -274,21 +274,14 @@ class Engine:
         # In the prior's layout ([BOS] caption [BOI] image) a caption ends with BOI, not EOS: its end-of-caption
         # probability is the two together, else guidance would reward EOS by (g - 1) times EOS's tiny prior.
         prior[:, tok.eos_id] = torch.logaddexp(prior[:, tok.eos_id], prior[:, tok.boi_id])
-        logits = prior + guidance * (cond - prior)
-        logits[:, [tok.pad_id, tok.bos_id, tok.boi_id, tok.image_id, tok.eoi_id]] = float("-inf")  # never caption text
-        if temperature <= 0:
-            return logits.argmax(-1)
-        return torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
+        return _choose(prior + guidance * (cond - prior), temperature, generator,
+                       never_text_ids(tok) + [tok.boi_id])  # a caption holds no image
 
     def _next_token(self, h_ND: Tensor, temperature: float, generator: torch.Generator | None,
                     banned: list[int] | None = None) -> Tensor:
         with torch.no_grad():
             logits = self.model.text_logits(h_ND).float().cpu()
-        if banned:
-            logits[:, banned] = float("-inf")
-        if temperature <= 0:
-            return logits.argmax(-1)
-        return torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
+        return _choose(logits, temperature, generator, banned)
 
     # -- interleaved -----------------------------------------------------------------------------------------
     def generate(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, steps: int = 50,
@@ -303,7 +296,7 @@ class Engine:
         prefix = self.prefill([ids])
         uncond = self.prefill([caption_prompt_tokens(tok)]) if guidance != 1.0 else None
         images = 0
-        never = [tok.pad_id, tok.bos_id, tok.image_id, tok.eoi_id]  # not text; BOI only while images are allowed
+        never = never_text_ids(tok)  # BOI only while images are allowed
         for _ in range(max_tokens):
             nxt = self._next_token(prefix.last_h, temperature, gen, never + ([tok.boi_id] if images >= max_images
                                                                              else []))
@@ -332,6 +325,16 @@ class Engine:
             h, kv = self.model.trunk(h, pos, mask, past_kv=prefix.kv)
         valid = torch.cat((prefix.key_valid, torch.ones(n, P, dtype=torch.bool, device=self.device)), dim=1)
         return Prefix(kv, valid, prefix.next_pos + P, h[:, -1])
+
+
+def _choose(logits_NV: Tensor, temperature: float, generator: torch.Generator | None,
+            banned: list[int] | None = None) -> Tensor:
+    """One token per row from fp32 scores [N, V]: ``banned`` ids never, greedy at temperature 0, else sampled."""
+    if banned:
+        logits_NV[:, banned] = float("-inf")
+    if temperature <= 0:
+        return logits_NV.argmax(-1)
+    return torch.multinomial((logits_NV / temperature).softmax(-1), 1, generator=generator)[:, 0]
 
 
 def concat_prefixes(*prefixes: Prefix) -> Prefix:

@@ -258,16 +258,15 @@ class DenoisingJob(ImageJob):
         self.n, self.guided, self.guidance, self.guidance_schedule = x.shape[0], guided, guidance, guidance_schedule
         self.generator, self.index, self.total = generator, 0, len(sched.timesteps)
         self._pred: Tensor | None = None
-
-    def _scale(self) -> float:
-        sigma = None
-        if self.guidance_schedule == "interval":  # gated by this pass's own noise level
-            sigma = self.schedule.edm_sigma(self.sched.timesteps[self.index])
-        return guidance_scale(self.guidance, self.guidance_schedule, (self.index + 1) / self.total, sigma)
+        interval = guidance_schedule == "interval"  # gated by each pass's own noise level
+        self.scales = [guidance_scale(guidance, guidance_schedule, (i + 1) / self.total,
+                                      schedule.edm_sigma(t) if interval else None)
+                       for i, t in enumerate(sched.timesteps)]  # the guidance scale of every pass
 
     @property
     def pass_guided(self) -> bool:
-        return self.guided and self._scale() != 1.0  # at scale 1, unc + 1 (cond - unc) is cond: no unconditional rows
+        # at scale 1, unc + 1 (cond - unc) is cond: no unconditional rows
+        return self.guided and self.scales[self.index] != 1.0
 
     def block_input(self) -> tuple[Tensor, Tensor, Tensor | None]:
         return self.x, self.sched.timesteps[self.index], None
@@ -276,7 +275,7 @@ class DenoisingJob(ImageJob):
         t = self.sched.timesteps[self.index]
         if self.pass_guided:
             cond, unc = out.chunk(2)
-            out = unc + self._scale() * (cond - unc)
+            out = unc + self.scales[self.index] * (cond - unc)
         self._pred = out  # turned into a clean estimate only when a preview is asked for
         self._t, self._x_t = t, self.x
         self.x = self.sched.step(out, t, self.x, generator=self.generator).prev_sample

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from transfusion.generation.engine import Engine, Prefix, concat_prefixes
 from transfusion.model.image_head import ImageJob
-from transfusion.sequence import caption_prompt_tokens
+from transfusion.sequence import caption_prompt_tokens, never_text_ids
 
 Segment = Union[str, Tensor]  # text, or a pixel image [C, H, W] in [-1, 1] at the model's resolution
 
@@ -139,7 +139,7 @@ class Scheduler:
         self.stats = Stats()
         self._ids = itertools.count()
         tok = engine.tok
-        self._never = [tok.pad_id, tok.bos_id, tok.image_id, tok.eoi_id]
+        self._never = never_text_ids(tok)
         self._uncond: Prefix | None = None  # [BOS][BOI], the unconditional prefix every guided image shares
         self._text: list[Request] = []  # members of the stacked text batch, in row order
         self._text_prefix: Prefix | None = None
