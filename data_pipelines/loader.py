@@ -184,7 +184,7 @@ class PackedDataset(IterableDataset):
                 stream.counts = counts
         cfg = self.cfg
         packer = Packer(cfg.seq_len, cfg.batch_rows, self.tokenizer.pad_id, self.patch_grid, self.image_shape,
-                        latents=self.latents)
+                        latents=self.latents, policy=cfg.packing)
         try:
             while True:
                 position = stream.state_dict()  # before the sample: where a batch that carries it must resume

@@ -243,6 +243,24 @@ def test_pack_sequences_exact_matrices() -> None:
         pack_sequences([d0, d1, d2], seq_len=16, batch_rows=1, pad_id=PAD, patch_grid=(1, 2))
 
 
+def test_first_fit_fills_an_earlier_row_that_sequential_packing_has_closed() -> None:
+    def doc(key: str, caption: list[int], layout: str = T2I) -> object:
+        return build_sequence(TOK, key, torch.zeros(3, 2, 2), caption, patch_grid=(1, 2), layout=layout)
+
+    a, b, c, d = doc("a", [C], CAPTION), doc("b", [A, B]), doc("c", [A, B]), doc("d", [A, B])  # 7, 8, 8, 8 tokens
+    e = build_sequence(TOK, "e", torch.zeros(3, 2, 2), [A], patch_grid=(1, 2), layout=T2I, drop_caption=True)  # 6
+    packers = {policy: Packer(21, 2, PAD, (1, 2), policy=policy) for policy in ("first_fit", "sequential")}
+    for packer in packers.values():  # rows: [a b] (15 tokens), [c d] (16 tokens)
+        assert all(packer.add(s) for s in (a, b, c, d))
+    assert packers["first_fit"].add(e)  # 15 + 6 = 21 tokens: row 0 still has room
+    assert not packers["sequential"].add(e)  # only the last row is open: 16 + 6 > 21
+    batch = packers["first_fit"].emit()
+    assert batch.keys == ["a", "b", "e", "c", "d"] and batch.image_rows.tolist() == [0, 0, 0, 1, 1]
+    assert packers["sequential"].emit().keys == ["a", "b", "c", "d"]
+    with pytest.raises(ValueError, match="unknown packing policy"):
+        Packer(21, 2, PAD, (1, 2), policy="best")
+
+
 def test_loader_batches_are_consistent(tmp_path: Path) -> None:
     cfg = _cfg(_make_shards(tmp_path), num_workers=0)
     batch = next(iter(build_loader(cfg, TOK, (2, 2), seed=0)))

@@ -78,6 +78,8 @@ class DataConfig:
     image_size: Positive = 32  # images are fitted to image_size x image_size by data.resize (pixels, before any VAE)
     seq_len: Positive = 192  # tokens per packed row; at least one shortest document (checked at load)
     batch_rows: Positive = 16  # packed rows per micro-batch
+    packing: Literal["first_fit", "sequential"] = "first_fit"  # a document goes into the first row with room
+    # ("first_fit"), or only into the last row ("sequential", the packer before 2026-12-04); data_pipelines/packing.py
     num_workers: Count = 1  # DataLoader workers per data consumer (per rank x train.grad_accum)
     shuffle_buffer: Positive = 256  # block size of the deterministic windowed shuffle (1 = no shuffle)
     repeat: bool = True  # cycle over epochs (training); False = one finite pass
