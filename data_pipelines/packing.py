@@ -9,8 +9,8 @@ stream it starts (the loader's resume point):
 When no row has room and all ``batch_rows`` are open, the batch is full (``Packer.add`` returns False) and that
 document starts the next batch. With documents of 76-116 tokens in rows of 256 (the v3 latent recipe), first fit
 fills 83 % of the token slots where sequential fills 73 % (tools/bench_step.py's "useful tokens": 1.10x the document
-tokens per second at the same step time; README, "Precision and CPU speed"). The rows become a Batch in ``transfusion.sequence.rows_to_batch`` (padding, image placement, noise limits,
-hidden-span ids), the one row builder that the engine and the tests use too.
+tokens per second at the same step time; README, "Precision and CPU speed"). The rows become a Batch in
+``transfusion.sequence.rows_to_batch`` (padding, image placement, noise limits, hidden-span ids), the one row builder that the engine and the tests use too.
 
 Legend: B rows, L seq_len, N images in the batch.
 """
