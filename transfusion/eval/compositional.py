@@ -337,7 +337,8 @@ def markdown(report: dict) -> str:
             if split in c:
                 lines.append(f"| {split} (n={c[split]['n']}) | " + " | ".join(
                     "-" if c[split].get(k) is None else f"{c[split][k]:.3f}" for k in keys) + " |")
-        lines.append("")
+        lines += ["", "relation_accuracy counts only scenes captioned by a relation: the share whose caption states a "
+                  "relation that holds (\"A and B\" is a complete, exact caption of such a scene, but states none).", ""]
     if "caption_nll" in report:
         lines.append("caption NLL (bits per caption): " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                                    report["caption_nll"].items()))
