@@ -118,3 +118,16 @@ def test_synergy_tool_writes_its_table(shards, tmp_path):
     bad = subprocess.run([sys.executable, "tools/synergy.py", "--set", "model.nope=1", "--out", str(out)], cwd=REPO,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "model.nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_seen_substitution_names_only_training_compositions():
+    from transfusion.eval.compositional import names_seen_composition
+
+    # "blue square" is a held-out object; "purple square" occurs in training: the memorised fallback
+    assert not names_seen_composition("a blue square") and names_seen_composition("a purple square")
+    assert not names_seen_composition("three squares") and names_seen_composition("three circles")  # count-shape
+    assert not names_seen_composition("a circle above a square")  # a held-out relation triple, either phrasing
+    assert not names_seen_composition("a square below a circle") and names_seen_composition("a circle below a square")
+    assert not names_seen_composition("a red circle and a green square")  # a held-out pair of seen objects
+    assert names_seen_composition("a red circle and a blue circle") is False  # outside the grammar: same shape twice
+    assert not names_seen_composition("a blllow efle cyan ctriangle")  # outside the grammar

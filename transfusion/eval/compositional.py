@@ -95,6 +95,16 @@ def caption_attributes(text: str, refs: list[Prompt]) -> dict[str, bool]:
     return out
 
 
+def names_seen_composition(text: str) -> bool:
+    """Whether a caption is in the world's grammar and names only compositions that occur in training. For an image
+    of an unseen composition, a wrong caption of this kind is a substitution by a memorised one ("a blue square"
+    captioned "a purple square"): the report's ``seen_substitution``."""
+    try:
+        return not is_unseen(parse_prompt(text))
+    except ValueError:
+        return False
+
+
 def _split(values: Sequence, unseen: Sequence[bool]) -> dict[str, list]:
     return {"seen": [v for v, u in zip(values, unseen) if not u], "unseen": [v for v, u in zip(values, unseen) if u],
             "all": list(values)}
@@ -179,6 +189,8 @@ def evaluate_v3(engine, samples: list, *, num_t2i: int, num_caption: int, num_fi
                 vals = [attrs[i][a] for i in idx if a in attrs[i]]
                 if vals:
                     sec[f"{a}_accuracy"] = _mean(vals)
+            if split == "unseen":  # wrong captions that fall back on a composition seen in training
+                sec["seen_substitution"] = _mean([not exact[i] and names_seen_composition(texts[i]) for i in idx])
             ref_texts = [[r.text for r in all_refs[i]] for i in idx]
             b4 = bleu([texts[i] for i in idx], ref_texts)[3]
             sec["bleu4"] = None if b4 != b4 else b4  # NaN (no 4-gram at all) -> null in JSON
@@ -339,6 +351,10 @@ def markdown(report: dict) -> str:
                     "-" if c[split].get(k) is None else f"{c[split][k]:.3f}" for k in keys) + " |")
         lines += ["", "relation_accuracy counts only scenes captioned by a relation: the share whose caption states a "
                   "relation that holds (\"A and B\" is a complete, exact caption of such a scene, but states none).", ""]
+        sub = c.get("unseen", {}).get("seen_substitution")
+        if sub is not None:
+            lines += [f"seen_substitution: {sub:.3f} of the {c['unseen']['n']} images of unseen compositions get a "
+                      "wrong caption that names only compositions seen in training (the memorised fallback).", ""]
     if "caption_nll" in report:
         lines.append("caption NLL (bits per caption): " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                                    report["caption_nll"].items()))
