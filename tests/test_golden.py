@@ -1,9 +1,10 @@
 """The tiny recipe's export after 50 seeded fp32 steps, pinned bit for bit by a checksum of its tensors.
 
 Refactors that claim to keep behaviour (moving the sequence format, the image heads, the checkpoint manager) must
-keep this checksum. Float results depend on the matmul kernels, so the pin is per kernel environment: the CPU vendor
-(MKL and oneDNN take different code paths on Intel and AMD at the same capability), torch's CPU capability, the MKL / oneDNN instruction limits, the thread count and the torch version. On an environment with no
-recorded checksum the test is skipped (and says so); record one with
+keep this checksum. Float results depend on the matmul kernels, so the pin is per kernel environment: the CPU
+vendor (MKL and oneDNN take different code paths on Intel and AMD at the same capability), torch's CPU capability,
+the MKL / oneDNN instruction limits, the thread count and the torch version. On an environment with no recorded
+checksum the test is skipped (and says so); record one with
 
     TRANSFUSION_RECORD_GOLDEN=1 python -m pytest tests/test_golden.py -s
 
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.slow
 # (vendor, capability, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, threads, torch) -> sha256 of the export's tensors.
 # Intel: recorded at commit 12603e2 (the tiny recipe after issue 9) on the 2-core Xeon development VM, natively and
 # under the AVX2 emulation of `make demo-avx2`; each was the same in two runs. AMD: recorded on a 2-core AMD EPYC VM
-# (AVX512, avx512_bf16, no AMX) at e242726, whose training code is 8c50ce7's; the same in two runs (CI and by hand).
+# (AVX512, avx512_bf16, no AMX) on a clean clone of 52c5be1 and again by hand at f6d7fa4 (training code as at
+# 8c50ce7 in both): the same digest.
 GOLDEN: dict[tuple[str, str, str, str, int, str], str] = {
     ("GenuineIntel", "AVX512", "", "", 2, "2.13.0"): "cee5d5b2efdb73ca4dafe8445090b274e1511d88e4019ec0993a9d5dc8dfb771",
     ("GenuineIntel", "AVX2", "AVX2", "AVX2", 2, "2.13.0"):
@@ -36,19 +38,11 @@ GOLDEN: dict[tuple[str, str, str, str, int, str], str] = {
 }
 
 
-def cpu_vendor() -> str:
-    """The CPU vendor string of /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), or "" where there is none."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def environment() -> tuple[str, str, str, str, int, str]:
-    return (cpu_vendor(), torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+    from transfusion.precision import cpu_features
+
+    cpu = cpu_features()
+    return (cpu["vendor"], cpu["capability"], os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
             os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""), 2, torch.__version__.split("+")[0])
 
 

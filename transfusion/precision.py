@@ -179,9 +179,10 @@ def _peak(device: str, dtype: torch.dtype, shapes: tuple[Shape, ...]) -> float:
 
 
 def cpu_features() -> dict:
-    """The CPU facts that decide matmul speed: torch's kernel capability and the relevant ISA flags."""
+    """The CPU facts that decide matmul speed: torch's kernel capability, the relevant ISA flags and the vendor
+    ("GenuineIntel", "AuthenticAMD"; "" where /proc/cpuinfo has none)."""
     flags: set[str] = set()
-    model = ""
+    model = vendor = ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -189,11 +190,13 @@ def cpu_features() -> dict:
                     flags = set(line.split(":", 1)[1].split())
                 elif line.startswith("model name") and not model:
                     model = line.split(":", 1)[1].strip()
+                elif line.startswith("vendor_id") and not vendor:  # MKL / oneDNN pick code paths by vendor too
+                    vendor = line.split(":", 1)[1].strip()
     except OSError:
         pass
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
     limits = {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k)}
-    return {"capability": torch.backends.cpu.get_cpu_capability(), "model": model,
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "model": model, "vendor": vendor,
             "flags": [f for f in wanted if f in flags], "isa_limits": limits, "threads": torch.get_num_threads()}
 
 
