@@ -51,6 +51,10 @@ def test_report_v2_end_to_end(shards, tmp_path):
     assert 0.0 <= g["overall.all"] <= 1.0
     assert {"seen", "all"} <= set(report["caption"]) and "exact_match" in report["caption"]["all"]
     assert report["caption_nll"]["all"] > 0
+    for split, sec in report["caption"].items():  # substitutions are wrong captions, and only of unseen images
+        assert ("seen_substitution" in sec) == (split == "unseen")
+        if split == "unseen":
+            assert 0.0 <= sec["seen_substitution"] <= 1.0 - sec["exact_match"] + 1e-9
     assert list(report["diffusion"]) == ["t0-250", "t250-500", "t500-750", "t750-1000"]
     assert report["fid"]["n"] == 3 and report["fid"]["fid"] >= 0 and "fid_floor" in report["fid"]
     md = (run / "eval" / "report.md").read_text()
@@ -129,5 +133,5 @@ def test_seen_substitution_names_only_training_compositions():
     assert not names_seen_composition("a circle above a square")  # a held-out relation triple, either phrasing
     assert not names_seen_composition("a square below a circle") and names_seen_composition("a circle below a square")
     assert not names_seen_composition("a red circle and a green square")  # a held-out pair of seen objects
-    assert names_seen_composition("a red circle and a blue circle") is False  # outside the grammar: same shape twice
+    assert not names_seen_composition("a red circle and a blue circle")  # outside the grammar: same shape twice
     assert not names_seen_composition("a blllow efle cyan ctriangle")  # outside the grammar

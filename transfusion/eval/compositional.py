@@ -349,8 +349,9 @@ def markdown(report: dict) -> str:
             if split in c:
                 lines.append(f"| {split} (n={c[split]['n']}) | " + " | ".join(
                     "-" if c[split].get(k) is None else f"{c[split][k]:.3f}" for k in keys) + " |")
-        lines += ["", "relation_accuracy counts only scenes captioned by a relation: the share whose caption states a "
-                  "relation that holds (\"A and B\" is a complete, exact caption of such a scene, but states none).", ""]
+        lines += ["", "relation_accuracy counts only scenes captioned by a relation: the share whose caption states "
+                  "a relation that holds (\"A and B\" is a complete, exact caption of such a scene, but states none).",
+                  ""]
         sub = c.get("unseen", {}).get("seen_substitution")
         if sub is not None:
             lines += [f"seen_substitution: {sub:.3f} of the {c['unseen']['n']} images of unseen compositions get a "
