@@ -17,12 +17,20 @@ Held-out compositions (``HELDOUT``), absent from every training scene, image and
     color-shape pairs    6 of the 18 (color, shape) objects never appear in training at all
     count-shape pairs    "three squares", "four triangles" (of any color) never appear in training
     relation triples     (circle, above, square) and (triangle, left of, circle): never captioned in training, in
-                         either phrasing ("a square below a circle" is the same triple)
+                         either phrasing ("a square below a circle" is the same triple), and never *visible* in a
+                         training image either: no two objects of a training scene (nor of an interleaved document's
+                         images) stand in a held-out relation under GenEval's rule (``visible_relations``, the judge's
+                         rule, checked with a slack of RELATION_SLACK for pixelisation). Before this rule 710 of the
+                         demo's 20,000 training scenes showed one without saying so.
     object pairs         5 pairs of seen objects never appear together in a training scene
 
-The held-out split draws both *seen* and *unseen* prompts (per GenEval tag, ``TAGS``); ``is_unseen(prompt)`` says
-which. A render of the held-out split that is byte-identical to a training render is never written (the shard writer
-checks hashes), so "held out" holds by content, not by file name.
+``unseen_kinds(prompt)`` names which of the four kinds (``UNSEEN_KINDS``: object, count_shape, relation, object_pair)
+make a prompt unseen. The held-out split is stratified by index (``HELDOUT_STRATA``): of every 8 consecutive samples,
+4 are unseen, one of each kind and unseen by that kind alone, and 4 are seen, cycling through the six GenEval tags
+(``TAGS``); so any 8k first samples hold k images of each unseen kind (the default evaluation's 300: >= 37 each, less
+any duplicate of a training render skipped by the writer). ``is_unseen(prompt)`` says whether a prompt is unseen. A
+render of the held-out split that is byte-identical to a training render is never written (the shard writer checks
+hashes), so "held out" holds by content, not by file name.
 
 Sizes: object half-size in [0.12, 0.19] of the image side; objects do not overlap (boxes keep a gap of 0.03). At
 32 px (the default, the single-object world's size) the smallest object is ~8 px across; the strict judge reads
@@ -50,6 +58,14 @@ INVERSE = {"to the left of": "to the right of", "to the right of": "to the left 
            "below": "above"}
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 KINDS = ("single", "pair", "relation", "count")
+UNSEEN_KINDS = ("object", "count_shape", "relation", "object_pair")
+# Of every len(HELDOUT_STRATA) consecutive held-out samples: one unseen by each kind alone, then `None` slots that
+# draw seen prompts, cycling through TAGS.
+HELDOUT_STRATA: tuple[str | None, ...] = (*UNSEEN_KINDS, None, None, None, None)
+POSITION_MARGIN = 0.1  # GenEval's POSITION_THRESHOLD: each axis offset shrinks by this x the two boxes' sizes
+RELATION_SLACK = 0.05  # training scenes avoid held-out relations down to a normalised offset of 0.5 - this
+# Raised whenever the samples drawn for a seed change, so a dataset made by an older generator is not taken as current.
+GENERATOR_REVISION = 2
 
 
 def plural(shape: str) -> str:
@@ -121,16 +137,25 @@ def make_prompt(tag: str, objects: tuple[tuple[str | None, str], ...], relation:
     return Prompt(prompt_text(tag, objects, relation), tag, objects, relation)
 
 
+def unseen_kinds(p: Prompt) -> frozenset[str]:
+    """Which held-out compositions (``UNSEEN_KINDS``) the prompt states: a held-out colored object, a held-out count
+    of a shape, a held-out relation triple, a held-out pair of objects. Empty for a seen prompt."""
+    colored = [(c, s) for c, s in p.objects if c is not None]
+    kinds = set()
+    if any(o in HELDOUT.color_shape for o in colored):
+        kinds.add("object")
+    if p.tag == "counting" and (len(p.objects), p.objects[0][1]) in HELDOUT.count_shape:
+        kinds.add("count_shape")
+    if p.tag == "position" and (p.objects[0][1], p.relation, p.objects[1][1]) in HELDOUT.relation:
+        kinds.add("relation")
+    if len(colored) == 2 and frozenset(colored) in HELDOUT.object_pairs:
+        kinds.add("object_pair")
+    return frozenset(kinds)
+
+
 def is_unseen(p: Prompt) -> bool:
     """Whether the prompt asks for a held-out composition (never in training)."""
-    colored = [(c, s) for c, s in p.objects if c is not None]
-    if any(o in HELDOUT.color_shape for o in colored):
-        return True
-    if p.tag == "counting" and (len(p.objects), p.objects[0][1]) in HELDOUT.count_shape:
-        return True
-    if p.tag == "position" and (p.objects[0][1], p.relation, p.objects[1][1]) in HELDOUT.relation:
-        return True
-    return len(colored) == 2 and frozenset(colored) in HELDOUT.object_pairs
+    return bool(unseen_kinds(p))
 
 
 # -- scenes ------------------------------------------------------------------------------------------------------
@@ -160,15 +185,59 @@ def relation_holds(relation: str, a: ShapeObject, b: ShapeObject, dominance: flo
     return along > 0 and along >= dominance * abs(across)
 
 
-def _objects(rng: random.Random, specs: list[tuple[str, str]], relation: str | None = None) -> list[ShapeObject]:
+def visible_relations(a_center: tuple[float, float], a_size: tuple[float, float], b_center: tuple[float, float],
+                      b_size: tuple[float, float], threshold: float = 0.5) -> set[str]:
+    """GenEval's relative-position rule (the judge's): the relations of box a to box b ("to the left of", "above",
+    ...) from box centres and sizes (x right, y down, any unit): each axis offset is shrunk by POSITION_MARGIN x (a's
+    size + b's size) on that axis and normalised by the centres' distance; a relation holds when its normalised
+    component is beyond ``threshold``. Two relations can hold at once (up and to the left)."""
+    off = (a_center[0] - b_center[0], a_center[1] - b_center[1])
+    revised = [max(abs(o) - POSITION_MARGIN * (sa + sb), 0.0) * (1 if o > 0 else -1 if o < 0 else 0)
+               for o, sa, sb in zip(off, a_size, b_size)]
+    if all(abs(r) < 1e-3 for r in revised):
+        return set()
+    dist = (off[0] ** 2 + off[1] ** 2) ** 0.5
+    dx, dy = revised[0] / dist, revised[1] / dist
+    rel = set()
+    if dx < -threshold:
+        rel.add("to the left of")
+    if dx > threshold:
+        rel.add("to the right of")
+    if dy < -threshold:
+        rel.add("above")
+    if dy > threshold:
+        rel.add("below")
+    return rel
+
+
+def object_relations(a: ShapeObject, b: ShapeObject, threshold: float = 0.5) -> set[str]:
+    """``visible_relations`` of two scene objects (unit coordinates, square boxes of side 2 x half-size)."""
+    return visible_relations((a.cx, a.cy), (2 * a.half_size,) * 2, (b.cx, b.cy), (2 * b.half_size,) * 2, threshold)
+
+
+def shows_heldout_relation(objs: list[ShapeObject], slack: float = RELATION_SLACK) -> bool:
+    """Whether any two objects stand in a held-out relation triple under GenEval's rule, with ``slack`` below its 0.5
+    threshold so that pixelisation cannot make a judge see one that the geometry does not."""
+    return any((a.shape, r, b.shape) in HELDOUT.relation
+               for a in objs for b in objs if a is not b and a.shape != b.shape
+               for r in object_relations(a, b, 0.5 - slack))
+
+
+def _objects(rng: random.Random, specs: list[tuple[str, str]], relation: str | None = None,
+             avoid_heldout_relations: bool = False) -> list[ShapeObject]:
+    """Objects of the given (color, shape) specs placed apart; with ``relation``, objects[0] stands in it to
+    objects[1] (the generator's rule); with ``avoid_heldout_relations``, no two objects show a held-out relation."""
     while True:
         halves = [round(rng.uniform(*HALF_SIZE_RANGE), 4) for _ in specs]
         centers = _place(rng, halves)
         if centers is None:
             continue
         objs = [ShapeObject(s, c, "", cx, cy, h) for (c, s), (cx, cy), h in zip(specs, centers, halves)]
-        if relation is None or relation_holds(relation, objs[0], objs[1]):
-            return objs
+        if relation is not None and not relation_holds(relation, objs[0], objs[1]):
+            continue
+        if avoid_heldout_relations and shows_heldout_relation(objs):
+            continue
+        return objs
 
 
 def sample_training_scene(rng: random.Random) -> tuple[Scene, Prompt]:
@@ -185,18 +254,18 @@ def sample_training_scene(rng: random.Random) -> tuple[Scene, Prompt]:
             if (n, obj[1]) in HELDOUT.count_shape:
                 continue
             prompt = make_prompt("counting", (obj,) * n)
-            return Scene(_objects(rng, [obj] * n)), prompt
+            return Scene(_objects(rng, [obj] * n)), prompt  # one shape: no relation between two shapes
         a, b = rng.choice(SEEN_OBJECTS), rng.choice(SEEN_OBJECTS)
         if a[1] == b[1] or frozenset((a, b)) in HELDOUT.object_pairs:
             continue
         if kind == "pair":
             prompt = make_prompt("color_attr", (a, b))
-            return Scene(_objects(rng, [a, b])), prompt
+            return Scene(_objects(rng, [a, b], avoid_heldout_relations=True)), prompt
         relation = rng.choice(RELATIONS)
         if (a[1], relation, b[1]) in HELDOUT.relation:
             continue
         prompt = make_prompt("position", (a, b), relation)
-        return Scene(_objects(rng, [a, b], relation)), prompt
+        return Scene(_objects(rng, [a, b], relation, avoid_heldout_relations=True)), prompt
 
 
 def drop_colors(p: Prompt) -> Prompt:
@@ -234,7 +303,8 @@ def all_eval_prompts() -> list[Prompt]:
 
 def scene_for_prompt(rng: random.Random, p: Prompt) -> Scene:
     """A ground-truth scene for an eval prompt. Colors the prompt leaves free are drawn so that every object and
-    object pair is a seen one: the prompt's own composition is the only thing that can be unseen."""
+    object pair is a seen one, and no held-out relation shows unless the prompt states it: the prompt's own
+    composition is the only thing that can be unseen."""
     while True:
         specs = [(c or rng.choice([c2 for c2, s2 in SEEN_OBJECTS if s2 == s]), s) for c, s in p.objects]
         if p.tag == "counting":  # "three circles": alike objects, one color
@@ -242,7 +312,7 @@ def scene_for_prompt(rng: random.Random, p: Prompt) -> Scene:
         stated = [(c, s) for c, s in p.objects if c is not None]
         if len(specs) == 2 and len(stated) < 2 and frozenset(specs) in HELDOUT.object_pairs:
             continue
-        return Scene(_objects(rng, specs, p.relation))
+        return Scene(_objects(rng, specs, p.relation, avoid_heldout_relations="relation" not in unseen_kinds(p)))
 
 
 # -- samples -----------------------------------------------------------------------------------------------------
@@ -262,19 +332,30 @@ def training_sample(index: int, seed: int, size: int = IMAGE_SIZE, uncolored_sha
     return f"train-{index:08d}", render(scene, size), prompt.text, record
 
 
-def heldout_sample(index: int, seed: int, size: int = IMAGE_SIZE, unseen_share: float = 0.5):
-    """(key, image, caption, record) for held-out sample ``index``: a tag drawn uniformly, then an unseen prompt of
-    that tag with probability ``unseen_share`` (when the tag has any), else a seen one; ``record["unseen"]``."""
-    rng = random.Random(sample_seed(seed, "heldout", index))
+def heldout_prompt(index: int, rng: random.Random) -> Prompt:
+    """The prompt of held-out sample ``index``, by its stratum (``HELDOUT_STRATA``): for an unseen kind, a tag drawn
+    uniformly among the tags that have prompts unseen by that kind alone, then one of those prompts; for a seen slot,
+    the next tag in TAGS' cycle, then one of its seen prompts."""
+    slot, block = index % len(HELDOUT_STRATA), index // len(HELDOUT_STRATA)
+    kind = HELDOUT_STRATA[slot]
     prompts = all_eval_prompts()
-    tag = rng.choice(TAGS)
-    pool = [p for p in prompts if p.tag == tag]
-    unseen = [p for p in pool if is_unseen(p)]
-    seen = [p for p in pool if not is_unseen(p)]
-    prompt = rng.choice(unseen if unseen and rng.random() < unseen_share else seen)
+    if kind is not None:
+        pool = [p for p in prompts if unseen_kinds(p) == {kind}]
+        tag = rng.choice(sorted({p.tag for p in pool}, key=TAGS.index))
+        return rng.choice([p for p in pool if p.tag == tag])
+    seen_slots = HELDOUT_STRATA.count(None)
+    tag = TAGS[(block * seen_slots + HELDOUT_STRATA[:slot].count(None)) % len(TAGS)]
+    return rng.choice([p for p in prompts if p.tag == tag and not is_unseen(p)])
+
+
+def heldout_sample(index: int, seed: int, size: int = IMAGE_SIZE):
+    """(key, image, caption, record) for held-out sample ``index``: a prompt of its stratum (``heldout_prompt``) and a
+    ground-truth scene for it; ``record["unseen"]`` and ``record["unseen_kinds"]``."""
+    rng = random.Random(sample_seed(seed, "heldout", index))
+    prompt = heldout_prompt(index, rng)
     scene = scene_for_prompt(rng, prompt)
     record = {**scene.to_dict(), "caption": prompt.text, "prompt": prompt.to_dict(), "unseen": is_unseen(prompt),
-              "image_size": size, "world": WORLD_VERSION}
+              "unseen_kinds": sorted(unseen_kinds(prompt)), "image_size": size, "world": WORLD_VERSION}
     return f"heldout-{index:08d}", render(scene, size), prompt.text, record
 
 
@@ -340,7 +421,7 @@ def interleaved_sample(index: int, seed: int, size: int = IMAGE_SIZE):
         a, b = rng.choice(SEEN_OBJECTS), rng.choice(SEEN_OBJECTS)
         if a[1] != b[1] and frozenset((a, b)) not in HELDOUT.object_pairs:
             break
-    first, second = _objects(rng, [a, b])
+    first, second = _objects(rng, [a, b], avoid_heldout_relations=True)
     relation = next((r for r in RELATIONS if relation_holds(r, second, first)
                      and (b[1], r, a[1]) not in HELDOUT.relation), None)
     then = f"then {object_phrase(*b)} appears" + (f" {relation} it" if relation else "")

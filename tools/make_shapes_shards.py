@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     params = {"world_version": world_version, "seed": args.seed, "image_size": args.image_size,
               "shard_size": args.shard_size, "train_samples": args.train_samples,
               "heldout_samples": args.heldout_samples,
-              **({"interleaved_share": args.interleaved_share} if args.world == 3 else {})}
+              **({"interleaved_share": args.interleaved_share, "generator_revision": scenes.GENERATOR_REVISION}
+                 if args.world == 3 else {})}
     manifest_path = out / MANIFEST
     if manifest_path.exists():
         try:
