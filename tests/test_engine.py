@@ -103,11 +103,10 @@ def _naive_guided_caption(model, image, guidance: float, max_tokens: int) -> lis
         with torch.no_grad():
             cond = model.text_logits(h_cond[-1]).float().log_softmax(-1)
             prior = model.text_logits(h_prior[-1]).float().log_softmax(-1)
-        if guidance != 1.0:  # the prior's caption ends with EOS or BOI; special ids are never caption text
+        if guidance != 1.0:  # the prior's caption ends with EOS or BOI
             prior[TOK.eos_id] = torch.logaddexp(prior[TOK.eos_id], prior[TOK.boi_id])
-        scores = prior + guidance * (cond - prior)
-        if guidance != 1.0:
-            scores[[TOK.pad_id, TOK.bos_id, TOK.boi_id, TOK.image_id, TOK.eoi_id]] = float("-inf")
+        scores = prior + guidance * (cond - prior) if guidance != 1.0 else cond
+        scores[[TOK.pad_id, TOK.bos_id, TOK.boi_id, TOK.image_id, TOK.eoi_id]] = float("-inf")  # never caption text
         tok = int(scores.argmax())
         if tok == TOK.eos_id:
             break
@@ -130,3 +129,27 @@ def test_caption_guidance_matches_naive_reference_and_brackets_the_prior():
     # guidance 0 is the text prior alone, the same for every image; the image's evidence, amplified, changes choices
     assert len(set(seqs[0.0])) == 1 and len(set(seqs[1.0])) > 1
     assert seqs[3.0] != seqs[1.0]
+
+
+def test_captions_ban_the_same_special_ids_at_every_guidance():
+    """Special ids (PAD, BOS, BOI, the image placeholder, EOI) made the likeliest tokens: plain greedy captioning
+    (guidance 1) never emits them, as the guided decoder does not, so "guidance 1 vs > 1" compares one decoder at two
+    scales; the guided machinery at guidance 1 (the prior computed, then weighed by 1) chooses as the plain path."""
+    model = tiny_model()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    specials = [TOK.pad_id, TOK.bos_id, TOK.boi_id, TOK.image_id, TOK.eoi_id]
+    bias = torch.zeros(TOK.vocab_size)
+    bias[specials] = torch.tensor([50.0, 40.0, 30.0, 20.0, 10.0])  # every special id above every text id
+    logits = model.text_logits
+    model.text_logits = lambda h: logits(h) + bias.to(h.device)
+    eng = engine(model)
+    imgs = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    head = [TOK.bos_id, TOK.boi_id] + [TOK.image_id] * P + [TOK.eoi_id]
+    prefix = eng.prefill([head] * 3, imgs, [(i, 2) for i in range(3)])
+    with torch.no_grad():
+        assert set(model.text_logits(prefix.last_h).argmax(-1).tolist()) <= set(specials)  # unbanned: a special
+    plain = eng.decode_text(prefix, 6)
+    guided_at_one = eng.decode_text(prefix, 6, prior=eng.prefill([[TOK.bos_id]] * 3), guidance=1.0)
+    assert plain == guided_at_one and all(plain) and not set(specials) & {t for ids in plain for t in ids}
+    want = [_naive_guided_caption(model, im, 1.0, 6) for im in imgs]
+    assert plain == want and eng.caption(imgs, 6) == [TOK.decode(ids) for ids in want]

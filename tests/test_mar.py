@@ -239,3 +239,39 @@ def test_exports_from_before_the_head_module_load_unchanged(tmp_path):
     z = torch.randn(3, 32)
     with torch.no_grad():
         assert torch.equal(fresh.image_head.denoiser(x, t, z), model.image_head.denoiser(x, t, z))
+
+
+def test_interval_guidance_gates_on_the_share_of_the_loop_not_of_the_patches(monkeypatch):
+    """MAR has no noise level per pass: the interval schedule guides the passes whose share of the loop done,
+    (k + 1) / K, is in GUIDANCE_INTERVAL (as the schedule's docs say), not by the share of patches revealed, which the
+    cosine schedule holds behind it (16 patches in 8 passes: pass 1 is 25 % of the loop but 2 / 16 patches). The
+    linear schedule keeps rising with the revealed share (the MAR reference's)."""
+    from transfusion.diffusion.schedule import GUIDANCE_INTERVAL
+
+    grid, K = (4, 4), 8
+    model = wake(mar_model(num_iter=K))
+    eng = Engine(model, TOK, NoiseSchedule(DiffusionConfig()), PixelCodec(), grid, torch.device("cpu"),
+                 precision="fp32")
+    scales: list[float] = []
+
+    def record(engine, z, m, both, w, sampler, steps, generator):  # the scale each pass samples its patches at
+        scales.append(w)
+        return torch.zeros(m, model.image_head.denoiser.out.out_features)
+
+    monkeypatch.setattr(model.image_head, "sample_tokens", record)
+    cond = eng.prefill([[TOK.bos_id] + TOK.encode("red") + [TOK.boi_id]])
+    unc = eng.prefill([[TOK.bos_id, TOK.boi_id]])
+    counts = reveal_counts(16, K)
+    revealed = [sum(counts[:k + 1]) / 16 for k in range(K)]
+    lo, hi = GUIDANCE_INTERVAL
+    for schedule in ("interval", "linear"):
+        scales.clear()
+        model.image_head.sample(eng, cond, uncond=unc, guidance=3.0, sampler=None, steps=2,
+                                generator=torch.Generator().manual_seed(0), guidance_schedule=schedule)
+        if schedule == "interval":
+            by_loop = [3.0 if lo < (k + 1) / K <= hi else 1.0 for k in range(K)]
+            by_patches = [3.0 if lo < r <= hi else 1.0 for r in revealed]
+            assert by_loop != by_patches  # the two rules disagree here: the test tells them apart
+            assert scales == by_loop
+        else:
+            assert scales == pytest.approx([1.0 + 2.0 * r for r in revealed])

@@ -13,7 +13,7 @@ from helpers import GRID, TOK, make_batch
 
 from transfusion.attention.backends import build_attention_mask
 from transfusion.config import ConfigError, DiffusionConfig, LossConfig, ModelConfig, load_config
-from transfusion.diffusion.schedule import NoiseSchedule, guidance_scale
+from transfusion.diffusion.schedule import NoiseSchedule, guidance_scale, guidance_sigmas
 from transfusion.generation.engine import Engine
 from transfusion.latents.vae import PixelCodec
 from transfusion.model import build_model
@@ -97,16 +97,42 @@ def test_guidance_schedules():
     on = [k for k in range(50) if guidance_scale(3.0, "interval", (k + 1) / 50) == 3.0]
     assert on == list(range(8, 39)) and all(guidance_scale(3.0, "interval", (k + 1) / 50) == 1.0
                                             for k in range(50) if k not in on)
-    # with the pass's noise level (EDM sigma), the interval is (0.28, 5.42]: flow Euler at 10 steps guides t = 0.8..0.3
+    # with the pass's noise level (EDM sigma) of data at EDM2's std 0.5, the interval is (0.28, 5.42]: flow Euler at
+    # 10 steps guides t = 0.8..0.3
     sched = NoiseSchedule(DiffusionConfig(objective="flow"))
     ts = sched.sampler("euler", 10).timesteps
-    assert [i for i, t in enumerate(ts) if guidance_scale(3.0, "interval", 0.5, sched.edm_sigma(t)) == 3.0] == \
-        list(range(2, 8))
+    on = lambda s, ts, std: [i for i, t in enumerate(ts)  # noqa: E731
+                             if guidance_scale(3.0, "interval", 0.5, s.edm_sigma(t), data_std=std) == 3.0]
+    assert on(sched, ts, 0.5) == list(range(2, 8))
+    assert on(sched, ts, 1.0) == list(range(1, 6))  # unit-std data: (0.56, 10.84], noisier passes (t = 0.89..0.45)
     shifted = NoiseSchedule(DiffusionConfig(objective="flow", shift=3.0))  # noisier passes: the window moves later
-    ts = shifted.sampler("euler", 10).timesteps
-    assert min(i for i, t in enumerate(ts) if guidance_scale(3.0, "interval", 0.5, shifted.edm_sigma(t)) == 3.0) > 2
+    assert min(on(shifted, shifted.sampler("euler", 10).timesteps, 0.5)) > 2
+    with pytest.raises(ValueError, match="data std"):
+        guidance_scale(3.0, "interval", 0.5, 1.0)  # a noise level without the scale it is measured in
     with pytest.raises(ValueError, match="known: constant, linear, interval"):
         guidance_scale(3.0, "cosine", 0.5)
+
+
+def test_interval_window_is_measured_in_the_data_std():
+    """The noise window is EDM2's (0.28, 5.42] at EDM2's data std 0.5, bit for bit (the decisions of the unscaled
+    gate, boundaries included), and moves with the data's std: data of std s is gated at sigma / s as EDM2's latents
+    were at sigma / 0.5."""
+    assert guidance_sigmas(0.5) == (0.28, 5.42)
+    assert guidance_sigmas(1.0) == pytest.approx((0.56, 10.84)) and guidance_sigmas(0.25) == pytest.approx((0.14, 2.71))
+    sigmas = [0.0, 0.1, 0.14, 0.2, 0.28, 0.2800001, 0.3, 0.5, 0.56, 0.6, 1.0, 2.71, 3.0, 5.42, 5.4200001, 6.0, 10.0,
+              10.84, 11.0, 1e4, float("inf")]
+    old = [3.0 if 0.28 < s <= 5.42 else 1.0 for s in sigmas]  # the gate before the window knew the data's std
+    assert [guidance_scale(3.0, "interval", 0.5, s, data_std=0.5) for s in sigmas] == old
+    for std in (0.25, 0.42, 1.0, 2.0):
+        # the naive rule: compare the noise-to-signal ratio sigma / std with EDM2's window over its std 0.5
+        want = [3.0 if 0.28 / 0.5 < s / std <= 5.42 / 0.5 else 1.0 for s in sigmas]
+        interior = [i for i, s in enumerate(sigmas) if min(abs(s / std - b / 0.5) for b in (0.28, 5.42)) > 1e-6]
+        got = [guidance_scale(3.0, "interval", 0.5, s, data_std=std) for s in sigmas]
+        assert [got[i] for i in interior] == [want[i] for i in interior]
+    at_one = [guidance_scale(3.0, "interval", 0.5, s, data_std=1.0) for s in (0.3, 0.5, 6.0, 10.0)]
+    assert at_one == [1.0, 1.0, 3.0, 3.0]  # guided at EDM2's scale the other way round: the window moved
+    with pytest.raises(ValueError, match="> 0"):
+        guidance_sigmas(0.0)
 
 
 @pytest.mark.parametrize("objective", ["epsilon", "v", "flow"])

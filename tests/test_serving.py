@@ -124,18 +124,43 @@ def test_sampling_filters():
     assert draws == {3}  # p(3) = 0.64 >= 0.5 alone
 
 
-def test_cfg_scale_one_is_no_cfg_and_cfg_moves_toward_the_condition():
-    """An oracle image head: conditional rows predict +1, unconditional rows -1, so guided output must be
-    unc + w (cond - unc) = 2w - 1 at every step (and scale 1 must equal running without the unconditional pass)."""
+def guided_at_scale_one(eng: Engine, cond, unc, steps: int, generator: torch.Generator, monkeypatch) -> torch.Tensor:
+    """The guided path forced at guidance 1: every pass runs the unconditional rows too ([cond; uncond] stacked) and
+    combines them as unc + 1 (cond - unc); the fast path skips them at scale 1, so this drives the job by hand."""
+    from transfusion.model.image_head import DenoisingJob
+
+    with monkeypatch.context() as m:
+        m.setattr(DenoisingJob, "pass_guided", property(lambda self: self.guided))
+        job = eng.model.image_head.start(eng, cond.next_pos.shape[0], guided=True, guidance=1.0, sampler=None,
+                                         steps=steps, generator=generator, guidance_schedule="constant")
+        both = eng.stack_prefixes(cond, unc)
+        while not job.done:
+            x, t, mask = job.block_input()
+            out = eng.image_block(both, job.block_pass, job.rows(x), t, job.rows(mask))
+            assert out.shape[0] == 2 * x.shape[0]  # the unconditional rows were computed
+            job.advance(out)
+        return job.result()
+
+
+def test_cfg_scale_one_is_no_cfg_and_cfg_moves_toward_the_condition(monkeypatch):
+    """Scale 1 computed through the guidance machinery (unconditional rows run and weighed by 1) equals running without
+    the unconditional pass, in the engine and in the scheduler. An oracle image head: conditional rows predict +1,
+    unconditional rows -1, so guided output must be unc + w (cond - unc) = 2w - 1 at every step."""
     from types import SimpleNamespace
 
     eng = engine()
+    eng.model.image_head.image_out.proj.weight.data.normal_(std=0.05)  # predictions that depend on the prefix
     cond = eng.prefill([[TOK.bos_id] + TOK.encode("red") + [TOK.boi_id]] * 2)
     unc = eng.prefill([[TOK.bos_id, TOK.boi_id]] * 2)
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    a = eng.denoise(cond, uncond=unc, guidance=1.0, sampler=None, steps=3, generator=g())
+    a = guided_at_scale_one(eng, cond, unc, 3, g(), monkeypatch)
     b = eng.denoise(cond, uncond=None, guidance=1.0, sampler=None, steps=3, generator=g())
-    assert torch.equal(a, b)
+    unc_only = eng.denoise(unc, uncond=None, guidance=1.0, sampler=None, steps=3, generator=g())
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(unc_only, b, atol=1e-3)  # the rows differ
+    sched = Scheduler(eng)  # the scheduler's guidance-1 request (its own stacking) equals the engine's image
+    rid = sched.submit("red", SamplingParams(max_tokens=1, steps=3, guidance=1.0, seed=0, start_with_image=True))
+    served = summary(run(sched, [rid])[rid])[1][0]
+    assert torch.allclose(served, eng.text_to_image(["red"], steps=3, guidance=1.0, seed=0)[0], atol=1e-5)
 
     seen = []
 
@@ -244,13 +269,22 @@ def test_previews_are_clean_estimates_and_the_last_is_close_to_the_image():
 
 
 def test_prompt_images_are_read_like_captioning():
-    """A prompt made of an image segment is the captioning layout: greedy text equals ``Engine.caption``."""
-    eng = engine()
+    """A prompt made of an image segment is the captioning layout: greedy text equals ``Engine.caption``, also where
+    special ids are the likeliest tokens (both ban the same ids: plain captioning too, since guidance 1 and > 1 ban
+    alike)."""
     img = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    sched = Scheduler(eng)
-    ids = [sched.submit([img[i]], SamplingParams(max_tokens=10, max_images=0)) for i in range(2)]
-    out = run(sched, ids)
-    assert [summary(out[i])[0] for i in ids] == eng.caption(img, max_tokens=10)
+    for specials_first in (False, True):
+        eng = engine()
+        if specials_first:
+            bias = torch.zeros(TOK.vocab_size)
+            bias[[TOK.pad_id, TOK.bos_id, TOK.boi_id, TOK.image_id, TOK.eoi_id]] = 1e3
+            logits = eng.model.text_logits
+            eng.model.text_logits = lambda h: logits(h) + bias
+        sched = Scheduler(eng)
+        ids = [sched.submit([img[i]], SamplingParams(max_tokens=10, max_images=0)) for i in range(2)]
+        out = run(sched, ids)
+        texts = [summary(out[i])[0] for i in ids]
+        assert texts == eng.caption(img, max_tokens=10) and all(len(sched.requests[i].tokens) == 10 for i in ids)
 
 
 def test_prefix_reuse_equals_recomputing_the_prefix():
@@ -372,3 +406,43 @@ def test_interval_guidance_skips_unconditional_rows_and_equals_computing_them(mo
     assert rows[:10] == [4] * 10
     assert torch.allclose(fast, slow, atol=1e-5) and fast.abs().max() > 0.1
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(served, served_slow))
+
+
+def test_interval_window_follows_the_data_std_in_engine_scheduler_and_reference():
+    """``sample.guidance_data_std`` moves the interval's noise window with the data's std: at 1.0 (unit-std latents,
+    the latent codec's default) the window is (0.56, 10.84], at 0.5 (pixels' default) EDM2's (0.28, 5.42] as before.
+    The cached engine, the scheduler and the recomputing reference gate the same passes and give the same images."""
+    from transfusion.config import load_config
+    from transfusion.generation.engine import codec_data_std
+    from transfusion.latents.vae import VAECodec
+
+    assert codec_data_std(PixelCodec()) == 0.5 and codec_data_std(VAECodec.__new__(VAECodec)) == 1.0
+    eng = engine()
+    assert eng.guidance_data_std == 0.5
+    prompts = [[TOK.bos_id] + TOK.encode("a red circle") + [TOK.boi_id], [TOK.bos_id] + TOK.encode("x") + [TOK.boi_id]]
+    cond, unc = eng.prefill(prompts), eng.prefill([[TOK.bos_id, TOK.boi_id]] * 2)
+    rows: list[int] = []
+    block = eng.image_block
+    eng.image_block = lambda pre, kind, x, t, mask: rows.append(x.shape[0]) or block(pre, kind, x, t, mask)
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    kw = dict(guidance=2.5, sampler=None, steps=10, guidance_schedule="interval")
+    # DDIM at 10 steps, EDM sigma 2e4, 6.4, 3.1, 2.0, 1.4, 1.0, 0.74, 0.52, 0.34, 0.17: 4 rows where guided
+    want = {1.0: [2, 4, 4, 4, 4, 4, 4, 2, 2, 2], 0.5: [2, 2, 4, 4, 4, 4, 4, 4, 4, 2]}
+    images = {}
+    for std, pattern in want.items():
+        eng.cfg = load_config(None, [f"--sample.guidance_data_std={std}"])
+        assert eng.guidance_data_std == std
+        rows.clear()
+        fast = eng.denoise(cond, uncond=unc, generator=g(), **kw)
+        assert rows == pattern
+        rows.clear()
+        naive = eng.denoise_recomputing(prompts, generator=g(), **kw)
+        assert rows == pattern
+        sched = Scheduler(eng)
+        rid = sched.submit(prompts[0][1:-1], SamplingParams(max_tokens=1, steps=10, guidance=2.5, seed=4,
+                                                            start_with_image=True, guidance_schedule="interval"))
+        served = summary(run(sched, [rid])[rid])[1][0]
+        assert torch.allclose(fast, naive, atol=1e-5) and fast.abs().max() > 0.1
+        assert torch.allclose(served, eng.codec.decode(fast[:1])[0].clamp(-1, 1), atol=1e-5)
+        images[std] = fast
+    assert not torch.allclose(images[1.0], images[0.5], atol=1e-3)  # the window moved, and so did the images

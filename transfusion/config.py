@@ -244,8 +244,11 @@ class SampleConfig:
     steps: Positive = 50
     guidance: NonNegFloat = 3.0  # classifier-free guidance scale: 1 = off, 0 = unconditional
     # "linear": the scale rises from 1 to `guidance`; "interval": `guidance` at middle noise levels only
-    # (schedule.GUIDANCE_SIGMAS)
+    # (schedule.guidance_sigmas: EDM2's window, scaled to the data std below; MAR: a share of its loop)
     guidance_schedule: Literal["constant", "linear", "interval"] = "constant"
+    # std of the data the model denoises, which the "interval" window is measured in: 0 = the codec's (1.0 for VAE
+    # latents, normalised to unit std; 0.5 for pixels in [-1, 1], EDM's sigma_data); 0.5 = EDM2's window unscaled
+    guidance_data_std: NonNegFloat = 0.0
     seed: Count = 0
     prompts: list[str] = field(default_factory=list)  # grid prompts; empty = held-out captions
 

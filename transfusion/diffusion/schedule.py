@@ -190,26 +190,43 @@ class NoiseSchedule:
 
 
 # Guidance only at middle noise levels (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"): their
-# EDM2 interval of the noise level sigma = 1 / sqrt(SNR). Passes at the noisiest levels and the last clean-up ones go
-# unguided. A head without one noise level per pass (MAR) gates on the share of its loop done instead: the same
-# interval in flow time t = sigma / (1 + sigma) is (0.22, 0.84], about the passes of a uniform loop with a share
-# done in (0.16, 0.78].
+# EDM2 interval of the noise level sigma = 1 / sqrt(SNR), in data units (x_t / a_t = x0 + sigma eps). EDM2 chose it
+# for latents of std EDM2_DATA_STD (its sigma_data); what it fixes is the noise-to-signal ratio sigma / data std, so
+# for data of std s the same window is GUIDANCE_SIGMAS * s / EDM2_DATA_STD (``guidance_sigmas``; s = 0.5 keeps it
+# unscaled). Passes at the noisiest levels and the last clean-up ones go unguided. A head without one noise level per
+# pass (MAR) gates on the share of its loop done instead, pass index / passes (not the share of patches revealed):
+# the unscaled window in flow time t = sigma / (1 + sigma) is (0.22, 0.84], about the passes of a uniform loop with a
+# share done in (0.16, 0.78].
 GUIDANCE_SIGMAS = (0.28, 5.42)
+EDM2_DATA_STD = 0.5
 GUIDANCE_INTERVAL = (0.16, 0.78)
 
 
-def guidance_scale(guidance: float, schedule: str, progress: float, sigma: float | None = None) -> float:
+def guidance_sigmas(data_std: float) -> tuple[float, float]:
+    """The interval ``GUIDANCE_SIGMAS`` for data of std ``data_std``: the same ratios sigma / data std as EDM2's window
+    at its ``EDM2_DATA_STD`` (``data_std`` = 0.5 returns the window unchanged, bit for bit)."""
+    if not data_std > 0:
+        raise ValueError(f"the data std of the guidance interval must be > 0, got {data_std!r}")
+    ratio = data_std / EDM2_DATA_STD
+    return GUIDANCE_SIGMAS[0] * ratio, GUIDANCE_SIGMAS[1] * ratio
+
+
+def guidance_scale(guidance: float, schedule: str, progress: float, sigma: float | None = None, *,
+                   data_std: float | None = None) -> float:
     """Classifier-free guidance scale at ``progress`` in (0, 1] of the sampling loop (the share done after this
     pass): ``constant`` keeps ``guidance``; ``linear`` rises from 1 (no guidance) towards ``guidance``, reached at the
-    last step; ``interval`` is ``guidance`` where the pass's noise level ``sigma`` (EDM units) is in
-    ``GUIDANCE_SIGMAS`` and 1 elsewhere; without a ``sigma``, where ``progress`` is in ``GUIDANCE_INTERVAL``."""
+    last step; ``interval`` is ``guidance`` where the pass's noise level ``sigma`` (EDM units, data units) is in
+    ``guidance_sigmas(data_std)`` (a ``sigma`` needs its ``data_std``) and 1 elsewhere; without a ``sigma``, where
+    ``progress`` is in ``GUIDANCE_INTERVAL``."""
     if schedule == "constant":
         return guidance
     if schedule == "linear":
         return 1.0 + (guidance - 1.0) * progress
     if schedule == "interval":
         if sigma is not None:
-            lo, hi = GUIDANCE_SIGMAS
+            if data_std is None:
+                raise ValueError("an interval gated by the noise level sigma needs the data std it is measured in")
+            lo, hi = guidance_sigmas(data_std)
             return guidance if lo < sigma <= hi else 1.0
         lo, hi = GUIDANCE_INTERVAL
         return guidance if lo < progress <= hi else 1.0

@@ -122,6 +122,13 @@ class Engine:
             return name
         return self.cfg.sample.guidance_schedule if self.cfg is not None else "constant"
 
+    @property
+    def guidance_data_std(self) -> float:
+        """The std of the data the model denoises, in which the ``interval`` guidance window is measured
+        (``schedule.guidance_sigmas``): the run's ``sample.guidance_data_std`` where set (> 0), else the codec's."""
+        chosen = self.cfg.sample.guidance_data_std if self.cfg is not None else 0.0
+        return chosen if chosen > 0 else codec_data_std(self.codec)
+
     def _block_mask(self, key_valid: Tensor) -> Tensor:
         """[M, 1, P, S + P]: an image block's queries see the valid prefix keys and the block itself (all of it, or
         causally under the attention ablation)."""
@@ -223,7 +230,7 @@ class Engine:
                 guidance: float = 1.0) -> list[str]:
         """Greedy captions for pixel images [N, 3, H, W] in [-1, 1], or with ``latents`` for images already in the
         codec's space [N, c, h, w] (latent shards). ``guidance`` > 1 weighs the image's evidence against the text
-        prior (``decode_text``'s caption guidance; 1 = plain greedy decoding)."""
+        prior (``decode_text``'s caption guidance; 1 = plain greedy decoding, with the same banned ids)."""
         with torch.no_grad():
             z = images.to(self.device) if latents else self.codec.encode(images.to(self.device))
         head = caption_prompt_tokens(self.tok)  # [BOS][BOI]
@@ -238,7 +245,8 @@ class Engine:
     def decode_text(self, prefix: Prefix, max_tokens: int, temperature: float = 0.0,
                     generator: torch.Generator | None = None, *, prior: Prefix | None = None,
                     guidance: float = 1.0) -> list[list[int]]:
-        """Sample (greedy at temperature 0) until EOS for every sequence; returns the ids before EOS.
+        """Sample (greedy at temperature 0) until EOS for every sequence; returns the ids before EOS. The text holds no
+        special id but EOS (``text_banned_ids``), at every guidance: guidance 1 with a ``prior`` chooses as without.
 
         Caption guidance (classifier-free guidance on text, as in Sanchez et al. 2023, "Stay on topic with CFG"):
         with a ``prior`` prefix batch (the same text without the image, ``[BOS]``: the layout of a text -> image
@@ -249,7 +257,7 @@ class Engine:
         out: list[list[int]] = [[] for _ in range(n)]
         for _ in range(max_tokens):
             if prior is None:
-                nxt = self._next_token(prefix.last_h, temperature, generator)
+                nxt = self._next_token(prefix.last_h, temperature, generator, self.text_banned_ids())
             else:
                 nxt = self._next_token_guided(prefix.last_h, prior.last_h, guidance, temperature, generator)
             for i, tok in enumerate(nxt.tolist()):
@@ -274,8 +282,12 @@ class Engine:
         # In the prior's layout ([BOS] caption [BOI] image) a caption ends with BOI, not EOS: its end-of-caption
         # probability is the two together, else guidance would reward EOS by (g - 1) times EOS's tiny prior.
         prior[:, tok.eos_id] = torch.logaddexp(prior[:, tok.eos_id], prior[:, tok.boi_id])
-        return _choose(prior + guidance * (cond - prior), temperature, generator,
-                       never_text_ids(tok) + [tok.boi_id])  # a caption holds no image
+        return _choose(prior + guidance * (cond - prior), temperature, generator, self.text_banned_ids())
+
+    def text_banned_ids(self) -> list[int]:
+        """Ids ``decode_text`` never chooses, guided or not: PAD, BOS, the image placeholder, EOI, and BOI (a
+        caption holds no image). EOS stays allowed."""
+        return never_text_ids(self.tok) + [self.tok.boi_id]
 
     def _next_token(self, h_ND: Tensor, temperature: float, generator: torch.Generator | None,
                     banned: list[int] | None = None) -> Tensor:
@@ -325,6 +337,16 @@ class Engine:
             h, kv = self.model.trunk(h, pos, mask, past_kv=prefix.kv)
         valid = torch.cat((prefix.key_valid, torch.ones(n, P, dtype=torch.bool, device=self.device)), dim=1)
         return Prefix(kv, valid, prefix.next_pos + P, h[:, -1])
+
+
+LATENT_DATA_STD = 1.0  # VAE latents are normalised by the VAE config's scaling to unit std (tools/train_autoencoder.py)
+PIXEL_DATA_STD = 0.5  # pixels in [-1, 1]: EDM's sigma_data for images (the 32x32 shapes renders measure 0.42)
+
+
+def codec_data_std(codec) -> float:
+    """The data std an engine assumes for its codec's space when the run names none: ``PIXEL_DATA_STD`` for pixels
+    (the codec that clips samples to [-1, 1]), ``LATENT_DATA_STD`` for latents."""
+    return PIXEL_DATA_STD if getattr(codec, "clip_sample", False) else LATENT_DATA_STD
 
 
 def _choose(logits_NV: Tensor, temperature: float, generator: torch.Generator | None,

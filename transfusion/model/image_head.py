@@ -242,25 +242,27 @@ class WholeImageHead(ImageHead):
         p = self.cfg.patch_size
         x = torch.randn((n, self.image_channels, gh * p, gw * p), generator=generator).to(engine.device)
         sched = engine.schedule.sampler(sampler or engine.schedule.default_sampler, steps)
-        return DenoisingJob(engine.schedule, sched, x, guided, guidance, guidance_schedule, generator)
+        return DenoisingJob(engine.schedule, sched, x, guided, guidance, guidance_schedule, generator,
+                            data_std=engine.guidance_data_std)
 
 
 class DenoisingJob(ImageJob):
     """The whole-image head's sampling: one "prediction" pass per entry of the sampler's ``timesteps`` (Heun takes
     two per step), guided as unc + w (cond - unc), stepped by the sampler on the images' device (no host round
-    trip). The preview is the clean estimate implied by the last prediction."""
+    trip). The preview is the clean estimate implied by the last prediction. ``data_std``: the std of the data, in
+    which the ``interval`` schedule's noise window is measured (``schedule.guidance_sigmas``)."""
 
     block_pass = "prediction"
 
     def __init__(self, schedule: NoiseSchedule, sched, x: Tensor, guided: bool, guidance: float,
-                 guidance_schedule: str, generator: torch.Generator) -> None:
+                 guidance_schedule: str, generator: torch.Generator, *, data_std: float) -> None:
         self.schedule, self.sched, self.x = schedule, sched, x
         self.n, self.guided, self.guidance, self.guidance_schedule = x.shape[0], guided, guidance, guidance_schedule
         self.generator, self.index, self.total = generator, 0, len(sched.timesteps)
         self._pred: Tensor | None = None
         interval = guidance_schedule == "interval"  # gated by each pass's own noise level
         self.scales = [guidance_scale(guidance, guidance_schedule, (i + 1) / self.total,
-                                      schedule.edm_sigma(t) if interval else None)
+                                      schedule.edm_sigma(t) if interval else None, data_std=data_std)
                        for i, t in enumerate(sched.timesteps)]  # the guidance scale of every pass
 
     @property

@@ -236,12 +236,25 @@ class MARImageHead(ImageHead):
         return x
 
 
+def mar_guidance_scales(guidance: float, schedule: str, counts: list[int]) -> list[float]:
+    """The guidance scale of each MAR pass, revealing ``counts[k]`` patches at pass k: ``linear`` rises with the
+    share of patches revealed after the pass (the MAR reference's schedule); ``interval`` guides the passes whose share
+    of the loop done, (k + 1) / K, is in ``GUIDANCE_INTERVAL`` (MAR has no noise level per pass: the loop share is the
+    uniform loop the interval was drawn for; the revealed share, on the cosine schedule, runs behind it)."""
+    total, revealed, scales = sum(counts), 0, []
+    for k, count in enumerate(counts):
+        revealed += count
+        progress = (k + 1) / len(counts) if schedule == "interval" else revealed / total
+        scales.append(guidance_scale(guidance, schedule, progress))
+    return scales
+
+
 class MARJob(ImageJob):
     """MAR generation of n images. Each image's patches are revealed in a random order over K = ``model.mar.num_iter``
     passes, on the cosine schedule of ``reveal_counts``. A pass runs the transformer over the image blocks (known
     patches clean, the others the mask embedding) against the prefix cache ("condition"); then the denoiser samples
-    the patches revealed at that pass (``steps`` steps of ``model.mar.sampler``, guidance rising with the revealed
-    share under the linear schedule). Revealed patches never change. ``snapshot()``: (tokens [n, P, E], known [n, P]).
+    the patches revealed at that pass (``steps`` steps of ``model.mar.sampler``, each pass at its scale of
+    ``mar_guidance_scales``). Revealed patches never change. ``snapshot()``: (tokens [n, P, E], known [n, P]).
     """
 
     block_pass = "condition"
@@ -258,6 +271,7 @@ class MARJob(ImageJob):
         self.order = torch.rand(n, self.P, generator=generator).argsort(dim=1).to(dev)  # reveal order per image
         self.counts = reveal_counts(self.P, head.cfg.mar.num_iter)
         self.index, self.total, self.revealed = 0, len(self.counts), 0
+        self.scales = mar_guidance_scales(guidance, guidance_schedule, self.counts)  # the scale of every pass
 
     def _images(self) -> Tensor:
         return unpatchify(self.tokens, self.head.cfg.patch_size, self.engine.patch_grid, self.head.image_channels)
@@ -270,7 +284,7 @@ class MARJob(ImageJob):
         idx = self.order[:, self.revealed:self.revealed + count]  # [n, r] patches revealed at this pass
         rows = torch.cat((idx, idx)) if self.guided else idx
         z_sel = z.gather(1, rows[..., None].expand(-1, -1, z.shape[-1])).reshape(-1, z.shape[-1])
-        w = guidance_scale(self.guidance, self.guidance_schedule, (self.revealed + count) / self.P)
+        w = self.scales[self.index]
         x = self.head.sample_tokens(self.engine, z_sel, n * count, self.guided, w, self.sampler, self.steps,
                                     self.generator)
         self.tokens.scatter_(1, idx[..., None].expand(-1, -1, e), x.reshape(n, count, e).to(self.tokens.dtype))
