@@ -132,8 +132,9 @@ def run_one(args: argparse.Namespace, name: str) -> dict:
 
 
 V3_COLUMNS = [  # report v2 (world v3): seen / unseen compositions apart
-    ("GenEval seen", lambda r: r["report"]["geneval"]["overall.seen"]),
-    ("GenEval unseen", lambda r: r["report"]["geneval"]["overall.unseen"]),
+    # mean of tag accuracies over the tags with both seen and unseen prompts, so the two columns compare like with like
+    ("GenEval shared-tag seen", lambda r: r["report"]["geneval"]["overall_shared.seen"]),
+    ("GenEval shared-tag unseen", lambda r: r["report"]["geneval"]["overall_shared.unseen"]),
     ("caption exact seen", lambda r: r["report"]["caption"]["seen"]["exact_match"]),
     ("caption exact unseen", lambda r: r["report"]["caption"]["unseen"]["exact_match"]),
     ("CIDEr unseen", lambda r: r["report"]["caption"]["unseen"]["cider"]),

@@ -3,9 +3,10 @@
 
 DIR holds PNG files and ``prompts.json`` mapping file name -> prompt (the caption text, e.g. "two blue squares",
 or a record ``{"text": ..., "unseen": ...}``). Writes a verdict per image (pass, detected objects, the first check
-that failed: ``failed`` in words, ``check`` by name) and a summary: GenEval tag accuracies and overall (mean of tag
-accuracies), seen / unseen apart (``unseen`` from the record, else from the world's held-out compositions), and the
-failed images per check.
+that failed: ``failed`` in words, ``check`` by name) and a summary: GenEval tag accuracies and two overall scores
+(means of tag accuracies: ``overall_shared`` over the tags with both seen and unseen images, comparable between the
+splits, and ``overall_all_tags`` over every tag with images in the split), seen / unseen apart (``unseen`` from the
+record, else from the world's held-out compositions), and the failed images per check.
 
     python tools/judge.py --images runs/x/eval/t2i --out runs/x/eval/judged.json
 """
@@ -86,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps({"summary": summary, "images": verdicts}, indent=2) + "\n")
     tmp.replace(out)
-    scores = {k: round(v, 3) for k, v in summary.items() if k.startswith("geneval.overall")}
-    print(f"judged {len(verdicts)} images -> {out}: {scores}")
+    scores = {k.removeprefix("geneval."): round(v, 3) for k, v in summary.items()
+              if k.startswith(("geneval.overall_shared.", "geneval.overall_all_tags."))}
+    shared = ", ".join(summary["shared_tags"]) or "none"
+    print(f"judged {len(verdicts)} images -> {out}: {scores}; shared tags: {shared}")
     return 0
 
 

@@ -8,12 +8,20 @@ Detection (one image, any size, PIL or [H, W, 3] uint8):
                  (noise and blank grey images fail here)
     foreground   pixels farther than FOREGROUND_DISTANCE from the background
     palette      a foreground pixel takes the nearest palette color if within PALETTE_TOLERANCE, else it is
-                 off-palette; off-palette pixels beyond a thin edge allowance fail the image (brown is not red)
+                 off-palette; off-palette pixels beyond OFF_PALETTE_EDGE_SHARE of the object pixels fail the image
+                 (brown is not red)
     objects      4-connected components per palette color; specks below SPECK_FRACTION of the smallest object
                  are edge debris; every other component must be an object of the world: bounding-box aspect within
                  ASPECT_RANGE (every world shape has a square box), side within SIDE_RANGE of the image side, and
                  a shape template (the renderer's circle / square / triangle drawn in the component's *own* box,
                  best of a few sub-pixel fits) with IoU >= SHAPE_IOU and a margin over the runner-up
+    extra blobs  off-palette pixels are tolerated only as the blurred edge of a palette object: within EDGE_BAND
+                 pixels (8-neighbour) of a palette component that is not a speck. Off-palette pixels outside that
+                 band form 8-connected components (a dithered blob is one blob); one at least as large as a speck
+                 (SPECK_FRACTION of the smallest object, the size rule for palette debris) is an extra object that
+                 is no palette object of the world (a grey square, a blend of two colors) and fails the image,
+                 wherever it lies and whatever its share of the object pixels (an off-palette blob touching an
+                 object is charged by its part outside the band)
 
 Tag rules (GenEval's, made strict: the object count must match exactly, extra objects fail every tag):
 
@@ -28,11 +36,14 @@ Tag rules (GenEval's, made strict: the object count must match exactly, extra ob
     color_attr     exactly two objects whose shapes carry the asked colors
 
 Every failure is also named by the first check it failed (``CHECKS``: ``background``, ``aspect``, ``size``,
-``form``, ``off_palette``, ``debris`` from detection; ``count``, ``shapes``, ``color``, ``binding``, ``relation`` from
-the tag rule), so a report can say *why* a model's images fail, not only how often.
+``form``, ``off_palette``, ``extra_object``, ``debris`` from detection; ``count``, ``shapes``, ``color``, ``binding``,
+``relation`` from the tag rule), so a report can say *why* a model's images fail, not only how often.
 
-``summarise`` gives each tag's accuracy and the overall score as the mean of the tag accuracies (not of images),
-separately for seen and unseen compositions, and the failures per check.
+``summarise`` gives each tag's accuracy, separately for seen and unseen compositions, and two overall scores, each a
+mean of tag accuracies (not of images): ``overall_shared`` over the *shared tags* (those with images in both the seen
+and the unseen split: single_object and two_object have no unseen prompts, so an all-tag seen score would average six
+tags against the unseen score's four and overstate the seen / unseen gap), and ``overall_all_tags`` over every tag
+with images in the split; and the failures per check.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -54,6 +66,7 @@ PALETTE_TOLERANCE = 60.0  # a foreground pixel farther than this from every pale
 OFF_PALETTE_EDGE_SHARE = 0.25  # off-palette pixels allowed, as a share of object pixels (blurred edges)
 SPECK_FRACTION = 0.25  # components smaller than this share of the smallest object's area are edge debris
 DEBRIS_SHARE = 0.15  # debris allowed, as a share of object pixels
+EDGE_BAND = 1  # pixels around a palette object where off-palette pixels are its blurred edge
 ASPECT_RANGE = (0.75, 1.34)
 SIDE_RANGE = (2 * HALF_SIZE_RANGE[0] * 0.75, 2 * HALF_SIZE_RANGE[1] * 1.25)  # box side / image side
 SHAPE_IOU = 0.72
@@ -67,6 +80,7 @@ CHECKS = {
     "size": "an object is smaller or larger than any the world draws",
     "form": "an object matches no world shape template (blobs, blends)",
     "off_palette": "too many foreground pixels off the palette (blended or wrong colors)",
+    "extra_object": "a foreground blob that is no palette object of the world (off-palette color or blend)",
     "debris": "too many stray specks",
     "count": "the number of objects differs from the prompt's",
     "shapes": "the objects' shapes differ from the prompt's",
@@ -114,9 +128,10 @@ class Detection:
         return {"objects": [asdict(o) for o in self.objects], "problems": list(self.problems)}
 
 
-def label_components(mask_HW: np.ndarray) -> np.ndarray:
-    """[H, W] int labels of the 4-connected components of ``mask_HW`` (-1 outside it). Min-label propagation with
-    pointer jumping: each label is the flat index of a pixel of its component."""
+def label_components(mask_HW: np.ndarray, diagonal: bool = False) -> np.ndarray:
+    """[H, W] int labels of the 4-connected (``diagonal``: 8-connected) components of ``mask_HW`` (-1 outside it).
+    Min-label propagation with pointer jumping: each label is the flat index of the component's first pixel in
+    row-major order."""
     H, W = mask_HW.shape
     none = H * W
     labels = np.where(mask_HW, np.arange(H * W).reshape(H, W), none)
@@ -126,6 +141,11 @@ def label_components(mask_HW: np.ndarray) -> np.ndarray:
         np.minimum(new[:-1], labels[1:], out=new[:-1])
         np.minimum(new[:, 1:], labels[:, :-1], out=new[:, 1:])
         np.minimum(new[:, :-1], labels[:, 1:], out=new[:, :-1])
+        if diagonal:
+            np.minimum(new[1:, 1:], labels[:-1, :-1], out=new[1:, 1:])
+            np.minimum(new[:-1, :-1], labels[1:, 1:], out=new[:-1, :-1])
+            np.minimum(new[1:, :-1], labels[:-1, 1:], out=new[1:, :-1])
+            np.minimum(new[:-1, 1:], labels[1:, :-1], out=new[:-1, 1:])
         new[~mask_HW] = none
         new = np.append(new.ravel(), none)[new]
         if np.array_equal(new, labels):
@@ -136,6 +156,7 @@ def label_components(mask_HW: np.ndarray) -> np.ndarray:
 
 FIT_SCALES = (0.9, 1.0, 1.1)  # template half-sizes tried, relative to the box
 FIT_SHIFTS = (-0.25, 0.0, 0.25)  # template centre offsets tried, pixels per axis
+FIT_CACHE_SIZE = 4096  # (shape, box height, box width) triples whose template fits are kept
 
 
 def template(shape: str, h: int, w: int, scale: float = 1.0, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
@@ -153,17 +174,45 @@ def template(shape: str, h: int, w: int, scale: float = 1.0, dx: float = 0.0, dy
     raise ValueError(f"unknown shape {shape!r}")
 
 
+@lru_cache(maxsize=FIT_CACHE_SIZE)
+def template_fits(shape: str, h: int, w: int) -> np.ndarray:
+    """Every sub-pixel fit of the shape's template to an h x w box (FIT_SCALES x FIT_SHIFTS x FIT_SHIFTS):
+    [fits, h, w] bool, read-only (cached: the boxes of objects take few sizes)."""
+    fits = np.stack([template(shape, h, w, s, dx, dy) for s in FIT_SCALES for dx in FIT_SHIFTS for dy in FIT_SHIFTS])
+    fits.flags.writeable = False
+    return fits
+
+
 def shape_iou(crop: np.ndarray, shape: str) -> float:
     """Best IoU of a component's box crop with the shape's template over a few sub-pixel fits (pixelisation moves
     a small shape's outline by up to half a pixel)."""
-    h, w = crop.shape
-    best = 0.0
-    for s in FIT_SCALES:
-        for dx in FIT_SHIFTS:
-            for dy in FIT_SHIFTS:
-                t = template(shape, h, w, s, dx, dy)
-                best = max(best, float((crop & t).sum() / max((crop | t).sum(), 1)))
-    return best
+    fits = template_fits(shape, *crop.shape)
+    inter, union = (crop & fits).sum((1, 2)), (crop | fits).sum((1, 2))
+    return float((inter / np.maximum(union, 1)).max())
+
+
+def dilate(mask_HW: np.ndarray, steps: int) -> np.ndarray:
+    """``mask_HW`` grown by ``steps`` pixels, 8-neighbour (a square of side 2 x steps + 1 around each pixel)."""
+    out = mask_HW.copy()
+    H, W = out.shape
+    for _ in range(steps):
+        padded = np.pad(out, 1)
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                out |= padded[dy:dy + H, dx:dx + W]
+    return out
+
+
+def off_palette_blobs(stray_HW: np.ndarray, speck_area: float) -> list[tuple[int, tuple[int, int]]]:
+    """(area, (x, y) of a pixel) of each 4-connected component of ``stray_HW`` at least ``speck_area`` large,
+    largest first."""
+    if not stray_HW.any():
+        return []
+    labels = label_components(stray_HW, diagonal=True)
+    ids, counts = np.unique(labels[labels >= 0], return_counts=True)
+    W = stray_HW.shape[1]
+    blobs = [(int(n), (int(lab) % W, int(lab) // W)) for lab, n in zip(ids, counts) if n >= speck_area]
+    return sorted(blobs, reverse=True)
 
 
 def as_rgb_array(img: Image.Image | np.ndarray) -> np.ndarray:
@@ -191,8 +240,10 @@ def detect(img: Image.Image | np.ndarray) -> Detection:
     on_palette = fg & (dist.min(-1) <= PALETTE_TOLERANCE)
     off_palette = int((fg & ~on_palette).sum())
     min_area = np.pi * (HALF_SIZE_RANGE[0] * 0.75 * min(H, W)) ** 2 * 0.5  # a small triangle's area, with slack
+    speck_area = SPECK_FRACTION * min_area
     debris = 0
     object_pixels = 0
+    palette_objects = np.zeros((H, W), dtype=bool)  # every palette component that is not a speck
     for k, name in enumerate(_NAMES):
         mask = on_palette & (nearest == k)
         if not mask.any():
@@ -200,10 +251,11 @@ def detect(img: Image.Image | np.ndarray) -> Detection:
         labels = label_components(mask)
         ids, counts = np.unique(labels[labels >= 0], return_counts=True)
         for lab, area in zip(ids.tolist(), counts.tolist()):
-            if area < SPECK_FRACTION * min_area:
+            if area < speck_area:
                 debris += area
                 continue
             comp = labels == lab
+            palette_objects |= comp
             ys, xs = np.nonzero(comp)
             x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
             bw, bh = x1 - x0 + 1, y1 - y0 + 1
@@ -227,6 +279,10 @@ def detect(img: Image.Image | np.ndarray) -> Detection:
             out.objects.append(DetectedObject(name, ranked[0], (x0, y0, x1, y1), area, round(best, 3)))
     if off_palette > OFF_PALETTE_EDGE_SHARE * max(object_pixels, min_area):
         out.flag("off_palette", f"{off_palette} off-palette pixels")
+    blobs = off_palette_blobs(fg & ~on_palette & ~dilate(palette_objects, EDGE_BAND), speck_area)
+    if blobs:
+        (area, (x, y)), more = blobs[0], f" and {len(blobs) - 1} more" if len(blobs) > 1 else ""
+        out.flag("extra_object", f"off-palette blob of {area} pixels at ({x}, {y}){more}, no palette object's edge")
     if debris > DEBRIS_SHARE * max(object_pixels, min_area):
         out.flag("debris", f"{debris} pixels of debris")
     out.objects.sort(key=lambda o: (o.box[0], o.box[1]))
@@ -297,12 +353,23 @@ def judge(img: Image.Image | np.ndarray, prompt: Prompt) -> Verdict:
     raise ValueError(f"unknown tag {prompt.tag!r} (known: {', '.join(TAGS)})")
 
 
+SPLITS = ("seen", "unseen", "all")
+
+
 def summarise(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """``results``: dicts with ``tag``, ``pass``, ``unseen`` and (optional) ``check``. Returns
-    ``{"geneval.<tag>.<split>": accuracy, "geneval.overall.<split>": mean of the tag accuracies, "counts": {...},
-    "failures": {"<check>.<split>": images}}`` for split in seen / unseen / all; a tag without images in a split is left
-    out of that split's overall (and its count is 0); failures count each failed image once, under its first failed
-    check (``unknown`` when a result names none)."""
+    """``results``: dicts with ``tag``, ``pass``, ``unseen`` and (optional) ``check``. Returns, for split in seen /
+    unseen / all::
+
+        geneval.<tag>.<split>               the tag's accuracy (left out when the split has no image of the tag; its
+                                            count is then 0)
+        geneval.overall_shared.<split>      mean of the accuracies of the shared tags: those with images in both the
+                                            seen and the unseen split (left out when no tag is shared)
+        geneval.overall_all_tags.<split>    mean of the accuracies of every tag with images in the split
+        shared_tags                         the shared tags, in TAGS order
+        counts                              {"<tag>.<split>": images}
+        failures                            {"<check>.<split>": images}: each failed image once, under its first
+                                            failed check (``unknown`` when a result names none)
+    """
     tally: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     failures: dict[str, int] = defaultdict(int)
     for r in results:
@@ -313,17 +380,16 @@ def summarise(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             if not r["pass"]:
                 failures[f"{r.get('check') or 'unknown'}.{split}"] += 1
     out: dict[str, Any] = {}
-    counts: dict[str, int] = {}
-    for split in ("seen", "unseen", "all"):
-        accs = []
-        for tag in TAGS:
-            passed, n = tally.get((tag, split), (0, 0))
-            counts[f"{tag}.{split}"] = n
-            if n:
-                out[f"geneval.{tag}.{split}"] = passed / n
-                accs.append(passed / n)
+    counts = {f"{tag}.{split}": tally.get((tag, split), (0, 0))[1] for split in SPLITS for tag in TAGS}
+    shared = [tag for tag in TAGS if counts[f"{tag}.seen"] and counts[f"{tag}.unseen"]]
+    for split in SPLITS:
+        accs = {tag: tally[(tag, split)][0] / counts[f"{tag}.{split}"] for tag in TAGS if counts[f"{tag}.{split}"]}
+        out.update({f"geneval.{tag}.{split}": acc for tag, acc in accs.items()})
+        if shared:
+            out[f"geneval.overall_shared.{split}"] = float(np.mean([accs[tag] for tag in shared]))
         if accs:
-            out[f"geneval.overall.{split}"] = float(np.mean(accs))
+            out[f"geneval.overall_all_tags.{split}"] = float(np.mean(list(accs.values())))
+    out["shared_tags"] = shared
     out["counts"] = counts
     out["failures"] = dict(sorted(failures.items()))
     return out
