@@ -13,9 +13,11 @@ with the loader state (see ``data_pipelines.loader``) and reach the trainer's lo
     image_too_small     sample   an image whose shorter side is under data.min_image_size pixels
     bad_document        sample   an interleaved document whose segments are malformed or name a missing image
     bad_latent          sample   a latent member that does not parse, or whose shape differs from the stream's
-    corrupt_shard       shard    a tar stream that broke after its first member (truncated, corrupt)
-    missing_shard       shard    a shard that could not be opened (missing file, failing pipe: command)
+    corrupt_shard       shard    a tar stream that broke after its first member (truncated, corrupt), after retries
+    missing_shard       shard    a shard that could not be opened (missing file, failing pipe: command), after retries
     truncated           info     a document cut at a segment boundary to fit a row (kept, not a skip)
+    shard_retries       info     reopenings of a shard whose source failed mid-read (data.shard_retries; the read
+                                 goes on after the samples already taken, so nothing is lost or repeated)
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ SAMPLE_SKIP_REASONS = ("bad_image", "no_image", "missing_caption", "caption_too_
                        "image_too_small", "bad_document", "bad_latent")
 SHARD_ERROR_REASONS = ("corrupt_shard", "missing_shard")
 SKIP_REASONS = SAMPLE_SKIP_REASONS + SHARD_ERROR_REASONS
-INFO_COUNTS = ("truncated",)
+SHARD_RETRY = "shard_retries"
+INFO_COUNTS = ("truncated", SHARD_RETRY)
 COUNT_KEYS = ("seen",) + SKIP_REASONS + INFO_COUNTS  # "seen": raw samples a reader took from its stream
 
 

@@ -49,18 +49,23 @@ STATE_FORMAT = "transfusion.packed_dataset/1"
 MIN_SAMPLES_FOR_SKIP_RATE = 100
 
 
-def resolve_format(urls: list[str], fmt: str, image_size: int, patch_grid: tuple[int, int]
-                   ) -> tuple[bool, tuple[int, int, int]]:
+def resolve_format(urls: list[str], fmt: str, image_size: int, patch_grid: tuple[int, int], *, retries: int = 0,
+                   backoff_s: float = 0.0) -> tuple[bool, tuple[int, int, int]]:
     """(shards hold latents?, [C, H, W] of every image) for ``data.format`` ("pixels", "latents" or "auto": peek at
-    the first readable sample). Latents take their shape from that sample. Training and evaluation both ask here."""
+    the first readable sample, reopening a failing shard ``retries`` times). Latents take their shape from that
+    sample. Training and evaluation both ask here."""
     pixels = (3, image_size, image_size)
     if fmt == "pixels":
         return False, pixels
-    raw = peek_first_sample(urls)
+    raw = peek_first_sample(urls, retries=retries, backoff_s=backoff_s)
     if raw is None or not has_latents(raw):
+        if fmt == "latents" and raw is None:  # nothing to look at: not the same as a sample without latents
+            raise DataError(f"data.format = 'latents' but none of the first {min(len(urls), 4)} shard(s) starting "
+                            f"with {urls[0]!r} could be read (missing, corrupt or empty); check data.shards")
         if fmt == "latents":
-            raise DataError(f"data.format = 'latents' but the first readable sample of {urls[0]!r} has no "
-                            f"<key>.latent.npy or .latent.safetensors member (see tools/precompute_latents.py)")
+            raise DataError(f"data.format = 'latents' but the first readable sample ({raw.get('__url__')!r}, key "
+                            f"{raw.get('__key__')!r}) has no <key>.latent.npy or .latent.safetensors member (see "
+                            f"tools/precompute_latents.py)")
         return False, pixels
     try:
         z = decode_latent_member(raw)
@@ -108,7 +113,8 @@ class PackedDataset(IterableDataset):
             raise ValueError(f"data.seq_len={cfg.seq_len} cannot hold one image document "
                              f"({self.builder.min_length} tokens for a {self.patch_grid} patch grid)")
         self.latents, self.image_shape = resolve_format(self.urls, self.cfg.format, self.cfg.image_size,
-                                                         self.patch_grid)
+                                                         self.patch_grid, retries=cfg.shard_retries,
+                                                         backoff_s=cfg.shard_retry_backoff_s)
         self.decode_options = DecodeOptions.from_config(cfg, self.latents, self.image_shape if self.latents else None)
         self._state: dict[str, Any] | None = None  # position of the next batch; None = start
 
@@ -122,7 +128,8 @@ class PackedDataset(IterableDataset):
     def _new_stream(self) -> ShardStream:
         worker, num_workers = self._worker()
         return ShardStream(self.urls, seed=self.seed, rank=self.rank, world_size=self.world_size, worker=worker,
-                           num_workers=num_workers, shuffle_buffer=self.cfg.shuffle_buffer, repeat=self.repeat)
+                           num_workers=num_workers, shuffle_buffer=self.cfg.shuffle_buffer, repeat=self.repeat,
+                           retries=self.cfg.shard_retries, backoff_s=self.cfg.shard_retry_backoff_s)
 
     def _wrap(self, stream_state: dict[str, Any]) -> dict[str, Any]:
         worker, num_workers = self._worker()

@@ -14,9 +14,12 @@ Resuming stores no sample: the state names where the current block starts (shard
 that shard) and how far into the permuted block the stream is. Loading it re-reads the block (skipping earlier tar
 members without decoding them), permutes it identically and carries on from the saved index.
 
-Errors never stop the stream. A shard that cannot be opened or whose source fails before yielding anything counts as
-``missing_shard``; a tar stream that breaks later (truncated, corrupt) counts as ``corrupt_shard`` and the stream
-moves on to the next shard. Sample-level problems are raised as ``SkipSample(reason)`` by the decoders
+Errors never stop the stream. A shard whose source fails where reopening may help (a ``pipe:`` command that exits
+non-zero or ends early, an object store hiccup, EIO) is reopened up to ``data.shard_retries`` times with exponential
+backoff and read on after the samples already yielded, so the stream is exactly that of an unbroken read (counted as
+``shard_retries``; see ``iter_tar``). A shard that cannot be opened or whose source fails before yielding anything
+counts as ``missing_shard``; a tar stream that breaks later (truncated, corrupt) counts as ``corrupt_shard`` and the
+stream moves on to the next shard. Sample-level problems are raised as ``SkipSample(reason)`` by the decoders
 (``data_pipelines.documents``) and counted by the caller (see ``data_pipelines.errors``).
 
 Keys and extensions (``iter_tar``). Members of one sample are consecutive (the WebDataset convention), and keys may
@@ -35,10 +38,13 @@ dot (``img.001.jpg``, ``img.002.jpg``, no captions) group as one; samples with t
 
 from __future__ import annotations
 
+import errno
 import glob
+import logging
 import os
 import re
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +56,9 @@ from webdataset import gopen
 
 from data_pipelines.documents import (DecodeOptions, RawSample, check_caption_field, decode_document, read_caption,
                                       read_json)
-from data_pipelines.errors import DataError, ShardSpecError, SkipSample, new_counts
+from data_pipelines.errors import SHARD_RETRY, DataError, ShardSpecError, SkipSample, new_counts
+
+log = logging.getLogger("transfusion")
 
 MAX_EMPTY_EPOCHS = 3  # a repeating stream that reads nothing this many epochs in a row raises DataError
 
@@ -347,16 +355,39 @@ def _parse_pax(data: bytes) -> dict[str, str]:
     return out
 
 
-def iter_tar(url: str, *, start: int = 0, keep: Callable[[int], bool] | None = None,
-             on_error: Callable[[str, str, BaseException], None] | None = None) -> Iterator[tuple[int, RawSample]]:
-    """Yield ``(index, raw sample)`` for the samples of one tar shard, in file order.
+MAX_BACKOFF_S = 60.0  # the longest single wait before reopening a failing shard
+_sleep = time.sleep  # the backoff's wait (tests record it instead)
 
-    ``index`` counts every sample of the shard (consecutive members sharing a key). Samples with ``index < start``
-    or rejected by ``keep(index)`` are passed over without reading their member data. Errors end the shard:
-    ``on_error(reason, url, exc)`` is called with ``missing_shard`` (could not open; source failed before the first
-    member) or ``corrupt_shard`` (the stream broke later, including a tar cut off without its end-of-archive
-    blocks); the sample being assembled when the error hit is dropped."""
-    members_read = 0
+
+def is_remote(url: str) -> bool:
+    """A ``pipe:`` command or a ``scheme://`` URL (not ``file://``): a source whose failures may be transient."""
+    return url.startswith("pipe:") or bool(_URL_RE.match(url) and not url.startswith("file://"))
+
+
+_PERMANENT_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
+
+
+def _transient(url: str, exc: BaseException) -> bool:
+    """Whether reopening the shard may help. Remote sources: every failure (a command's non-zero exit, a connection
+    cut mid-body, a garbled download). Local files: an OSError with an errno other than not-found / permission
+    (EIO, ESTALE, ETIMEDOUT from a network filesystem); a corrupt or truncated local tar reads the same again."""
+    if is_remote(url):
+        return True
+    return isinstance(exc, OSError) and exc.errno is not None and exc.errno not in _PERMANENT_ERRNOS
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """How one read of a shard ended: ``error`` None when it reached the end-of-archive block."""
+
+    error: BaseException | None = None
+    source_failed: bool = False  # the source (open, read, the command's exit status), not the tar format
+    members: int = 0
+
+
+def _read_tar_once(url: str, start: int, keep: Callable[[int], bool] | None,
+                   attempt: _Attempt) -> Iterator[tuple[int, RawSample]]:
+    """One read of a shard (see :func:`iter_tar`); an error ends it and is recorded in ``attempt``."""
     stream = None
     group = _Grouper()
     try:
@@ -365,7 +396,7 @@ def iter_tar(url: str, *, start: int = 0, keep: Callable[[int], bool] | None = N
         sample: RawSample | None = None
         first_name = ""
         while (member := tar.next_member()) is not None:
-            members_read = tar.members
+            attempt.members = tar.members
             name, _, is_file = member
             if not is_file:
                 continue
@@ -387,13 +418,59 @@ def iter_tar(url: str, *, start: int = 0, keep: Callable[[int], bool] | None = N
         if sample is not None:
             yield group.index, sample
     except Exception as exc:  # noqa: BLE001 - a broken shard must never stop the stream
-        source_failed = stream is None or (isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError))
-        source_failed |= _close_failed(stream)
+        attempt.error = exc
+        attempt.source_failed = stream is None or (isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError))
+        attempt.source_failed |= _close_failed(stream)
         stream = None
-        if on_error is not None:
-            on_error("missing_shard" if source_failed and members_read == 0 else "corrupt_shard", url, exc)
     finally:
         _close_failed(stream)
+
+
+def iter_tar(url: str, *, start: int = 0, keep: Callable[[int], bool] | None = None,
+             on_error: Callable[[str, str, BaseException], None] | None = None, retries: int = 0,
+             backoff_s: float = 0.0) -> Iterator[tuple[int, RawSample]]:
+    """Yield ``(index, raw sample)`` for the samples of one tar shard, in file order.
+
+    ``index`` counts every sample of the shard (consecutive members sharing a key). Samples with ``index < start``
+    or rejected by ``keep(index)`` are passed over without reading their member data.
+
+    A read that fails where reopening may help (:func:`_transient`: any failure of a ``pipe:`` command or URL, an
+    I/O error of a local file) is retried up to ``retries`` times, after ``backoff_s`` seconds doubled each time
+    (at most ``MAX_BACKOFF_S``), each retry reported as ``on_error("shard_retries", url, exc)``. A retry reopens
+    the shard and reads on after the last sample yielded (the earlier ones are passed over unread), so the samples
+    equal those of an unbroken read: nothing repeats, nothing is lost, and a resumed stream stays exact.
+
+    Errors that remain end the shard: ``on_error(reason, url, exc)`` is called with ``missing_shard`` (could not
+    open; the source failed before the first member in every attempt) or ``corrupt_shard`` (the stream broke
+    later, including a tar cut off without its end-of-archive blocks); the sample being assembled when the error
+    hit is dropped."""
+    retried = 0
+    members = 0
+    while True:
+        attempt = _Attempt()
+        reader = _read_tar_once(url, start, keep, attempt)
+        try:
+            for index, sample in reader:
+                start = index + 1  # a retry reads on after the last sample yielded
+                yield index, sample
+        finally:
+            reader.close()
+        if attempt.error is None:
+            return
+        members += attempt.members
+        if retried < retries and _transient(url, attempt.error):
+            delay = min(backoff_s * 2.0 ** retried, MAX_BACKOFF_S)
+            retried += 1
+            log.warning("shard %s failed (%s: %s); reopening it in %.3g s (retry %d of %d)", url,
+                        type(attempt.error).__name__, attempt.error, delay, retried, retries)
+            if on_error is not None:
+                on_error(SHARD_RETRY, url, attempt.error)
+            _sleep(delay)
+            continue
+        if on_error is not None:
+            on_error("missing_shard" if attempt.source_failed and members == 0 else "corrupt_shard", url,
+                     attempt.error)
+        return
 
 
 def _close_failed(stream: Any) -> bool:
@@ -448,13 +525,22 @@ def iter_decoded_samples(spec: str, image_size: int, caption_field: str = "txt",
 
 
 def iter_captions(spec: str, caption_field: str = "txt", limit: int | None = None, *,
-                  segments_field: str = "segments") -> Iterator[str]:
+                  segments_field: str = "segments", counts: dict[str, int] | None = None, retries: int = 0,
+                  backoff_s: float = 0.0) -> Iterator[str]:
     """The captions of the (image, caption) pairs of ``spec`` in file order, without decoding any image (pixel and
     latent shards alike): prompts for sample grids. Unreadable shards, samples without a caption and interleaved
-    documents are passed over."""
+    documents are passed over; pass ``counts`` (e.g. ``new_counts()``) to learn how many shards could not be read
+    (``missing_shard`` / ``corrupt_shard``) and how many samples were ``seen``. A spec that names no existing file
+    raises ShardSpecError. ``retries`` / ``backoff_s`` as in :func:`iter_tar`."""
+    counts = counts if counts is not None else new_counts()
+
+    def on_error(reason: str, url: str, exc: BaseException) -> None:
+        counts[reason] = counts.get(reason, 0) + 1
+
     produced = 0
     for url in expand_shard_spec(spec):
-        for _, raw in iter_tar(url, on_error=lambda *a: None):
+        for _, raw in iter_tar(url, on_error=on_error, retries=retries, backoff_s=backoff_s):
+            counts["seen"] = counts.get("seen", 0) + 1
             record = read_json(raw)
             if record is not None and segments_field in record:
                 continue
@@ -468,10 +554,12 @@ def iter_captions(spec: str, caption_field: str = "txt", limit: int | None = Non
                 return
 
 
-def peek_first_sample(urls: list[str], max_shards: int = 4) -> RawSample | None:
-    """The first raw sample of the first readable shard among the first ``max_shards`` of ``urls`` (or None)."""
+def peek_first_sample(urls: list[str], max_shards: int = 4, *, retries: int = 0,
+                      backoff_s: float = 0.0) -> RawSample | None:
+    """The first raw sample of the first readable shard among the first ``max_shards`` of ``urls`` (or None);
+    ``retries`` / ``backoff_s`` as in :func:`iter_tar`."""
     for url in urls[:max_shards]:
-        reader = iter_tar(url)
+        reader = iter_tar(url, retries=retries, backoff_s=backoff_s)
         try:
             for _, raw in reader:
                 return raw
@@ -492,10 +580,12 @@ class ShardStream:
     """
 
     def __init__(self, urls: list[str], *, seed: int, rank: int = 0, world_size: int = 1, worker: int = 0,
-                 num_workers: int = 1, shuffle_buffer: int = 1, repeat: bool = False) -> None:
+                 num_workers: int = 1, shuffle_buffer: int = 1, repeat: bool = False, retries: int = 0,
+                 backoff_s: float = 0.0) -> None:
         if shuffle_buffer < 1:
             raise ValueError(f"data.shuffle_buffer must be >= 1, got {shuffle_buffer}")
         self.urls = list(urls)
+        self.retries, self.backoff_s = retries, backoff_s  # per shard read, see iter_tar
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.worker, self.num_workers = worker, num_workers
         self.shuffle_buffer, self.repeat = shuffle_buffer, repeat
@@ -545,23 +635,33 @@ class ShardStream:
         self._empty_epochs = int(state.get("empty_epochs", 0))
         if state["index"] > 0:
             if not self._fill():
-                raise DataError("data state points past the end of its shards; were the shards changed?")
+                raise DataError(f"data state points past the end of its shards; {self._resume_hint()}")
             if state["index"] > len(self._block):
-                raise DataError("data state points past the end of its shuffle block; were the shards changed?")
+                raise DataError(f"data state points past the end of its shuffle block; {self._resume_hint()}")
             self._pos = int(state["index"])
+
+    def _resume_hint(self) -> str:
+        """Why a saved position may not be found again: shards that failed while re-reading it, else changed ones."""
+        failed = {r: n for r, n in self._fill_counts.items() if n}
+        if failed:
+            detail = ", ".join(f"{r}={n}" for r, n in sorted(failed.items()))
+            return (f"shards could not be read while resuming ({detail}): resume again once they are readable, or "
+                    f"pass --reset-data to start fresh data streams")
+        return "were the shards changed?"
 
     # -- reading -------------------------------------------------------------------------------------------------
 
     def _count_error(self, reason: str, url: str, exc: BaseException) -> None:
         self.counts[reason] += 1
-        self._fill_counts[reason] = self._fill_counts.get(reason, 0) + 1
+        if reason != SHARD_RETRY:  # a retry is an event of this read, kept across a resume; the rest is recounted
+            self._fill_counts[reason] = self._fill_counts.get(reason, 0) + 1
 
     def _reader_for(self, cursor: int, offset: int) -> Iterator[tuple[int, RawSample]]:
         if self._reader is None or self._reader_at != (cursor, offset):
             self._close_reader()
             keep = (lambda i, _c=cursor: self._assignment.keeps(_c, i)) if self._assignment.stride > 1 else None
             self._reader = iter_tar(self._assignment.urls[cursor], start=offset, keep=keep,
-                                    on_error=self._count_error)
+                                    on_error=self._count_error, retries=self.retries, backoff_s=self.backoff_s)
         return self._reader
 
     def _read_block(self) -> list[RawSample]:

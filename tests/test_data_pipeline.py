@@ -63,7 +63,7 @@ def _make_shards(root: Path, n_shards: int = 4, per_shard: int = 10, prefix: str
 
 def _cfg(shards: str, **kw) -> DataConfig:
     base = dict(shards=shards, image_size=8, seq_len=64, batch_rows=2, num_workers=0, shuffle_buffer=4,
-                repeat=True, t2i_ratio=0.7, caption_dropout=0.2, max_text_tokens=16)
+                repeat=True, t2i_ratio=0.7, caption_dropout=0.2, max_text_tokens=16, shard_retry_backoff_s=0.01)
     return DataConfig(**(base | kw))
 
 
@@ -356,6 +356,7 @@ def test_corrupt_inputs_are_skipped_and_counted(tmp_path: Path) -> None:
     assert counts["bad_image"] == 1 and counts["missing_caption"] == 2 and counts["no_image"] == 1
     assert counts["caption_too_long"] == 1 and counts["too_long_for_row"] == 0
     assert counts["corrupt_shard"] == 2 and counts["missing_shard"] == 2  # good-3.tar and `pipe:exit 3`
+    assert counts["shard_retries"] == 3  # `pipe:exit 3` only: a local file that is missing or corrupt stays so
     assert counts["seen"] == len(keys) + counts["skipped"]
 
 
@@ -426,3 +427,43 @@ def test_state_from_another_world_size_is_refused(tmp_path: Path) -> None:
     state = PackedDataset(cfg, TOK, (2, 2), seed=0, rank=1, world_size=2).state_dict()
     with pytest.raises(DataError, match="exact resume needs the same world size"):
         PackedDataset(cfg, TOK, (2, 2), seed=0).load_state_dict(state)
+
+
+def test_grid_prompts_name_why_eval_shards_give_none(tmp_path: Path) -> None:
+    from transfusion.config import load_config
+    from transfusion.training.outputs import grid_prompts
+
+    def error(eval_shards: str) -> str:
+        cfg = load_config(None, [f"--data.eval_shards={eval_shards}"])
+        with pytest.raises(DataError) as e:
+            grid_prompts(cfg)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert error(str(tmp_path / "nope.tar")).endswith(f"data.eval_shards: shard pattern "
+                                                       f"{str(tmp_path / 'nope.tar')!r} matches no files")
+    (tmp_path / "junk.tar").write_bytes(os.urandom(2000))
+    assert error(str(tmp_path / "junk.tar")).endswith("could not be read (0 shard(s) missing, 1 corrupt)")
+    _write(tmp_path / "no-captions.tar", [{"__key__": "a", "png": _png((1, 2, 3))}])
+    assert error(str(tmp_path / "no-captions.tar")).endswith("has no captions")
+
+
+@pytest.mark.slow
+def test_missing_eval_shards_say_they_match_no_file(tmp_path: Path) -> None:
+    """The grid prompts come from data.eval_shards when sample.prompts is empty: a path that does not exist is named
+    as such, not reported as shards without captions."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    missing = tmp_path / "heldout-000000.tar"
+    proc = subprocess.run(
+        [sys.executable, "-m", "transfusion.train", "recipes/shapes_tiny.toml", f"--run.dir={tmp_path / 'run'}",
+         "--run.device=cpu", f"--data.shards={_make_shards(tmp_path / 'train')}", f"--data.eval_shards={missing}",
+         "--data.image_size=8", "--data.seq_len=64", "--data.batch_rows=2", "--data.num_workers=0",
+         "--model.dim=32", "--model.n_layers=1", "--model.n_heads=2", "--train.autocast=fp32", "--no-progress"],
+        cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert "matches no file" in errors[0] and str(missing) in errors[0] and "data.eval_shards" in errors[0]
+    assert "has no captions" not in proc.stderr

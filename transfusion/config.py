@@ -89,6 +89,9 @@ class DataConfig:
     max_text_tokens: Positive = 96  # longer captions are skipped (counted as "caption_too_long")
     tokenizer: str = "bytes"  # "bytes", or a local path to a Hugging Face tokenizer.json
     max_skip_rate: Share = 0.5  # stop the run when more than this share of samples is skipped
+    shard_retries: Count = 3  # a shard whose source fails mid-read (pipe: exit, EIO, cut short) is reopened this many
+    # times, resuming after the samples already read; then it is skipped and counted (data_pipelines/shards.py)
+    shard_retry_backoff_s: NonNegFloat = 1.0  # wait before the first reopen; doubled for each further one
     # -- formats, filters and document policies (data_pipelines/documents.py, samples.py) --
     format: Literal["auto", "pixels", "latents"] = "auto"  # "pixels" (decode images), "latents"
     # (<key>.latent.npy/.safetensors), "auto" (peek)
@@ -221,6 +224,9 @@ class CheckpointConfig:
     interval: Count = 200  # steps between checkpoints; 0 = only at the end
     keep: Positive = 2  # keep the newest k complete checkpoints
     async_save: bool = False  # stage to CPU, write in a background thread; training goes on meanwhile
+    # a save that fails (disk full, EIO): "stop" the run with one line (exit 2), or warn and "continue" to the next
+    # interval's save; the final save stops the run on failure either way (docs/reliability.md)
+    on_save_error: Literal["stop", "continue"] = "stop"
 
 
 @dataclass(kw_only=True, slots=True)

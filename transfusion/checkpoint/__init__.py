@@ -2,6 +2,7 @@
 
 from transfusion.checkpoint.dcp import (
     CheckpointError,
+    CheckpointSaveError,
     ModelOptimizerState,
     ObjectState,
     checkpoint_step,
@@ -14,6 +15,7 @@ from transfusion.checkpoint.export import ExportError, export_model, load_export
 
 __all__ = [
     "CheckpointError",
+    "CheckpointSaveError",
     "ExportError",
     "ModelOptimizerState",
     "ObjectState",

@@ -24,7 +24,9 @@ directories. Without an initialised process group (single process) the same code
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -47,10 +49,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from transfusion.distributed.env import barrier, is_distributed
+from transfusion.distributed.env import is_distributed
+
+log = logging.getLogger("transfusion")
 
 MARKER = "COMPLETE"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+REWRITE = ".rewrite"  # suffix of a save of a step that already has a complete checkpoint, until it is swapped in
+_STEP_DIR = re.compile(r"^step_(\d+)(?:\.rewrite)?$")
 
 
 def _legacy_name(key: str) -> bool:
@@ -128,8 +133,8 @@ def _single_process_quiet() -> Iterator[None]:
 
 
 def _one_line(e: BaseException) -> str:
-    if isinstance(e, CheckpointException) and e.failures:  # per-rank failures with tracebacks: keep the first cause
-        e = next(iter(e.failures.values()))[0]
+    if isinstance(e, CheckpointException) and e.failures:  # per-rank failures with tracebacks: the lowest rank's
+        e = e.failures[min(e.failures)][0]
     text = " ".join(str(e).split()) or "(no message)"
     return f"{type(e).__name__}: {text[:300]}"
 
@@ -156,11 +161,25 @@ def _ckpt_root(path: Path) -> Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+def _all_step_dirs(root: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return sorted(found)
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) for each step under ``root``, by step: ``step_<n>``, or ``step_<n>.rewrite`` when that
+    one is complete and ``step_<n>`` is missing or incomplete (a rewrite interrupted inside its swap). Any other
+    ``.rewrite`` (a save of an already complete step, in flight or failed) is not listed."""
+    plain: dict[int, Path] = {}
+    rewrites: dict[int, Path] = {}
+    for s, p in _all_step_dirs(root):
+        (rewrites if p.name.endswith(REWRITE) else plain)[s] = p
+    for s, p in rewrites.items():
+        if is_complete(p) and not (s in plain and is_complete(plain[s])):
+            plain[s] = p
+    return sorted(plain.items())
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -213,17 +232,37 @@ def resolve_checkpoint(path: str | Path) -> Path:
 # Save / load
 
 
+class CheckpointSaveError(CheckpointError):
+    """A save that failed (disk full, quota, EIO, ...): its directory was removed or never marked complete, so the
+    previous complete checkpoint is still the one ``--resume`` picks. One line: ``checkpoint save at step N failed:
+    <cause>; the last complete checkpoint is step M``, the same on every rank."""
+
+
 def _remove(path: Path) -> None:
     """Delete a step directory, marker first, so a half-deleted directory never looks complete."""
     (path / MARKER).unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _discard(path: Path) -> None:
+    """Rank 0, after a failed save: remove its directory as far as the storage lets us. What cannot be removed has
+    no marker, so it is never picked; the next successful save prunes it."""
+    try:
+        _remove(path)
+    except OSError as e:
+        log.warning("could not remove the failed checkpoint directory %s (%s); it has no %s marker and is never "
+                    "resumed from", path, _one_line(e), MARKER)
+
+
 def prune_checkpoints(root: Path, keep: int) -> list[Path]:
     """Keep the newest ``keep`` complete checkpoints (``keep <= 0`` keeps all) and drop incomplete directories
-    older than the newest complete one (interrupted saves). Newer incomplete ones may be saves in flight and stay.
-    Returns the removed directories. Call on one rank only."""
-    dirs = _step_dirs(Path(root))
+    older than the newest complete one (interrupted or failed saves), and leftovers of rewrites (a ``.rewrite``
+    directory that is not its step's checkpoint). Newer incomplete ones may be saves in flight and stay. A complete
+    ``.rewrite`` that stands in for its step (a rewrite interrupted inside its swap) is renamed into place. Returns
+    the removed directories. Call on one rank only, after a marker was written (never before: the previous
+    complete checkpoint stays until the new one is complete)."""
+    root = Path(root)
+    dirs = _step_dirs(root)
     complete = [(s, p) for s, p in dirs if is_complete(p)]
     if not complete:
         return []
@@ -231,8 +270,13 @@ def prune_checkpoints(root: Path, keep: int) -> list[Path]:
     doomed = [p for s, p in dirs if not is_complete(p) and s < newest]
     if keep > 0:
         doomed += [p for _, p in complete[:-keep]]
+    listed = {p for _, p in dirs}
+    doomed += [p for s, p in _all_step_dirs(root) if p not in listed and s <= newest]  # shadowed by another
     for p in doomed:
         _remove(p)
+    for s, p in dirs:  # a complete rewrite standing in for its step: move it to the step's own name
+        if p.name.endswith(REWRITE) and p not in doomed and not step_dir(root, s).exists():
+            os.rename(p, step_dir(root, s))
     return doomed
 
 
@@ -242,47 +286,153 @@ def fault_point(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _write_marker(root: Path, path: Path, step: int, info: dict[str, Any], keep: int) -> None:
-    """Rank 0, once every rank's files are written: the COMPLETE marker (atomically), then pruning."""
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Write and fsync a small file (per-rank extras, the marker): an error (ENOSPC, EIO) surfaces here, not later."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_dir(final: Path) -> Path:
+    """Where a save of step directory ``final`` writes: ``final`` itself, or ``step_<n>.rewrite`` beside it when
+    ``final`` holds a complete checkpoint, which stays in charge until the new one is complete (:func:`_finish`
+    swaps them)."""
+    return final.with_name(final.name + REWRITE) if is_complete(final) else final
+
+
+def _make_empty(path: Path) -> None:
+    """Rank 0: create the save's directory, removing a stale incomplete one of the same name first."""
+    if path.exists():
+        _remove(path)
+    path.mkdir(parents=True)
+
+
+def _finish(root: Path, path: Path, final: Path, step: int, info: dict[str, Any], keep: int) -> Path:
+    """Rank 0, once every rank's files are written: the COMPLETE marker (written, fsynced, renamed into place), the
+    swap of a rewrite into the step's name, then pruning. A failure to write the new marker (or to remove the old
+    one a rewrite replaces) fails the save; the rest of the swap and pruning run on a complete checkpoint and merely
+    warn. Returns the checkpoint's directory."""
     fault_point("save_before_marker", step)
     tmp = path / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({"step": step, "world_size": _world_size(), **info}) + "\n")
+    _write_bytes(tmp, (json.dumps({"step": step, "world_size": _world_size(), **info}) + "\n").encode())
     os.replace(tmp, path / MARKER)
-    prune_checkpoints(root, keep)
+    if path != final:
+        # The old marker goes first: from then on the complete rewrite stands in for the step (_step_dirs). If it
+        # cannot be removed, the save fails and the rewrite is discarded: the old checkpoint stays in charge.
+        (final / MARKER).unlink(missing_ok=True)
+        try:
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(path, final)
+            path = final
+        except OSError as e:
+            log.warning("checkpoint %s is complete but could not take the place of %s (%s); it stands in for "
+                        "step %d", path, final, _one_line(e), step)
+    try:
+        prune_checkpoints(root, keep)
+    except OSError as e:
+        log.warning("pruning old checkpoints under %s failed (%s); they stay until the next save", root,
+                    _one_line(e))
+    return path
+
+
+def _cause(e: BaseException | None) -> str | None:
+    """One line naming what failed; under a process group, on which rank."""
+    if e is None:
+        return None
+    rank = _rank()
+    if isinstance(e, CheckpointException) and e.failures:
+        rank = min(e.failures)
+    return f"rank {rank}: {_one_line(e)}" if is_distributed() else _one_line(e)
+
+
+def _save_error(root: Path, step: int, cause: str) -> CheckpointSaveError:
+    last = latest_checkpoint(root)
+    where = (f"the last complete checkpoint is step {checkpoint_step(last)}" if last is not None
+             else "there is no complete checkpoint yet")
+    return CheckpointSaveError(f"checkpoint save at step {step} failed: {cause}; {where}")
+
+
+_AGREE_GROUP: Any = None
+
+
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (small, picklable), in rank order; ``[obj]`` without a process group. Collective, on a
+    gloo group of its own, so ranks agree on a save's outcome whatever failed where (created on the first save)."""
+    global _AGREE_GROUP
+    if not is_distributed():
+        return [obj]
+    if _AGREE_GROUP is None:
+        _AGREE_GROUP = dist.new_group(backend="gloo")
+    out: list[Any] = [None] * _world_size()
+    dist.all_gather_object(out, obj, group=_AGREE_GROUP)
+    return out
+
+
+def _agree(root: Path, step: int, path: Path, error: BaseException | str | None, value: Any = None) -> Any:
+    """Collective: raise the same CheckpointSaveError on every rank when ``error`` is set on any (rank 0 first
+    removes the save's directory ``path``); else return rank 0's ``value``."""
+    mine = error if isinstance(error, str) or error is None else _cause(error)
+    replies = _gather((mine, value))
+    failed = next((cause for cause, _ in replies if cause is not None), None)
+    if failed is not None:
+        if _rank() == 0:
+            _discard(path)
+        raise _save_error(root, step, failed)
+    return replies[0][1]
 
 
 class PendingSave:
     """An asynchronous save in flight: the state was staged to CPU memory and is written by a background thread.
 
-    ``poll()`` (cheap, every step) finishes it on rank 0 once DCP reports the write done: DCP's coordinator (rank 0)
-    completes only after every rank's files and the ``.metadata`` are written, and every rank wrote its extras before
-    joining the save, so the marker can follow without a barrier. ``wait()`` (collective) blocks until it is done:
-    before the next save, and before the process ends."""
+    ``poll()`` (cheap, every step, on each rank by itself) settles it once DCP reports the write done: on rank 0 the
+    marker follows (DCP's coordinator completes only after every rank's files and the ``.metadata`` are written, and
+    every rank wrote its extras before joining the save, so no barrier is needed); a failure raises
+    CheckpointSaveError once, and rank 0 removes the directory. ``wait()`` (collective) blocks until it is settled
+    everywhere and raises the same error on every rank if it failed on any: before the next save, and before the
+    process ends."""
 
-    def __init__(self, future: Any, root: Path, path: Path, step: int, info: dict[str, Any], keep: int) -> None:
-        self.future, self.root, self.path, self.step, self.info, self.keep = future, root, path, step, info, keep
-        self.finished = False
+    def __init__(self, future: Any, root: Path, write_dir: Path, final: Path, step: int, info: dict[str, Any],
+                 keep: int) -> None:
+        self.future, self.root, self.write_dir = future, root, write_dir
+        self.step, self.info, self.keep = step, info, keep
+        self.path = self._final = final
+        self._settled, self._raised = False, False
+        self._cause: str | None = None
 
-    def _result(self) -> None:
-        try:
-            self.future.result()
-        except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"failed to save checkpoint {self.path}: {_one_line(e)}") from None
+    def _settle(self) -> str | None:
+        """This rank's outcome, once (None: written, and on rank 0 marked complete)."""
+        if not self._settled:
+            self._settled = True
+            try:
+                self.future.result()
+            except (Exception, CheckpointException) as e:
+                self._cause = _cause(e)
+            if self._cause is None and _rank() == 0:
+                try:
+                    self.path = _finish(self.root, self.write_dir, self._final, self.step, self.info, self.keep)
+                except Exception as e:  # noqa: BLE001 - the marker could not be written: the save failed
+                    self._cause = _cause(e)
+            if self._cause is not None and _rank() == 0:
+                _discard(self.write_dir)
+        return self._cause
 
     def poll(self) -> bool:
-        """True once this save is complete (on rank 0: marker written). Raises CheckpointError if it failed."""
-        if not self.finished and self.future.done():
-            self._result()
-            if _rank() == 0:
-                _write_marker(self.root, self.path, self.step, self.info, self.keep)
-            self.finished = True
-        return self.finished
+        """True once this save is settled on this rank. Raises CheckpointSaveError (once) if it failed here."""
+        if not self._settled and not self.future.done():
+            return False
+        cause = self._settle()
+        if cause is not None and not self._raised:
+            self._raised = True
+            raise _save_error(self.root, self.step, cause)
+        return True
 
     def wait(self) -> Path:
-        self._result()
-        self.poll()
-        barrier()
-        return self.path
+        try:
+            self.future.result()  # block; its error is taken up by _settle
+        except (Exception, CheckpointException):
+            pass
+        return Path(_agree(self.root, self.step, self.write_dir, self._settle(), str(self.path)))
 
 
 _ASYNC_GROUP: Any = None
@@ -300,37 +450,62 @@ def _async_group() -> Any:
 def save_checkpoint(root: Path, step: int, state: dict[str, Any], rank_extras: dict[str, Any], *, keep: int,
                     info: dict[str, Any] | None = None, async_save: bool = False) -> Path | PendingSave:
     """Write ``state`` (values may be Stateful) with DCP to ``root/step_<n:08d>`` plus this rank's ``rank_extras``,
-    then the COMPLETE marker (JSON: step, world size and ``info``), then prune. Collective: every rank calls it. An
-    existing directory for the same step (a stale interrupted save, or a complete one being rewritten) is removed
-    first. Returns the step directory, or with ``async_save`` a :class:`PendingSave` once the state is staged (keep
-    at most one in flight: ``wait()`` on it before the next save)."""
+    then the COMPLETE marker (JSON: step, world size and ``info``), then prune. Collective: every rank calls it.
+    Returns the step directory, or with ``async_save`` a :class:`PendingSave` once the state is staged (keep at
+    most one in flight: ``wait()`` on it before the next save).
+
+    An existing incomplete directory for the same step (a stale interrupted or failed save) is removed first; an
+    existing complete one (a preemption save right after the interval save, a rerun in the same run directory) is
+    not: the new save is written to ``step_<n>.rewrite`` and swapped in once complete.
+
+    Failing storage: any write that raises (ENOSPC, EIO, quota, a flaky network filesystem; on any rank, at any
+    point: directory, extras, DCP data or metadata, marker) raises :class:`CheckpointSaveError` on every rank at the
+    same point, after rank 0 removed the save's directory. Nothing is pruned before the new marker exists, so the
+    previous complete checkpoint stays valid and is what ``--resume`` picks. Whether the run then stops is the
+    caller's policy (``checkpoint.on_save_error``, see ``manager.py``)."""
     root = Path(root)
-    path = step_dir(root, step)
+    final = step_dir(root, step)
     rank = _rank()
     info = dict(info or {})
     if async_save and not is_distributed():  # the background thread warns after _single_process_quiet has exited
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+    error: BaseException | None = None
+    path = _write_dir(final) if rank == 0 else final
     if rank == 0:
-        if path.exists():
-            _remove(path)
-        path.mkdir(parents=True)
-    barrier()
+        try:
+            _make_empty(path)
+        except Exception as e:  # noqa: BLE001
+            error = e
+    path = Path(_agree(root, step, path, error, str(path)))  # every rank writes where rank 0 made room
+    error = None
     try:
-        torch.save(rank_extras, path / f"rank_{rank}.pt")
+        buf = io.BytesIO()
+        torch.save(rank_extras, buf)
+        _write_bytes(path / f"rank_{rank}.pt", buf.getvalue())
+    except Exception as e:  # noqa: BLE001
+        error = e
+    _agree(root, step, path, error)
+    future = None
+    try:
         with _single_process_quiet():
             if async_save:
                 future = dcp.async_save(state, checkpoint_id=str(path), process_group=_async_group(),
                                         no_dist=not is_distributed())
                 future = getattr(future, "upload_completion", future)  # AsyncSaveResponse in newer torch
-                return PendingSave(future, root, path, step, info, keep)
-            dcp.save(state, checkpoint_id=str(path), no_dist=not is_distributed())
-    except CheckpointException as e:  # a BaseException subclass: surface it as a normal error
-        raise CheckpointError(f"failed to save checkpoint {path}: {_one_line(e)}") from None
-    barrier()
+            else:
+                dcp.save(state, checkpoint_id=str(path), no_dist=not is_distributed())
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException: a save error here
+        error = e
+    _agree(root, step, path, error)
+    if future is not None:
+        return PendingSave(future, root, path, final, step, info, keep)
+    done = path
     if rank == 0:
-        _write_marker(root, path, step, info, keep)
-    barrier()
-    return path
+        try:
+            done = _finish(root, path, final, step, info, keep)
+        except Exception as e:  # noqa: BLE001
+            error = e
+    return Path(_agree(root, step, path, error, str(done)))
 
 
 def read_marker(path: Path) -> dict[str, Any]:

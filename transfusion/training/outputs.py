@@ -27,19 +27,24 @@ log = logging.getLogger("transfusion")
 def grid_prompts(cfg: Config, n: int = 16) -> list[str]:
     """Prompts for sample grids: the recipe's ``sample.prompts``, else the first ``n`` held-out captions
     (``data.eval_shards``). Raises DataError when there are neither."""
-    from data_pipelines.errors import DataError
+    from data_pipelines.errors import DataError, new_counts
     from data_pipelines.shards import ShardSpecError, iter_captions
 
     if cfg.sample.prompts:
         return list(cfg.sample.prompts)
+    why = "no prompts for the sample grid: sample.prompts is empty and data.eval_shards"
+    counts = new_counts()
     try:
-        prompts = list(iter_captions(cfg.data.eval_shards, cfg.data.caption_field, n,
-                                     segments_field=cfg.data.segments_field)) if cfg.data.eval_shards else []
-    except ShardSpecError:
-        prompts = []
+        prompts = list(iter_captions(cfg.data.eval_shards, cfg.data.caption_field, n, counts=counts,
+                                     segments_field=cfg.data.segments_field, retries=cfg.data.shard_retries,
+                                     backoff_s=cfg.data.shard_retry_backoff_s)) if cfg.data.eval_shards else []
+    except ShardSpecError as e:  # the file is not there: say so, not that it holds no captions
+        raise DataError(f"{why}: {e}") from None
     if not prompts:
-        raise DataError(f"no prompts for the sample grid: sample.prompts is empty and data.eval_shards "
-                        f"({cfg.data.eval_shards!r}) has no captions")
+        broken = counts["missing_shard"] + counts["corrupt_shard"]
+        cause = (f"could not be read ({counts['missing_shard']} shard(s) missing, {counts['corrupt_shard']} "
+                 f"corrupt)" if broken and not counts["seen"] else "has no captions")
+        raise DataError(f"{why} ({cfg.data.eval_shards!r}) {cause}")
     return prompts
 
 
