@@ -62,6 +62,7 @@ AnyFloat = Annotated[float, Range()]  # any finite number
 Beta = Annotated[float, Range(0.0, 1.0, hi_open=True)]  # [0, 1)
 PrecisionName = Literal["auto", "bf16", "fp32", "none"]  # "none" = fp32 (older exports)
 PRECISIONS = ("auto", "bf16", "fp32")  # what the tools' --precision offers (transfusion/precision.py decides)
+PreemptSignal = Literal["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT"]  # train.preempt_signals
 
 
 @dataclass(kw_only=True, slots=True)
@@ -217,6 +218,12 @@ class TrainConfig:
     num_threads: Count = 0  # torch intra-op threads on CPU; 0 = torch default
     grad_accum: Positive = 1  # micro-batches per optimizer step on each rank; global batch = dp ranks x grad_accum
     trace_data: bool = False  # write the sample keys of every micro-batch to <run>/data_trace/rank_<r>.jsonl
+    # Signals that stop the run cleanly: every rank finishes its step, one checkpoint is saved, the process exits with
+    # code 75 and --resume continues exactly (docs/reliability.md); [] = the signals' default actions
+    preempt_signals: list[PreemptSignal] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
+    # A step whose loss or gradient norm is not finite (on any rank) is skipped: no update of the weights, optimizer,
+    # EMA or LR schedule; its batch is consumed. More than this many in a row stop the run (exit 3); 0 = the first
+    max_bad_steps: Count = 8
 
 
 @dataclass(kw_only=True, slots=True)

@@ -6,6 +6,10 @@
 
 Every rank parses the same arguments and fails the same way: a bad recipe or a checkpoint this world size cannot
 resume prints one ``error:`` line on each rank and exits non-zero before any collective, so nothing hangs.
+
+Exit codes (each rank's process; see transfusion/training/guards.py and docs/reliability.md): 0 done; 75 preempted
+by a signal of train.preempt_signals, a checkpoint of the last step is saved, continue with --resume; 3 more than
+train.max_bad_steps non-finite steps in a row, nothing saved; 2 bad input; 130 interrupted before training.
 """
 
 from __future__ import annotations
@@ -14,6 +18,16 @@ import argparse
 import sys
 
 from transfusion.cli import fail_cleanly
+from transfusion.training.guards import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, NonFiniteError, ignore_signals
+
+EXIT_CODES = f"""exit codes:
+  0    done: final checkpoint, samples and export written
+  {PREEMPTED_EXIT_CODE:<4} preempted: a signal of train.preempt_signals (default SIGTERM, SIGUSR1, SIGINT) reached a
+       rank; every rank finished its step and one checkpoint of it was saved: run again with --resume
+  {NONFINITE_EXIT_CODE:<4} more than train.max_bad_steps steps in a row had a non-finite loss or gradient norm (each
+       was skipped without an update); nothing was saved after the last checkpoint
+  2    bad input (recipe, overrides, checkpoint, data): one 'error:' line
+  130  interrupted (SIGINT) before training started"""
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -24,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         description="Train a hybrid text+image transformer from a TOML recipe, in one process or under torchrun. "
                     "Any recipe key can be overridden with --section.key=value (e.g. --train.steps=100 "
                     "--run.dir=runs/try).",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("recipe", help="path to a TOML recipe, e.g. recipes/shapes_tiny.toml")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
@@ -47,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     from transfusion.config import load_config
-    from transfusion.distributed.env import shutdown
+    from transfusion.distributed.env import launched_by_torchrun, shutdown
     from transfusion.training.trainer import Trainer
 
     try:
@@ -56,12 +71,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.recipe, overrides)
         trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress, reset_data=args.reset_data)
         trainer.fit()
+        if trainer.preempted and launched_by_torchrun():  # torchrun signals the ranks that have not exited when
+            ignore_signals(cfg.train.preempt_signals)      # the first one has: that must not change the exit code
         trainer.close()
+    except NonFiniteError as e:  # every rank stops at the same step (the check is agreed): one line each
+        shutdown(graceful=False)
+        print(f"error: {e}", file=sys.stderr)
+        return NONFINITE_EXIT_CODE
     except BaseException:
         shutdown(graceful=False)
         raise
     shutdown()
-    return 0
+    return PREEMPTED_EXIT_CODE if trainer.preempted else 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -108,10 +109,12 @@ def init_distributed(cfg: ParallelConfig, device_name: str) -> DistEnv:
 def shutdown(*, graceful: bool = True) -> None:
     """Leave the job. ``graceful``: wait for every rank first, so no rank tears its connections down while a peer
     still uses them (gloo aborts the peer then); after an error, leave at once (torchrun stops the others)."""
+    global _HOST_GROUP
     if dist.is_available() and dist.is_initialized():
         if graceful:
             dist.barrier()
         dist.destroy_process_group()
+    _HOST_GROUP = None
 
 
 def is_distributed() -> bool:
@@ -139,6 +142,28 @@ def all_ranks_true(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([0.0 if flag else 1.0], device=device)
     dist.all_reduce(t)
     return t.item() == 0.0
+
+
+_HOST_GROUP: Any = None
+
+
+def host_group() -> Any:
+    """A gloo group for small agreements on host tensors: the default group when it is gloo (CPU runs), else one
+    made once (collectively, on first use) beside NCCL's, so a per-step flag costs no device sync."""
+    global _HOST_GROUP
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
+def any_rank_true(flag: bool) -> bool:
+    """True when ``flag`` holds on some rank: one all-reduce (MAX) of a 1-element int tensor over :func:`host_group`
+    (collective; just ``flag`` without a process group)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
+    return bool(t.item())
 
 
 def barrier() -> None:

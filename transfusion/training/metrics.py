@@ -85,20 +85,26 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class Window:
-    """Sums over the steps of one logging interval on this rank; ``reduce`` combines the ranks."""
+    """Sums over the steps of one logging interval on this rank; ``reduce`` combines the ranks. Skipped steps (a
+    non-finite loss or gradient norm: no update) count in ``bad_steps`` and in the throughput, not in the averages of
+    the step metrics."""
 
     def __init__(self) -> None:
         self.steps, self.step_s, self.data_s = 0, 0.0, 0.0
+        self.bad_steps = 0
         self.text_tokens, self.image_tokens = 0, 0
         self.sums: dict[str, float] = {}
 
     def add(self, *, step_s: float, data_s: float, text_tokens: int, image_tokens: int,
-            metrics: dict[str, float]) -> None:
+            metrics: dict[str, float], skipped: bool = False) -> None:
         self.steps += 1
         self.step_s += step_s
         self.data_s += data_s
         self.text_tokens += text_tokens
         self.image_tokens += image_tokens
+        if skipped:
+            self.bad_steps += 1
+            return
         for k, v in metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
 
@@ -109,8 +115,9 @@ class Window:
         process group."""
         from transfusion.distributed.env import all_reduce_max, all_reduce_sum
 
-        n = max(self.steps, 1)
+        n = max(self.steps - self.bad_steps, 1)
         out = {k: v / n for k, v in self.sums.items()}
+        out["bad_steps"] = float(self.bad_steps)
         t = torch.tensor([self.step_s, self.data_s, self.text_tokens, self.image_tokens], dtype=torch.float64,
                          device=device)
         step_s, data_s, text, image = all_reduce_sum(t).tolist()

@@ -9,7 +9,9 @@ One optimizer step::
     every rank reads train.grad_accum micro-batches, one per data consumer  (world-size independent, distributed/data)
     normalisers = all-reduce(text targets, target image elements) over ranks and micro-steps
     per micro-batch: loss = (w_t * text_sum / N_text + w_i * image_sum / N_image) -> backward   (FSDP sums grads)
-    clip (global norm) -> AdamW -> LR schedule -> EMA (sharded like the parameters)
+    clip (global norm) -> check: loss and grad norm finite on every rank? (the loss sum's all-reduce, before the update)
+        yes: AdamW -> LR schedule -> EMA (sharded like the parameters)
+        no:  skip the update (weights, optimizer state, LR schedule and EMA unchanged; the batch is consumed)
 
 so the step equals one big batch of dp_ranks x grad_accum micro-batches, on any number of ranks. With one micro-step
 per rank the normalisers come from the forward pass itself (exact for any objective, including MAR's random masks);
@@ -19,6 +21,19 @@ Steps are small methods (``train_step``, ``log``, ``save``, ``sample_grid``) so 
 of them instead of forking the loop. Everything else is a collaborator built once: the checkpoint policy
 (``checkpoint/manager.py``: find, check, restore, save, poll, wait), grids and the export (``training/outputs.py``),
 the run's files and data trace (``training/run_files.py``) and the precision choice (``precision.py``).
+
+Stopping (``training/guards.py``, docs/reliability.md), and the exit codes of ``python -m transfusion.train``:
+
+    preemption   a signal of ``train.preempt_signals`` (default SIGTERM, SIGUSR1, SIGINT) on any rank: the ranks agree
+                 on it after every step (one tiny all-reduce), finish the step, save one checkpoint of it (the
+                 periodic save's path, data position included) and exit 75 (``PREEMPTED_EXIT_CODE``, EX_TEMPFAIL);
+                 ``--resume`` continues bitwise as if uninterrupted. Further signals while stopping are logged and
+                 ignored. Under torchrun pass ``--signals-to-handle`` for SIGUSR1 and a ``--shutdown-timeout`` longer
+                 than a checkpoint save (torchrun forwards the signal, then SIGKILLs after 30 s by default).
+    non-finite   a skipped step is logged (a warning) and counted (``bad_steps`` in metrics.jsonl and the log line);
+                 more than ``train.max_bad_steps`` in a row stop the run with one ``error:`` line and exit 3
+                 (``NONFINITE_EXIT_CODE``), saving nothing; the previous checkpoints stay as they were.
+    0 done, 2 bad input (one ``error:`` line), 130 SIGINT outside the training loop.
 """
 
 from __future__ import annotations
@@ -43,7 +58,7 @@ from transfusion.attention.backends import (
 from transfusion.attention.flex import flex_tuning
 from transfusion.attention.flex import probe as probe_flex
 from transfusion.batch import IGNORE_INDEX, Batch
-from transfusion.checkpoint.dcp import ModelOptimizerState, ObjectState, fault_point
+from transfusion.checkpoint.dcp import ModelOptimizerState, ObjectState, fault_point, latest_checkpoint
 from transfusion.checkpoint.manager import CheckpointManager
 from transfusion.config import Config
 from transfusion.distributed.data import StepData
@@ -54,6 +69,14 @@ from transfusion.latents.prepare import prepare_batch
 from transfusion.precision import choose_precision, model_matmul_shapes
 from transfusion.components import build_components
 from transfusion.training.ema import EMA
+from transfusion.training.guards import (
+    NONFINITE_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    NonFiniteError,
+    Preemption,
+    fault_active,
+    protect_data_workers,
+)
 from transfusion.model.image_head import image_loss_count
 from transfusion.training.losses import compute_loss_terms
 from transfusion.training.metrics import Window, flops_per_token
@@ -129,6 +152,10 @@ class Trainer:
         self.flops = flops_per_token(cfg.model, self.tokenizer.vocab_size, self.codec.channels, cfg.data.seq_len)
         self.step = 0
         self.writer = None
+        self.preemption = Preemption(cfg.train.preempt_signals)
+        self.preempted: str | None = None  # set when fit stopped on a preemption signal (exit PREEMPTED_EXIT_CODE)
+        self.bad_steps = 0  # steps skipped for a non-finite loss or gradient norm, in this process
+        self.bad_in_a_row = 0
         self.data = self.build_data(cfg.run.seed)
         self.precision, self.measured_peak = choose_precision(
             cfg.train.autocast, self.device,
@@ -152,8 +179,10 @@ class Trainer:
 
     # -- data ------------------------------------------------------------------------------------------------
     def build_data(self, seed: int) -> StepData:
-        return StepData(self.cfg.data, self.tokenizer, self.patch_grid, seed=seed, dp_rank=self.env.dp_rank,
+        data = StepData(self.cfg.data, self.tokenizer, self.patch_grid, seed=seed, dp_rank=self.env.dp_rank,
                         dp_size=self.env.dp_size, grad_accum=self.cfg.train.grad_accum)
+        protect_data_workers(data.loaders.values(), self.cfg.train.preempt_signals)  # the trainer ends its workers
+        return data
 
     def data_layout(self) -> dict:
         return {"consumers": self.env.dp_size * self.cfg.train.grad_accum, "num_workers": self.cfg.data.num_workers}
@@ -192,7 +221,8 @@ class Trainer:
         self.model.train()
         cfg = self.cfg
         norms = all_reduce_sum(sum(self.loss_counts(b) for _, b in micro)) if len(micro) > 1 else None
-        stats = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss, text sum, image sum, counts
+        # loss, text sum, image sum, text count, image count, ranks whose gradient norm is not finite
+        stats = torch.zeros(6, dtype=torch.float64, device=self.device)
         for consumer, batch in micro:
             mask = build_attention_mask(batch.doc_ids, batch.image_ids, self.backend, hidden_ids=batch.hidden_ids,
                                         bidirectional_images=cfg.model.image_attention == "bidirectional",
@@ -205,26 +235,66 @@ class Trainer:
             if norms is None:  # one micro-step: the forward's own counts, summed over ranks
                 norms = all_reduce_sum(counts.clone())
             loss = parts.total(cfg.loss, norms[0], norms[1])
+            if consumer == micro[0][0] and fault_active("nan_loss", self.step + 1):
+                loss = loss + float("nan")  # fault injection: a NaN loss whose gradients stay finite
             loss.backward()
-            stats += torch.cat([torch.stack([loss.detach(), parts.text_sum.detach(), parts.image_sum.detach()])
-                                .double(), counts])
-        grad_norm = clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.train.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr_scheduler.step()
-        self.ema.update(self.model, self.step)
-        loss, text_sum, image_sum, text_count, image_count = all_reduce_sum(stats).tolist()
+            stats[:5] += torch.cat([torch.stack([loss.detach(), parts.text_sum.detach(), parts.image_sum.detach()])
+                                    .double(), counts])
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if fault_active("nan_grad", self.step + 1):  # fault injection: one NaN gradient, the loss stays finite
+            grad = next(p.grad for p in params if p.grad is not None)
+            (grad.to_local() if hasattr(grad, "to_local") else grad).fill_(float("nan"))
+        grad_norm = clip_grad_norm_(params, cfg.train.grad_clip)  # every step: its norm is checked below
+        stats[5] = 0.0 if math.isfinite(grad_norm) else 1.0
+        # Summed over ranks before the update, so every rank takes the same decision: a NaN or inf on any rank makes
+        # the summed loss (or the count of bad gradient norms) say so everywhere.
+        loss, text_sum, image_sum, text_count, image_count, bad_grads = all_reduce_sum(stats).tolist()
         if len(micro) > 1 and [text_count, image_count] != norms.tolist():
             raise RuntimeError(f"the forward pass counted {text_count:.0f} text targets / {image_count:.0f} image "
                                f"units, Trainer.loss_counts predicted {norms.tolist()}: this objective's counts "
                                f"depend on the forward, so train.grad_accum > 1 needs an overridden loss_counts")
+        skipped = not math.isfinite(loss) or bad_grads > 0
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not skipped:  # a skipped step leaves weights, optimizer state, LR schedule and EMA as they were
+            self.lr_scheduler.step()
+            self.ema.update(self.model, self.step)
         return {"loss": loss, "text_loss": text_sum / max(text_count, 1.0), "image_loss": image_sum /
-                max(image_count, 1.0), "grad_norm": grad_norm, "lr": self.lr_scheduler.get_last_lr()[0]}
+                max(image_count, 1.0), "grad_norm": grad_norm, "lr": self.lr_scheduler.get_last_lr()[0],
+                "skipped": float(skipped)}
+
+    def count_bad_step(self, metrics: dict[str, float], skipped: bool) -> None:
+        """Account for step ``self.step`` (just taken): a skipped step is logged and counted; more than
+        ``train.max_bad_steps`` in a row stop the run (NonFiniteError) with the last checkpoint as it was."""
+        if not skipped:
+            if not math.isfinite(metrics["loss"]):  # a train_step override that updated regardless
+                raise NonFiniteError(f"non-finite loss {metrics['loss']} at step {self.step}, and the update was "
+                                     f"applied: resume from the last checkpoint")
+            self.bad_in_a_row = 0
+            return
+        self.bad_steps += 1
+        self.bad_in_a_row += 1
+        limit = self.cfg.train.max_bad_steps
+        log.warning("step %d skipped: non-finite loss %.4g or gradient norm %.4g (weights, optimizer, EMA and LR "
+                    "schedule unchanged; %d in a row, train.max_bad_steps = %d)", self.step, metrics["loss"],
+                    metrics["grad_norm"], self.bad_in_a_row, limit)
+        if self.bad_in_a_row > limit:
+            self.checkpoints.wait()  # an async save in flight holds good weights: let it complete
+            last = latest_checkpoint(self.checkpoints.dir)
+            raise NonFiniteError(f"stopped at step {self.step}: {self.bad_in_a_row} step(s) in a row had a "
+                                 f"non-finite loss or gradient norm (train.max_bad_steps = {limit}); nothing saved "
+                                 f"after them, the last checkpoint is {last or 'none'} (exit code "
+                                 f"{NONFINITE_EXIT_CODE})")
 
     # -- the loop --------------------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> None:
         """Train to ``train.steps``; then save, sample and export. ``stop_after`` ends the loop early at that step
-        without the final outputs, like a job that is killed there (tests use it to check exact resume)."""
+        without the final outputs, like a job that is killed there (tests use it to check exact resume).
+
+        A signal of ``train.preempt_signals`` (on any rank) ends the loop after the step it arrived in, with a
+        checkpoint of that step and ``self.preempted`` set to the signal's name; the caller exits with
+        ``PREEMPTED_EXIT_CODE``. The handlers are installed here and the previous ones restored on return."""
         cfg = self.cfg.train
         self.writer = self._open_writer()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
@@ -232,55 +302,72 @@ class Trainer:
                    disable=not self.progress)
         window = Window()
         started = time.perf_counter()
+        self.preempted = None
         try:
-            while self.step < cfg.steps:
-                t0 = time.perf_counter()
-                micro = self.data.next_step()
-                if not self.cfg.data.repeat and not all_ranks_true(micro is not None, self.device):
-                    log.info("a finite data stream (data.repeat = false) ended after step %d: stopping", self.step)
-                    break
-                if micro is None:
-                    raise RuntimeError("a repeating data stream ended unexpectedly")
-                text_tokens, image_tokens = token_counts(micro)
-                micro = [(v, self.prepare(b)) for v, b in micro]
-                t1 = time.perf_counter()
-                metrics = self.train_step(micro)
-                t2 = time.perf_counter()
-                if not math.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {self.step}")
-                self.step += 1
-                self.trace.write(self.step, micro)
-                window.add(step_s=t2 - t0, data_s=t1 - t0, text_tokens=text_tokens, image_tokens=image_tokens,
-                           metrics=metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", text=f"{metrics['text_loss']:.3f}",
-                                img=f"{metrics['image_loss']:.3f}", refresh=False)  # drawn by update (mininterval)
-                bar.update(1)
-                if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
-                    self.log(window)
-                    window = Window()
-                    if cfg.max_minutes and self.step < cfg.steps and self._over_time(started, cfg.max_minutes):
-                        log.info("train.max_minutes = %g spent at step %d of %d: ending here (checkpoint, samples, "
-                                 "export)", cfg.max_minutes, self.step, cfg.steps)
+            with self.preemption.installed():
+                while self.step < cfg.steps:
+                    if fault_active("await_signal", self.step + 1):
+                        self.preemption.wait_for_signal(self.step + 1)
+                    t0 = time.perf_counter()
+                    micro = self.data.next_step()
+                    if not self.cfg.data.repeat and not all_ranks_true(micro is not None, self.device):
+                        log.info("a finite data stream (data.repeat = false) ended after step %d: stopping", self.step)
                         break
-                self.checkpoints.poll()
-                if self.checkpoints.due(self.step, cfg.steps):
-                    self.save()
-                if cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.step < cfg.steps:
-                    self.sample_grid()
-                fault_point("after_step", self.step)
-                if stop_after is not None and self.step >= stop_after:
-                    self.checkpoints.wait()
-                    return
-            if window.steps:
-                self.log(window)
-            self.save(final=True)
-            state = self.outputs.consolidated_state(self.model, self.ema)
-            self.sample_grid(state)
-            self.outputs.export(state, self.step)
+                    if micro is None:
+                        raise RuntimeError("a repeating data stream ended unexpectedly")
+                    text_tokens, image_tokens = token_counts(micro)
+                    micro = [(v, self.prepare(b)) for v, b in micro]
+                    t1 = time.perf_counter()
+                    metrics = self.train_step(micro)
+                    t2 = time.perf_counter()
+                    skipped = bool(metrics.pop("skipped", 0.0))
+                    self.step += 1  # counts batches taken, so a skipped step still consumes its data
+                    self.count_bad_step(metrics, skipped)
+                    self.trace.write(self.step, micro)
+                    window.add(step_s=t2 - t0, data_s=t1 - t0, text_tokens=text_tokens, image_tokens=image_tokens,
+                               metrics=metrics, skipped=skipped)
+                    if not skipped:
+                        bar.set_postfix(loss=f"{metrics['loss']:.3f}", text=f"{metrics['text_loss']:.3f}",
+                                        img=f"{metrics['image_loss']:.3f}", refresh=False)  # drawn by update
+                    bar.update(1)
+                    if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
+                        self.log(window)
+                        window = Window()
+                        if cfg.max_minutes and self.step < cfg.steps and self._over_time(started, cfg.max_minutes):
+                            log.info("train.max_minutes = %g spent at step %d of %d: ending here (checkpoint, "
+                                     "samples, export)", cfg.max_minutes, self.step, cfg.steps)
+                            break
+                    self.checkpoints.poll()
+                    stop = self.preemption.agreed(self.step)  # collective, every step: all ranks stop together
+                    if stop or self.checkpoints.due(self.step, cfg.steps):
+                        self.save(final=stop)  # a preemption's save blocks: the process exits next
+                    if stop:
+                        return self._stop_preempted()
+                    if cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.step < cfg.steps:
+                        self.sample_grid()
+                    fault_point("after_step", self.step)
+                    if stop_after is not None and self.step >= stop_after:
+                        self.checkpoints.wait()
+                        return
+                if window.steps:
+                    self.log(window)
+                self.save(final=True)
+                if self.preemption.agreed(self.step):  # signalled by now: samples and export wait for --resume
+                    return self._stop_preempted()
+                state = self.outputs.consolidated_state(self.model, self.ema)
+                self.sample_grid(state)
+                self.outputs.export(state, self.step)
         finally:
             bar.close()
             if self.writer is not None:
                 self.writer.close()
+
+    def _stop_preempted(self) -> None:
+        """After the preemption checkpoint is written (on every rank): log it and mark the run preempted."""
+        self.preemption.report(self.step)  # signals that came during the save were ignored
+        self.preempted = self.preemption.received[0] if self.preemption.received else "a signal on another rank"
+        log.info("preempted (%s): checkpoint of step %d saved; exiting with code %d, continue with --resume",
+                 self.preempted, self.step, PREEMPTED_EXIT_CODE)
 
     def _over_time(self, started: float, max_minutes: float) -> bool:
         """Every rank stops at the same step: the budget counts as spent when it is on any rank."""
@@ -297,11 +384,13 @@ class Trainer:
         return SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None)
 
     def log(self, window: Window) -> None:
-        """Averages over the window; throughput per device averaged over ranks (collective: every rank calls it)."""
+        """Averages over the window; throughput per device averaged over ranks (collective: every rank calls it).
+        ``bad_steps`` (this window) and ``bad_steps_total`` (this process) count the skipped non-finite steps."""
         avg = window.summary(self.flops, self.device, self.measured_peak)
         skipped = self.skip_counts()
         if not self.env.is_main:
             return
+        avg["bad_steps_total"] = float(self.bad_steps)
         if self.writer is not None:
             for k, v in avg.items():
                 self.writer.add_scalar(f"{'loss' if 'loss' in k else 'train'}/{k}", v, self.step)
@@ -309,15 +398,19 @@ class Trainer:
                 self.writer.add_scalar(f"data/skipped_{reason}", count, self.step)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, **avg, **{f"skipped_{k}": v for k, v in skipped.items()}}) + "\n")
+        if window.bad_steps == window.steps:  # every step of the window skipped: no step metrics to average
+            avg = {k: math.nan for k in ("loss", "text_loss", "image_loss", "lr", "grad_norm")} | avg
         eff = f" | {1e3 * avg['tflops_per_s']:.1f} GFLOP/s = {100 * avg['peak_share']:.0f}% of measured peak"
         eff += f" | MFU {100 * avg['mfu']:.1f}%" if "mfu" in avg else ""
         log.info("step %d | loss %.4f text %.4f image %.4f | lr %.2e | gnorm %.2f | %.0f tok/s/device (text %.0f, "
-                 "image %.0f)%s | mem %.2f GiB | data %.0f%%%s",
+                 "image %.0f)%s | mem %.2f GiB | data %.0f%%%s%s",
                  self.step, avg["loss"], avg["text_loss"], avg["image_loss"], avg["lr"], avg["grad_norm"],
                  avg["tokens_per_s"], avg["text_tokens_per_s"], avg["image_tokens_per_s"], eff,
                  avg["peak_memory_gib"], 100 * avg["data_wait_share"],
                  (" | skipped " + ", ".join(f"{k}={v}" for k, v in skipped.items() if v)) if any(skipped.values())
-                 else "")
+                 else "",
+                 f" | non-finite steps not applied {window.bad_steps} of {window.steps} ({self.bad_steps} in this "
+                 f"process)" if window.bad_steps else "")
 
     def skip_counts(self) -> dict[str, int]:
         """Cumulative skip counts by reason, summed over this rank's consumers and over ranks (collective)."""
