@@ -1,5 +1,6 @@
 """The HTTP server on a tiny model: both endpoints streamed and not, limits as 4xx, a fuzz run of hostile requests,
-16 concurrent streams with 8 killed mid-way (their slots come back), the bearer token, the CLI."""
+16 concurrent streams with 8 killed mid-way (their slots come back), the bearer token, the CLI, bounded metric labels,
+bench_serve's soak and fuzz modes. (The schema contract: test_server_contract.py; SIGTERM: test_server_shutdown.py.)"""
 
 from __future__ import annotations
 
@@ -404,3 +405,37 @@ def test_special_token_text_is_not_a_control_id(tmp_path):
     hf = HFTokenizer(tmp_path / "t.json")
     ids = hf.encode("a <|boi|> b <|image|>")
     assert hf.boi_id not in ids and hf.image_id not in ids and len(ids) > 4
+
+
+def test_metrics_route_labels_stay_a_bounded_set(client):
+    """Requests to made-up /v1 paths are counted under "other", never one label per path (memory that grows with
+    every distinct URL a client sends)."""
+    for i in range(30):
+        assert client.get(f"/v1/made-up-{i}").status_code == 404
+    text = client.get("/metrics").text
+    assert "made-up" not in text
+    assert 'route="other",status="404"' in text
+
+
+def test_bench_serve_soak_and_fuzz_modes_at_toy_size(tmp_path):
+    """--soak: mixed requests (some cancelled) against tools/serve.py in a subprocess, which then exits 0 on SIGTERM;
+    --fuzz: the schema-driven fuzzer in-process. (Numbers are the tool's to report, not asserted here.)"""
+    out = tmp_path / "soak.json"
+    tiny = ["--set", "model.dim=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2"]
+    res = subprocess.run([sys.executable, "tools/bench_serve.py", "--soak", "24", "--soak-clients", "4", *tiny,
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    soak = json.loads(out.read_text())
+    assert soak["server_exit"] == 0
+    s = soak["soak"]
+    assert s["requests"] == 24 and s["errors"] == 0 and s["cancelled"] == 3 and s["clients"] == 4
+    assert s["rss_warm_mb"] > 0 and s["rss_end_mb"] > 0 and s["p99_s"] >= s["p50_s"] > 0
+    assert s["server"]["transfusion_running_requests"] == 0 and s["server"]["transfusion_queue_depth"] == 0
+    assert "| requests | clients | errors |" in res.stdout
+    out = tmp_path / "fuzz.json"
+    res = subprocess.run([sys.executable, "tools/bench_serve.py", "--fuzz", "30", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    fuzz = json.loads(out.read_text())["fuzz"]
+    assert fuzz["requests"] >= 30 and fuzz["failures"] == 0
+    assert "generated requests" in res.stdout

@@ -7,6 +7,9 @@ the time per image under constant and interval guidance.
     python tools/bench_serve.py --export runs/shapes_tiny/export            # starts the server in this process
     python tools/bench_serve.py --recipe recipes/shapes_tiny.toml            # the recipe's shape, random weights
     python tools/bench_serve.py --url http://127.0.0.1:8000 --clients 1 4 16 # against a running server
+    python tools/bench_serve.py --soak 2000 --set model.dim=64 --set model.n_layers=2 --set model.n_heads=4
+                                                                             # 2,000 mixed requests, 16 clients
+    python tools/bench_serve.py --fuzz 2000                                  # schema-driven fuzzing, in-process
 
 Workload per client: requests one after another, alternating a text request (``--tokens`` text tokens,
 ``ignore_eos``) and a text -> image request (``start_with_image``, ``--steps`` passes, then 8 text tokens), all
@@ -14,6 +17,19 @@ streamed. Reported per concurrency: requests/s, tokens/s, images/s; p50 / p95 of
 requests), of image time (image_start -> image event, seen by the client) and of request time. The prefix table
 (in-process engines only) times one guided image per prompt length, cached vs recomputed, median of ``--repeats``.
 Timings name the machine they come from (CPU capability and flags); compare ratios within one run.
+
+``--soak N``: N requests from ``--soak-clients`` (16) clients, a fixed rotation of eight kinds: streamed text,
+text -> image (JSON), an interleaved prompt (text, image, text) answered with an image then text (streamed), chat
+(JSON), chat with an image part (streamed, usage), captioning an uploaded image (JSON), text -> image with previews
+(streamed), and a long streamed request the client closes after its first event (cancelled). Small settings (2
+denoising steps, 8 tokens unless --steps / --tokens say otherwise). Reported: errors (a non-200 answer, a stream
+without its final event, a transport error), p50 / p99 latency of the finished requests after warm-up (the first
+10 %), the server's resident memory (VmRSS) after warm-up and at the end, and the server's counters at the end (no
+request left running or queued).
+
+``--fuzz N``: ``tools/fuzz_serve.py`` at N examples (one request each, plus some GETs) against an in-process app on a
+tiny random model: prints the number of generated requests and the failures (5xx, an undocumented status, a body
+the schema contradicts); exit status 1 if any.
 """
 
 from __future__ import annotations
@@ -40,10 +56,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--url", help="a running server (then no prefix table)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels (default 1 4 16)")
     p.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends (default 4)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps per image (default 20)")
-    p.add_argument("--tokens", type=int, default=32, help="text tokens per text request (default 32)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per image (default 20; --soak: 2)")
+    p.add_argument("--tokens", type=int, default=None, help="text tokens per text request (default 32; --soak: 8)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--soak", type=int, metavar="N", help="soak test: N mixed requests (see above), then exit")
+    mode.add_argument("--fuzz", type=int, metavar="N", help="schema-driven fuzzing at N examples, then exit")
+    p.add_argument("--soak-clients", type=int, default=16, help="concurrent clients of --soak (default 16)")
     p.add_argument("--workload", choices=("mixed", "text", "image"), default="mixed",
                    help="mixed: text and text -> image requests alternate (default); text / image: one kind only")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe override for --recipe (repeatable), e.g. --set model.dim=64 --set model.n_layers=2")
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--repeats", type=int, default=3, help="prefix table: timed images per cell (median)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
@@ -54,8 +76,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="no batching-ceiling and guidance-schedule tables (in-process images/s and trunk matmul "
                         "GFLOP/s per batch; s/image under constant vs interval guidance)")
     args = p.parse_args(argv)
+    small = args.soak is not None
+    args.steps = args.steps if args.steps is not None else (2 if small else 20)
+    args.tokens = args.tokens if args.tokens is not None else (8 if small else 32)
     if min(args.clients) < 1 or args.requests_per_client < 1 or args.steps < 1 or args.tokens < 1:
         p.error("--clients, --requests-per-client, --steps and --tokens must be positive")
+    if (args.soak is not None and args.soak < 1) or (args.fuzz is not None and args.fuzz < 1) or args.soak_clients < 1:
+        p.error("--soak, --fuzz and --soak-clients must be positive")
     if not (args.export or args.url or args.recipe):
         args.recipe = "recipes/shapes_tiny.toml"
     return args
@@ -89,7 +116,7 @@ def build_engine(args):
     from transfusion.components import build_components
     from transfusion.config import load_config
 
-    cfg = load_config(args.recipe)
+    cfg = load_config(args.recipe, args.set)
     torch.manual_seed(0)  # the same random model every run
     parts = build_components(cfg, torch.device("cpu"))
     return Engine(parts.model, parts.tokenizer, parts.schedule, parts.codec, parts.patch_grid, torch.device("cpu"),
@@ -156,6 +183,202 @@ async def load(url: str, clients: int, args, headers: dict) -> dict:
             "tokens_per_s": sum(r["tokens"] for r in recs) / wall, "images_per_s": len(imgs) / wall,
             "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95), "image_p50": pct(imgs, 0.5),
             "image_p95": pct(imgs, 0.95), "request_p50": pct(reqs, 0.5), "request_p95": pct(reqs, 0.95)}
+
+
+# -- soak --------------------------------------------------------------------------------------------------------
+SOAK_KINDS = ("text_stream", "image_json", "interleaved_stream", "chat_json", "chat_image_stream", "caption_json",
+              "image_previews_stream", "cancelled")
+
+
+def soak_request(kind: str, i: int, args, image_b64: str) -> tuple[str, dict, bool]:
+    """(route, body, streamed) of the i-th soak request of this ``kind``; unseeded but for every other one."""
+    text = [{"type": "text", "text": ("a red circle", "two green triangles", "a blue square on the left")[i % 3]}]
+    image = [{"type": "image", "image": image_b64}]
+    seed = {"seed": i} if i % 2 else {}
+    small = {"max_tokens": args.tokens, "steps": args.steps, "guidance": args.guidance, **seed}
+    if kind == "text_stream":
+        return "/v1/generate", {"segments": text, "max_images": 0, "stream": True, "temperature": 0.8, **small}, True
+    if kind == "image_json":
+        return "/v1/generate", {"segments": text, "start_with_image": True, **small}, False
+    if kind == "interleaved_stream":
+        return "/v1/generate", {"segments": text + image + text, "start_with_image": True, "stream": True,
+                                "ignore_eos": True, **small}, True
+    if kind == "chat_json":
+        return "/v1/chat/completions", {"messages": [{"role": "user", "content": text[0]["text"]}], "max_images": 0,
+                                        **small}, False
+    if kind == "chat_image_stream":
+        parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + image_b64}},
+                 {"type": "text", "text": text[0]["text"]}]
+        return "/v1/chat/completions", {"messages": [{"role": "user", "content": parts}], "start_with_image": True,
+                                        "stream": True, "stream_options": {"include_usage": True}, **small}, True
+    if kind == "caption_json":
+        return "/v1/generate", {"segments": image, "max_images": 0, **small}, False
+    if kind == "image_previews_stream":
+        return "/v1/generate", {"segments": text, "start_with_image": True, "stream": True, "preview_every": 1,
+                                **small}, True
+    return "/v1/generate", {"segments": text, "start_with_image": True, "stream": True, "max_images": 4,
+                            "steps": max(50, args.steps), "max_tokens": 64, "ignore_eos": True}, True  # cancelled
+
+
+async def soak_one(client, url: str, kind: str, i: int, args, image_b64: str, headers: dict) -> dict:
+    route, body, streamed = soak_request(kind, i, args, image_b64)
+    rec = {"kind": kind, "error": None}
+    t0 = time.perf_counter()
+    try:
+        if not streamed:
+            r = await client.post(url + route, json=body, headers=headers)
+            if r.status_code != 200:
+                rec["error"] = f"{kind}: {r.status_code} {r.text[:200]}"
+            elif "seed" not in r.json():
+                rec["error"] = f"{kind}: no seed in the answer"
+        else:
+            async with client.stream("POST", url + route, json=body, headers=headers) as r:
+                if r.status_code != 200:
+                    rec["error"] = f"{kind}: {r.status_code} {(await r.aread())[:200]!r}"
+                else:
+                    last, events = None, 0
+                    async for line in r.aiter_lines():
+                        if line.startswith("event: "):
+                            last = line[7:]
+                        elif line.startswith("data: "):
+                            events += 1
+                            if line == "data: [DONE]":
+                                last = "[DONE]"
+                            if kind == "cancelled":
+                                break  # leaving the block closes the connection: the server cancels the request
+                    if kind != "cancelled" and last not in ("done", "[DONE]"):
+                        rec["error"] = f"{kind}: the stream ended with {last!r}"
+                    elif kind == "cancelled" and events == 0:
+                        rec["error"] = f"{kind}: no event before the close"
+    except Exception as e:  # noqa: BLE001 - counted as an error of the soak
+        rec["error"] = f"{kind}: {type(e).__name__}: {e}"
+    rec["seconds"] = time.perf_counter() - t0
+    return rec
+
+
+def resident_mb(pid: int | None) -> float | None:
+    """VmRSS of a process (Linux), in MiB."""
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+async def soak(url: str, args, headers: dict, pid: int | None) -> dict:
+    """``args.soak`` requests from ``args.soak_clients`` clients (see the module docstring)."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(buf, format="PNG")
+    image_b64 = base64.b64encode(buf.getvalue()).decode()
+    n, warmup = args.soak, max(args.soak_clients, args.soak // 10)
+    counter = iter(range(n))
+    recs: list[dict] = []
+    memory = {"start": resident_mb(pid), "warm": None, "samples": []}
+    t0 = time.perf_counter()
+
+    async def client_loop(c) -> None:
+        for i in counter:  # a shared iterator: every request is sent once, by whichever client is free
+            rec = await soak_one(c, url, SOAK_KINDS[i % len(SOAK_KINDS)], i, args, image_b64, headers)
+            rec["index"] = i
+            recs.append(rec)
+            done = len(recs)
+            if done == warmup:
+                memory["warm"] = resident_mb(pid)
+            if done % 100 == 0:
+                memory["samples"].append((done, resident_mb(pid)))
+                errors = sum(r["error"] is not None for r in recs)
+                print(f"#   {done}/{n} requests, {errors} errors, {time.perf_counter() - t0:.0f} s, "
+                      f"server RSS {fmt(resident_mb(pid), 1)} MiB", flush=True)
+
+    limits = httpx.Limits(max_connections=args.soak_clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as c:
+        await asyncio.gather(*(client_loop(c) for _ in range(args.soak_clients)))
+        wall = time.perf_counter() - t0
+        deadline = time.time() + 60  # the cancelled requests' slots come back
+        while time.time() < deadline:
+            m = await server_counters(c, url)
+            if m.get("transfusion_running_requests", 0) == 0 and m.get("transfusion_queue_depth", 0) == 0:
+                break
+            await asyncio.sleep(0.5)
+    memory["end"] = resident_mb(pid)
+    after = [r for r in recs if r["index"] >= warmup and r["error"] is None and r["kind"] != "cancelled"]
+    latency = [r["seconds"] for r in after]
+    by_kind = {k: [r["seconds"] for r in after if r["kind"] == k] for k in SOAK_KINDS if k != "cancelled"}
+    errors = [r["error"] for r in recs if r["error"] is not None]
+    growth = None
+    if memory["warm"] and memory["end"]:
+        growth = 100 * (memory["end"] - memory["warm"]) / memory["warm"]
+    return {"requests": len(recs), "clients": args.soak_clients, "warmup": warmup, "wall_s": wall,
+            "errors": len(errors), "error_examples": errors[:10],
+            "cancelled": sum(r["kind"] == "cancelled" for r in recs), "p50_s": pct(latency, 0.5),
+            "p99_s": pct(latency, 0.99), "by_kind": {k: {"p50_s": pct(v, 0.5), "p99_s": pct(v, 0.99), "n": len(v)}
+                                                    for k, v in by_kind.items()},
+            "rss_start_mb": memory["start"], "rss_warm_mb": memory["warm"], "rss_end_mb": memory["end"],
+            "rss_growth_pct": growth, "rss_samples": memory["samples"], "server": m, "steps": args.steps,
+            "tokens": args.tokens}
+
+
+async def server_counters(client, url: str) -> dict[str, float]:
+    """The server's unlabelled /metrics values (gauges and counters)."""
+    out = {}
+    for line in (await client.get(url + "/metrics")).text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, _, value = line.partition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def print_soak(r: dict) -> None:
+    print("\n| requests | clients | errors | cancelled (closed by the client) | latency p50 / p99 (s) | server RSS "
+          "after warm-up (MiB) | at the end (MiB) | growth |\n|---|---|---|---|---|---|---|---|")
+    print(f"| {r['requests']} | {r['clients']} | {r['errors']} | {r['cancelled']} | {fmt(r['p50_s'])} / "
+          f"{fmt(r['p99_s'])} | {fmt(r['rss_warm_mb'], 1)} | {fmt(r['rss_end_mb'], 1)} | "
+          f"{fmt(r['rss_growth_pct'], 1)} % |")
+    print("\n| kind | finished after warm-up | p50 (s) | p99 (s) |\n|---|---|---|---|")
+    for kind, k in r["by_kind"].items():
+        print(f"| {kind} | {k['n']} | {fmt(k['p50_s'])} | {fmt(k['p99_s'])} |")
+    m = r["server"]
+    print(f"\n# {r['wall_s']:.0f} s wall; server at the end: running {m.get('transfusion_running_requests')}, queued "
+          f"{m.get('transfusion_queue_depth')}, finished {m.get('transfusion_finished_total')}, cancellations "
+          f"{m.get('transfusion_cancellations_total')}, failed {m.get('transfusion_failed_total')}; RSS at start "
+          f"{fmt(r['rss_start_mb'], 1)} MiB; samples (requests, MiB): "
+          + ", ".join(f"({n}, {fmt(v, 0)})" for n, v in r["rss_samples"]), flush=True)
+    for e in r["error_examples"]:
+        print(f"# error: {e}")
+
+
+def run_fuzz(args, results: dict) -> int:
+    """``tools/fuzz_serve.py`` at ``args.fuzz`` examples, in-process."""
+    import importlib.util
+
+    from fastapi.testclient import TestClient
+
+    spec = importlib.util.spec_from_file_location("fuzz_serve", Path(__file__).with_name("fuzz_serve.py"))
+    fuzz = importlib.util.module_from_spec(spec)
+    sys.modules["fuzz_serve"] = fuzz
+    spec.loader.exec_module(fuzz)
+    with TestClient(fuzz.fuzz_app()) as client:
+        report = fuzz.run_fuzz(client, args.fuzz, progress=True)
+    print(f"\nfuzz: {report.summary()}", flush=True)
+    for failure in report.failures[:10]:
+        print(failure)
+    results["fuzz"] = {"examples": args.fuzz, "requests": report.requests, "failures": len(report.failures),
+                       "statuses": dict(report.statuses), "kinds": dict(report.kinds), "seconds": report.seconds,
+                       "failure_examples": report.failures[:10]}
+    return 1 if report.failures else 0
 
 
 def serve_in_subprocess(export: str, max_batch: int, precision: str):
@@ -314,6 +537,14 @@ def fmt(x, digits=3) -> str:
 @fail_cleanly
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.fuzz is not None:
+        print(f"# bench_serve --fuzz {args.fuzz}: tools/fuzz_serve.py in-process on a tiny random model\n"
+              f"# machine: {machine()}", flush=True)
+        results = {"machine": machine()}
+        status = run_fuzz(args, results)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        return status
     engine = None if args.url else build_engine(args)
     where = args.url or f"tools/serve.py in a subprocess ({args.export or args.recipe + ', random weights'})"
     print(f"# bench_serve: {where}\n# machine: {machine()}", flush=True)
@@ -329,8 +560,15 @@ def main(argv=None) -> int:
     url = args.url
     if url is None:
         export = args.export or export_random(engine, tmp.name)
-        url, proc = serve_in_subprocess(export, max(args.clients), args.precision)
+        batch = args.soak_clients if args.soak is not None else max(args.clients)
+        url, proc = serve_in_subprocess(export, batch, args.precision)
     try:
+        if args.soak is not None:
+            print(f"# soak: {args.soak} requests from {args.soak_clients} clients, steps {args.steps}, tokens "
+                  f"{args.tokens}", flush=True)
+            results["soak"] = asyncio.run(soak(url, args, headers, None if proc is None else proc.pid))
+            print_soak(results["soak"])
+            return 0 if results["soak"]["errors"] == 0 else 1
         print("\n| clients | requests | req/s | tokens/s | images/s | TTFT p50 / p95 (s) | image p50 / p95 (s) | "
               "request p50 / p95 (s) |\n|---|---|---|---|---|---|---|---|", flush=True)
         for n in args.clients:
@@ -345,12 +583,17 @@ def main(argv=None) -> int:
                   f"{results['load'][0]['clients']} (requests/s)")
     finally:
         if proc is not None:
-            proc.terminate()
+            proc.terminate()  # SIGTERM: the server drains (nothing is in flight here) and exits 0
             try:
-                proc.wait(timeout=30)
+                code = proc.wait(timeout=60)
+                results["server_exit"] = code
+                if code != 0:
+                    print(f"# the server exited {code} after SIGTERM", flush=True)
             except subprocess.TimeoutExpired:
                 proc.kill()
         tmp.cleanup()
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if engine is not None and not args.skip_prefix:
         print("\n| prompt | prefix tokens | cached s/image | recomputed s/image | reuse speed-up |\n|---|---|---|---|---|",
               flush=True)

@@ -6,6 +6,10 @@
 
 Binds 127.0.0.1 unless told otherwise; with --token (or TRANSFUSION_TOKEN) every /v1 route needs
 "Authorization: Bearer TOKEN". See transfusion/serving/server.py for the routes and README "Serving" for curl examples.
+
+SIGTERM (or Ctrl-C) drains: new /v1 requests get 503 with Retry-After and /health 503 "draining"; requests in flight
+finish, or after --drain-timeout seconds end (a stream with a final error event, a JSON request with 503); then the
+process exits 0. A second SIGTERM / Ctrl-C ends the requests in flight at once.
 """
 
 from __future__ import annotations
@@ -42,8 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="largest denoising step count")
     p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20)
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds requests in flight get to finish before they are ended (default 30)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     args = p.parse_args(argv)
+    if not args.drain_timeout >= 0:
+        p.error("--drain-timeout must be >= 0")
     for name in ("port", "max_batch", "max_queue", "max_tokens", "max_steps", "max_prompt_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
@@ -74,7 +82,17 @@ def main(argv=None) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5))
     http = threading.Thread(target=server.run, name="http", daemon=True)
-    signal.signal(signal.SIGTERM, lambda *_: app.state.worker.stop())
+    drain = app.state.drain
+
+    def on_signal(signum, frame) -> None:
+        again = drain.draining
+        drain.begin(0.0 if again else args.drain_timeout)
+        print(f"{signal.Signals(signum).name}: " + ("ending the requests in flight now" if again else
+              f"draining: new requests get 503; requests in flight get {args.drain_timeout:g} s to finish"),
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     http.start()
     while not server.started and http.is_alive():
         time.sleep(0.05)
@@ -84,13 +102,13 @@ def main(argv=None) -> int:
     print(f"serving {name} ({export}) on http://{args.host}:{args.port}/  images {h}x{w}, "
           f"precision {engine.precision.name}, max batch {limits.max_batch}, "
           f"token {'required' if args.token else 'off'}", flush=True)
-    try:
-        app.state.worker.run(until=lambda: not http.is_alive())
-    except KeyboardInterrupt:
-        pass
+    try:  # until the drain is over: nothing in flight, or 5 s past its deadline (a client that does not read)
+        app.state.worker.run(until=lambda: not http.is_alive() or drain.finished(grace=5.0))
     finally:
         server.should_exit = True
         http.join(timeout=10)
+    if drain.draining:
+        print("drained; exiting", file=sys.stderr, flush=True)
     return 0
 
 

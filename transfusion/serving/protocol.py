@@ -7,7 +7,14 @@ Two request shapes:
 - ``ChatRequest`` (``POST /v1/chat/completions``): OpenAI's chat shape; content parts ``text`` and ``image_url``
   (data URIs). The models here are document models, not instruction-tuned: the parts of all messages are joined, in
   order, into one document prompt (roles are not rendered).
-Unknown fields are refused (422); limits (``ServeLimits``) are checked before anything is queued.
+Unknown fields are refused (422), and so is a value of another JSON type than the one declared (strict: ``"stream": 0``
+is not false, ``"5"`` is not 5); the two conversions JSON itself implies are kept: an integer where a number is
+declared, and an integral number (``5.0``) where an integer is (JSON Schema counts it as one). Limits
+(``ServeLimits``) are checked before anything is queued. A request without ``seed`` gets a fresh one (``fresh_seed``),
+returned with the answer so that it can be replayed.
+
+The response models (``GenerateResponse``, ``ChatCompletion``, the SSE events, ``ErrorBody``) are what the OpenAPI
+schema documents; ``tools/fuzz_serve.py`` checks the server's answers against them.
 """
 
 from __future__ import annotations
@@ -16,12 +23,13 @@ import base64
 import binascii
 import io
 import math
+import secrets
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import Tensor
 
 
@@ -48,28 +56,54 @@ class ServeLimits:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request models: unknown fields and values of another JSON type than declared are refused (422)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _integral(value: Any) -> Any:
+    """5.0 -> 5 (JSON Schema's integer includes integral numbers); anything else is left to strict validation."""
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) < 2**64 else value
+
+
+def _int(low: int, high: int, description: str | None = None) -> Any:
+    """A strict integer in [low, high] that also takes an integral number (5.0). The bounds come before the
+    validator: after it, pydantic's JSON schema would drop them (found by tools/fuzz_serve.py)."""
+    return Annotated[int, Field(ge=low, le=high, description=description), BeforeValidator(_integral)]
+
+
+Tokens = _int(1, 1 << 20)  # max_tokens, steps
+Count = _int(0, 1 << 20)  # top_k, preview_every
+ImageCount = _int(0, 1 << 10)
+Seed = _int(0, 2**63 - 1, "the request's random seed; absent or null: a fresh one, returned in the answer")
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 StopString = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+def fresh_seed() -> int:
+    """A seed for a request that named none, from the OS's entropy (two unseeded requests differ)."""
+    return secrets.randbits(63)
+
+
+# a valid 8x8 PNG, for the schema's examples
+EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mM8oaHBgA0wMeAAg1MCAOA4ASjhBhuDAAAAAElFTkSuQmCC"
 
 
 class Options(Strict):
     """Sampling options shared by both endpoints (bounds here are absolute; ``ServeLimits`` may be tighter)."""
 
-    max_tokens: int = Field(64, ge=1, le=1 << 20)
-    max_images: int = Field(1, ge=0, le=1 << 10)
-    steps: int | None = Field(None, ge=1, le=1 << 20)
+    max_tokens: Tokens = 64
+    max_images: ImageCount = 1
+    steps: Tokens | None = None
     guidance: Finite | None = Field(None, ge=0.0, le=1e6)
     guidance_schedule: Literal["constant", "linear", "interval"] | None = None
     sampler: Literal["ddim", "ddpm", "euler", "heun"] | None = None
     temperature: Finite = Field(0.0, ge=0.0, le=10.0)
     top_p: Finite = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, le=1 << 20)
+    top_k: Count = 0
     stop: list[StopString] = Field(default_factory=list, max_length=8)
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    preview_every: int = Field(0, ge=0, le=1 << 20)
+    seed: Seed | None = None
+    preview_every: Count = 0
     start_with_image: bool = False  # close the prompt with BOI: the answer begins with an image
     ignore_eos: bool = False  # exactly max_tokens text tokens (benchmarks)
     stream: bool = False
@@ -86,6 +120,14 @@ class ImageSegment(Strict):
 
 
 class GenerateRequest(Options):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"segments": [{"type": "text", "text": "a red circle to the left of a blue square"}], "start_with_image": True,
+         "max_images": 1, "max_tokens": 16, "steps": 20, "guidance": 2.0, "seed": 1},
+        {"segments": [{"type": "text", "text": "two green triangles"}], "max_tokens": 32, "temperature": 0.8,
+         "top_p": 0.9, "max_images": 0, "stream": True},
+        {"segments": [{"type": "image", "image": EXAMPLE_PNG}, {"type": "text", "text": "this is"}], "max_tokens": 24,
+         "max_images": 0}]})
+
     segments: list[Annotated[Union[TextSegment, ImageSegment], Field(discriminator="type")]] = Field(
         min_length=1, max_length=256)
 
@@ -120,26 +162,35 @@ class ChatRequest(Strict):
     """OpenAI chat completions; ``steps`` / ``guidance`` / ``max_images`` / ... ride along as extra body fields
     (the ``extra_body`` of OpenAI's client)."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "default", "messages": [{"role": "user", "content": "a red circle"}], "max_tokens": 16,
+         "max_images": 0},
+        {"model": "default", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "two green triangles"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + EXAMPLE_PNG}}]}],
+         "start_with_image": True, "steps": 20, "max_tokens": 8, "seed": 7, "stream": True,
+         "stream_options": {"include_usage": True}}]})
+
     model: str = "default"
     messages: list[Message] = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1, le=1 << 20)
-    max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20)
+    max_tokens: Tokens | None = None
+    max_completion_tokens: Tokens | None = None
     temperature: Finite = Field(0.0, ge=0.0, le=10.0)
     top_p: Finite = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1)
-    stop: StopString | list[StopString] | None = Field(None, max_length=8)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    n: _int(1, 1) = 1
+    stop: StopString | Annotated[list[StopString], Field(max_length=8)] | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # extensions
-    top_k: int = Field(0, ge=0, le=1 << 20)
-    max_images: int = Field(1, ge=0, le=1 << 10)
-    steps: int | None = Field(None, ge=1, le=1 << 20)
+    top_k: Count = 0
+    max_images: ImageCount = 1
+    steps: Tokens | None = None
     guidance: Finite | None = Field(None, ge=0.0, le=1e6)
     guidance_schedule: Literal["constant", "linear", "interval"] | None = None
     sampler: Literal["ddim", "ddpm", "euler", "heun"] | None = None
-    preview_every: int = Field(0, ge=0, le=1 << 20)
+    preview_every: Count = 0
     start_with_image: bool = False
     ignore_eos: bool = False
 
@@ -148,7 +199,7 @@ class ChatRequest(Strict):
         return Options(max_tokens=self.max_completion_tokens or self.max_tokens or 64, max_images=self.max_images,
                        steps=self.steps, guidance=self.guidance, guidance_schedule=self.guidance_schedule,
                        sampler=self.sampler, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                       stop=stop, seed=self.seed or 0, preview_every=self.preview_every, stream=self.stream,
+                       stop=stop, seed=self.seed, preview_every=self.preview_every, stream=self.stream,
                        start_with_image=self.start_with_image, ignore_eos=self.ignore_eos)
 
     def segments(self) -> list[TextSegment | ImageSegment]:
@@ -161,6 +212,182 @@ class ChatRequest(Strict):
                 else:
                     out.append(ImageSegment(type="image", image=part.image_url.url))
         return out
+
+
+# -- answers (documented in the OpenAPI schema; extra fields may be added, so these models allow them) ---------------
+class ErrorDetail(BaseModel):
+    loc: list[str] = Field(description="where in the request body (field names and list indices)")
+    msg: str
+    type: str
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    code: int = Field(description="the HTTP status")
+    detail: list[ErrorDetail] | None = Field(None, description="422 only: every problem found (at most 20)")
+
+
+class ErrorBody(BaseModel):
+    """Every error answer (4xx / 5xx): one JSON object; the request is never echoed."""
+
+    error: ErrorInfo
+
+
+FinishReason = Literal["eos", "stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    tokens: int = Field(description="text tokens generated")
+    images: int = Field(description="images generated")
+    finish_reason: FinishReason
+    seconds: float = Field(description="submission to finish")
+    time_to_first_token: float | None = None
+
+
+class TextOutput(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageOutput(BaseModel):
+    type: Literal["image"]
+    png: str = Field(description="base64 PNG")
+    width: int
+    height: int
+    index: int = Field(description="0 for the first image of the answer")
+    seconds: float | None = Field(description="image_start to image")
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    output: list[Annotated[Union[TextOutput, ImageOutput], Field(discriminator="type")]]
+    finish_reason: FinishReason
+    usage: Usage
+    seed: int = Field(description="the seed it ran with (the request's, or a fresh one): send it to replay")
+
+
+class StreamText(BaseModel):
+    text: str
+
+
+class StreamImageStart(BaseModel):
+    index: int
+    passes: int
+
+
+class StreamPreview(BaseModel):
+    png: str
+    width: int
+    height: int
+    pass_: int = Field(alias="pass")
+    passes: int
+
+
+class StreamImage(BaseModel):
+    png: str
+    width: int
+    height: int
+    index: int
+    seconds: float | None
+
+
+class StreamDone(BaseModel):
+    id: str
+    finish_reason: FinishReason
+    usage: Usage
+    seed: int
+
+
+class StreamError(BaseModel):
+    """The last event of a stream that could not finish: the engine failed (code 500) or the server shut down
+    (503)."""
+
+    error: str
+    code: int
+
+
+GENERATE_EVENTS: dict[str, type[BaseModel]] = {"text": StreamText, "image_start": StreamImageStart,
+                                               "preview": StreamPreview, "image": StreamImage, "done": StreamDone,
+                                               "error": StreamError}
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"]
+    content: str | list[Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]]
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    images: int
+    seconds: float
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage
+    seed: int = Field(description="the seed it ran with (the request's, or a fresh one): send it to replay")
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | list[ImagePart] | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE ``data:`` line of a streamed chat; the stream ends with ``data: [DONE]``."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: ChatUsage | None = None
+    seed: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    aliases: list[str]
+    image_size: list[int]
+    max_batch: int
+    samplers: list[str]
+    default_steps: int
+    default_guidance: float
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "draining", "engine stopped"]
+    queued: int
+    running: int
+    model: str
+    error: str | None = None
 
 
 def check_options(o: Options, limits: ServeLimits, samplers: tuple[str, ...]) -> None:

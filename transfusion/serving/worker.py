@@ -6,6 +6,8 @@ so the event loop keeps answering (health, metrics, new requests) while a step r
     handle = worker.submit(segments, params, loop)      # raises QueueFull when max_queue requests already wait
     async for event in handle: ...                       # Event(kind="text" | "image_start" | "preview" | ...)
     worker.cancel(handle)                                 # frees its slot at the next engine step
+
+A request still open when the engine stops gets a final ``shutdown`` event (its client is told, never left waiting).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from transfusion.serving.protocol import to_pixels, to_rgb
 from transfusion.serving.scheduler import Event, SamplingParams, Scheduler, Segment
 
-END = ("done", "cancelled", "failed")
+END = ("done", "cancelled", "failed", "shutdown")
 
 
 class QueueFull(RuntimeError):
@@ -99,7 +101,8 @@ class EngineWorker:
         self._thread.start()
 
     def run(self, until=None) -> None:
-        """Run the engine on the calling thread until ``stop()`` (or until ``until()`` returns True)."""
+        """Run the engine on the calling thread until ``stop()``, or until ``until()`` returns True (asked before
+        every step, and every 0.5 s while idle)."""
         self._running, self._until = True, until
         try:
             self._run()
@@ -159,6 +162,9 @@ class EngineWorker:
             for rid in list(self._handles):
                 self._deliver([Event(rid, "failed", f"engine error: {self.error}")])
             raise
+        for rid in list(self._handles):  # stopped with requests open: end them rather than hang their clients
+            self.scheduler.cancel(rid)
+            self._deliver([Event(rid, "shutdown", "the server stopped before this request finished")])
 
     def _loop(self) -> None:
         while True:
@@ -167,6 +173,8 @@ class EngineWorker:
                     self._work.wait(timeout=0.5)
                     if self._until is not None and self._until():
                         self._stop = True
+                if self._until is not None and not self._stop and self._until():
+                    self._stop = True
                 if self._stop:
                     return
                 commands = list(self._commands)
@@ -176,6 +184,7 @@ class EngineWorker:
                 self._deliver(self.scheduler.step())
             sched = self.scheduler
             self._load = {"queued": sched.queued(), "running": len(sched.running())}
+
     def _deliver(self, events: list[Event]) -> None:
         now, stats = time.perf_counter(), self.scheduler.stats
         self.tokens_window.add(stats.tokens - self._counted[0], now)
