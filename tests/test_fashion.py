@@ -186,7 +186,10 @@ def test_train_autoencoder_writes_a_loadable_vae(tmp_path, idx_dir):
     assert res.returncode == 0, res.stderr[-2000:]
     ev = json.loads((run / "eval/report.json").read_text())
     assert ev["held_out_format"] == "pixels" and ev["world"] == "fashion"
-    assert ev["cas"]["n_seen"] == 4 and ev["fid"]["n"] == 2 and 0.0 <= ev["caption"]["accuracy"] <= 1.0
+    assert ev["cas"]["n_seen"] == 4 and ev["fid"]["n"] == 2 and ev["caption"]["n"] == 4
+    names = [c[0] for c in CLASSES]  # the accuracy is the share of the captions (all 4 are examples) naming the class
+    hits = [class_of_caption(e["caption"]) == names.index(e["class"]) for e in ev["caption"]["examples"]]
+    assert len(hits) == 4 and ev["caption"]["accuracy"] == sum(hits) / 4
     assert (shards / "cas_classifier.pt").is_file()  # trained on the pixel split beside the held-out shard
     assert torch.load(shards / "cas_classifier.pt", weights_only=True)["train_shards"] == str(shards / "train-*.tar")
 
@@ -199,6 +202,7 @@ def test_cas_caption_accuracy_and_classifier_on_toy_data():
     from transfusion.config import DiffusionConfig
     from transfusion.diffusion.schedule import NoiseSchedule
     from transfusion.eval.fashion import classify, evaluate_fashion, train_classifier
+    from transfusion.eval.stats import binomial_se
     from transfusion.generation.engine import Engine
     from transfusion.latents.vae import PixelCodec
 
@@ -225,10 +229,16 @@ def test_cas_caption_accuracy_and_classifier_on_toy_data():
             rec = {"label": label, "class": CLASSES[label][0], "template_seen": seen, "test_index": j}
             samples.append((f"k{j}{seen}", img, caption_for(label, (TRAIN_TEMPLATES if seen else
                                                                     HELDOUT_TEMPLATES)[0]), rec))
+    dress = caption_for(3, TRAIN_TEMPLATES[0])  # every image captioned "a photo of a dress": right for 3 of the 6
+    eng.caption = lambda images, *args, **kwargs: [dress] * len(images)
     report = evaluate_fashion(eng, samples, num_t2i=6, num_caption=6, num_fid=2, batch_size=4, steps=2,
                               guidance=1.0, sampler="ddim", guidance_schedule="constant", seed=0,
                               max_caption_tokens=4, latents=False, progress=False, classifier=Always3())
     assert report["cas"]["seen"] == report["cas"]["unseen"] == 0.5 and report["cas"]["n_seen"] == 6
     assert report["cas"]["classifier_test_accuracy"] == 0.5  # 3 of the 6 distinct test images are class 3
-    assert report["caption"]["n"] == 6 and 0.0 <= report["caption"]["accuracy"] <= 1.0
+    assert report["caption"]["n"] == 6 and report["caption"]["accuracy"] == 0.5
+    se = binomial_se(0.5, 6)  # each rate's standard error over the images it was measured on
+    assert report["caption"]["accuracy_se"] == se and report["cas"]["seen_se"] == report["cas"]["unseen_se"] == se
+    assert report["cas"]["classifier_test_accuracy_se"] == se
+    assert [e["caption"] for e in report["caption"]["examples"]] == [dress] * 6
     assert report["fid"]["n"] == 2 and report["fid"]["fid"] > 0  # 2 generated vs 2 of the 6 distinct real images

@@ -11,16 +11,18 @@ For each seed it trains three runs of one recipe (the compositional world's by d
 so every run takes the same number of steps and each task gets the same number of documents in the joint run as in
 its specialist (the joint run does twice the compute). Each run is evaluated with report v2 on its tasks, and the
 report (``docs/synergy.md`` by default) gives, per task and per split (seen / unseen compositions), joint vs
-specialist for every seed, the mean difference, its seed-to-seed spread, and a verdict: synergy when the joint model
-is ahead on every seed by more than the spread of the differences.
+specialist for every seed, the mean difference, its standard error, and a verdict by Welch's t-test (two-sided,
+alpha 0.05) of the joint runs' values against the specialists', drawn only with at least 5 seeds per arm (fewer:
+"undetermined"; with 2 seeds a t-test has 1 to 2 degrees of freedom and almost no power).
 
-    python tools/synergy.py --recipe recipes/shapes3_tiny.toml --steps 700 --seeds 0 1
+    python tools/synergy.py --recipe recipes/shapes3_tiny.toml --steps 700 --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -28,10 +30,12 @@ import time
 from pathlib import Path
 
 from transfusion.cli import fail_cleanly
+from transfusion.eval.stats import welch_t_test
 
+MIN_SEEDS, ALPHA = 5, 0.05  # the verdict rule: Welch's t-test, two-sided, at ALPHA, with >= MIN_SEEDS seeds per arm
 VARIANTS = {"joint": ("0.5", 1), "t2i": ("1.0", 2), "caption": ("0.0", 2)}  # t2i_ratio, batch_rows divisor
 # (report key, label, higher is better); the losses stay informative where a small budget leaves accuracies at 0
-METRICS = {"t2i": [("geneval.overall", "GenEval overall (mean of tag accuracies)", True),
+METRICS = {"t2i": [("geneval.overall_shared", "GenEval overall over the tags shared by seen and unseen", True),
                    ("diffusion.mean", "held-out diffusion loss, mean over noise levels", False)],
            "caption": [("caption.exact_match", "caption exact match", True),
                        ("caption.colors_accuracy", "caption colors bound to shapes", True),
@@ -43,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--recipe", default="recipes/shapes3_tiny.toml")
     p.add_argument("--steps", type=int, default=700, help="training steps of every run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help=f"one joint run and one run per specialist for each; a verdict needs >= {MIN_SEEDS}")
     p.add_argument("--runs", default="runs/synergy", help="where the runs go")
     p.add_argument("--out", default="docs/synergy.md", help="the report")
     p.add_argument("--num-eval", type=int, default=300, help="held-out prompts / images per task")
@@ -53,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def get(report: dict, dotted: str, split: str):
-    """``geneval.overall`` + ``seen`` -> report["geneval"]["overall.seen"]; ``caption.exact_match`` + ``seen`` ->
-    report["caption"]["seen"]["exact_match"]."""
+    """``geneval.overall_shared`` + ``seen`` -> report["geneval"]["overall_shared.seen"]; ``caption.exact_match`` +
+    ``seen`` -> report["caption"]["seen"]["exact_match"]."""
     if dotted == "caption_nll":
         return report.get("caption_nll", {}).get(split)
     if dotted == "diffusion.mean":  # held-out images of either split; the same value in both rows
@@ -130,12 +135,25 @@ def machine() -> str:
         + (f" ({flags})" if flags else "") + f", {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def verdict(diffs: list[float]) -> tuple[str, float, float]:
-    mean = statistics.fmean(diffs)
-    spread = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
-    ahead = all(d > 0 for d in diffs) and (len(diffs) == 1 or mean > spread)
-    behind = all(d < 0 for d in diffs) and (len(diffs) == 1 or -mean > spread)
-    return ("yes" if ahead else "no (specialist ahead)" if behind else "no (within noise)"), mean, spread
+def verdict(joint: list[float], spec: list[float], higher: bool) -> tuple[str, float, float]:
+    """(verdict, mean difference, its standard error) of one metric; the difference is signed so that > 0 means
+    the joint runs are better (``higher``: whether higher values are better). The verdict is Welch's t-test of the
+    joint values against the specialist values (independent runs, unequal variances), two-sided at ALPHA:
+    "yes" (joint better), "no: specialist better" or "no (not significant)", each with its p; with fewer than
+    MIN_SEEDS values per arm "undetermined" (its p, where defined, is shown but not used)."""
+    sign = 1.0 if higher else -1.0
+    mean = sign * (statistics.fmean(joint) - statistics.fmean(spec))
+    n = min(len(joint), len(spec))
+    if n < 2:
+        return f"undetermined ({n} seed < {MIN_SEEDS})", mean, float("nan")
+    se = math.sqrt(statistics.variance(joint) / len(joint) + statistics.variance(spec) / len(spec))
+    _, _, p = welch_t_test(joint, spec)
+    shown = "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    if n < MIN_SEEDS:
+        return f"undetermined ({n} seeds < {MIN_SEEDS}; {shown})", mean, se
+    if p >= ALPHA:
+        return f"no (not significant, {shown})", mean, se
+    return (f"yes ({shown})" if mean > 0 else f"no: specialist better ({shown})"), mean, se
 
 
 def write_report(args, reports: dict, out: Path, batch_rows: int, seconds: float) -> str:
@@ -146,7 +164,8 @@ def write_report(args, reports: dict, out: Path, batch_rows: int, seconds: float
              f"task (seen and unseen compositions apart). Extra overrides: {args.set or 'none'}. Measured by "
              f"`tools/synergy.py` in {seconds / 60:.0f} min on {machine()}.", "",
              "Differences are signed so that > 0 means the joint run is better (for losses: lower).", "",
-             "| task | metric | split | joint (per seed) | specialist (per seed) | mean difference | spread | synergy |",
+             f"| task | metric | split | joint (per seed) | specialist (per seed) | mean difference | standard error | "
+             f"synergy (Welch, two-sided, alpha {ALPHA}) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for task, metrics in METRICS.items():
         for key, label, higher in metrics:
@@ -155,13 +174,13 @@ def write_report(args, reports: dict, out: Path, batch_rows: int, seconds: float
                 spec = [get(reports[(task, s)], key, split) for s in args.seeds]
                 if any(v is None for v in joint + spec):
                     continue
-                diffs = [(j - p) if higher else (p - j) for j, p in zip(joint, spec)]  # > 0: joint is better
-                v, mean, spread = verdict(diffs)
+                v, mean, se = verdict(joint, spec, higher)  # mean > 0: joint is better
                 fmt = lambda xs: ", ".join(f"{x:.4f}" for x in xs)  # noqa: E731
                 lines.append(f"| {task} | {label} | {split} | {fmt(joint)} | {fmt(spec)} | {mean:+.4f} | "
-                             f"{spread:.4f} | {v} |")
-    lines += ["", "Verdict rule: synergy when the joint run is ahead of the specialist on every seed and the mean "
-              "difference exceeds the standard deviation of the per-seed differences.", ""]
+                             f"{se:.4f} | {v} |")
+    lines += ["", f"Verdict rule: Welch's t-test of the joint runs' values against the specialist's (independent "
+              f"runs, unequal variances), two-sided at alpha = {ALPHA}; drawn only with at least {MIN_SEEDS} seeds "
+              f"per arm, else undetermined. Standard error: sqrt(s_joint^2 / n + s_specialist^2 / n) over seeds.", ""]
     text = "\n".join(lines)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

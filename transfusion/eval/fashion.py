@@ -7,8 +7,11 @@ Report keys (``<run>/eval/report.json``):
                                trained here on the real training images, against the class the caption asked for
     cas.classifier_test_accuracy   that classifier on the real test images (the ceiling CAS is read against)
     caption.accuracy           the class named in the model's greedy caption of a real test image
-    fid.{fid,kid,fid_floor,kid_floor,n}   generated (seen prompts) vs real test images; the floor: two disjoint halves
-                               of the real test images at the same count
+    <rate>_se                  beside each rate above (cas.seen_se, ..., caption.accuracy_se): its binomial standard
+                               error sqrt(p (1 - p) / n) over the n images it was measured on (None for n = 0)
+    fid.*                      generated (seen prompts) vs real test images, ``compositional.fid_report`` (FID with its
+                               interval and KID with its std, ``scores.feature_scores``); the floor: two disjoint
+                               halves of the real test images at the same count
 
 The classifier is a small CNN trained on the training split's pair samples (``train_classifier``); it is cached next to
 the held-out shard (``cas_classifier.pt``, with the training shards' names) so every run is judged by the same one.
@@ -24,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data_pipelines.fashion import CLASSES, class_of_caption
+from transfusion.eval.stats import binomial_se
 
 
 def is_fashion_record(record) -> bool:
@@ -134,7 +138,9 @@ def evaluate_fashion(engine, samples: list, *, num_t2i: int, num_caption: int, n
     real_rows = list(distinct.values())
     real = pixels(real_rows)
     real_labels = torch.tensor([r[3]["label"] for r in real_rows])
-    report["cas"] = {"classifier_test_accuracy": float((classify(classifier, real) == real_labels).float().mean())}
+    test_acc = float((classify(classifier, real) == real_labels).float().mean())
+    report["cas"] = {"classifier_test_accuracy": test_acc,
+                     "classifier_test_accuracy_se": binomial_se(test_acc, len(real_rows))}
 
     t0 = time.perf_counter()
     generated: dict[bool, list] = {True: [], False: []}
@@ -152,8 +158,10 @@ def evaluate_fashion(engine, samples: list, *, num_t2i: int, num_caption: int, n
         if parts:
             imgs, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             imgs, labels = imgs[:num_t2i], labels[:num_t2i]  # seen and unseen over the same count (FID reads all)
-            report["cas"]["seen" if seen else "unseen"] = float((classify(classifier, imgs) == labels).float().mean())
-            report["cas"]["n_" + ("seen" if seen else "unseen")] = len(imgs)
+            split = "seen" if seen else "unseen"
+            report["cas"][split] = float((classify(classifier, imgs) == labels).float().mean())
+            report["cas"][f"{split}_se"] = binomial_se(report["cas"][split], len(imgs))
+            report["cas"]["n_" + split] = len(imgs)
 
     t0 = time.perf_counter()
     rows = real_rows[:num_caption]
@@ -166,7 +174,9 @@ def evaluate_fashion(engine, samples: list, *, num_t2i: int, num_caption: int, n
             correct.append(class_of_caption(text) == rec["label"])
             if len(examples) < 12:
                 examples.append({"class": rec["class"], "caption": text})
-    report["caption"] = {"accuracy": sum(correct) / max(len(correct), 1), "n": len(correct), "examples": examples}
+    accuracy = sum(correct) / max(len(correct), 1)
+    report["caption"] = {"accuracy": accuracy, "accuracy_se": binomial_se(accuracy, len(correct)), "n": len(correct),
+                         "examples": examples}
     report["timings"]["caption_seconds_per_image"] = (time.perf_counter() - t0) / max(len(rows), 1)
 
     if num_fid and generated[True]:  # the same FID / KID and floor as report v2, on distinct real test images
