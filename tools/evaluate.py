@@ -34,6 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance-schedule", choices=("constant", "linear", "interval"), default=None,
                    help="constant CFG scale, rising linearly from 1, or only at middle noise levels (interval; "
                         "default: sample.guidance_schedule)")
+    p.add_argument("--guidance-data-std", type=float,
+                   help="the data std the interval guidance window is measured in: EDM2's (0.28, 5.42] x std / 0.5; "
+                        "0.5 = EDM2's window unscaled (default: sample.guidance_data_std, 0 = the codec's)")
+    p.add_argument("--out", help="report directory (default: <run>/eval); several evaluations of one run keep apart")
     p.add_argument("--caption-guidance", type=float,
                    help="caption guidance: weight of the image against the text prior, 1 = plain greedy decoding "
                         "(default: eval.caption_guidance)")
@@ -46,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.caption_guidance is not None and not 0 <= args.caption_guidance < float("inf"):
         p.error("--caption-guidance must be a finite number >= 0")
+    if args.guidance_data_std is not None and not 0 <= args.guidance_data_std < float("inf"):
+        p.error("--guidance-data-std must be a finite number >= 0")
     for name in ("num_t2i", "num_caption", "num_fid", "batch_size", "steps"):
         v = getattr(args, name)
         if v is not None and v < (1 if name in ("batch_size", "steps") else 0):
@@ -100,6 +106,9 @@ def main(argv=None) -> int:
     run = Path(args.run)
     engine = Engine.from_export(args.export or str(run / "export"), device=args.device, precision=args.precision)
     cfg = engine.cfg
+    if args.guidance_data_std is not None:
+        cfg.sample.guidance_data_std = args.guidance_data_std
+    eval_dir = Path(args.out) if args.out else run / "eval"
     print(f"precision: {engine.precision.reason}", file=sys.stderr)
     pick = lambda v, d: d if v is None else v  # noqa: E731
     report = evaluate(
@@ -116,21 +125,22 @@ def main(argv=None) -> int:
         seed=args.seed,
         max_caption_tokens=cfg.eval.max_caption_tokens,
         caption_guidance=pick(args.caption_guidance, cfg.eval.caption_guidance),
-        out_dir=run / "eval",
+        out_dir=eval_dir,
         progress=not args.no_progress,
     )
     report["settings"]["precision"] = engine.precision.name
-    out = run / "eval" / "report.json"
+    report["settings"]["guidance_data_std"] = engine.guidance_data_std
+    out = eval_dir / "report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     if report.get("world") == 3:
         from transfusion.eval.compositional import markdown
 
-        (run / "eval" / "report.md").write_text(markdown(report))
+        (eval_dir / "report.md").write_text(markdown(report))
     flat = flatten(report)
     for k, v in flat.items():
         print(f"{k:38s} {v:.4f}")
-    write_tensorboard(run, flat, run / "eval")
+    write_tensorboard(run, flat, eval_dir)
     print(f"wrote {out}")
     return 0
 

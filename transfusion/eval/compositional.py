@@ -3,16 +3,26 @@
 Sections of ``<run>/eval/report.json`` (and ``report.md``):
 
     geneval     text -> image from the held-out prompts, judged by the strict judge (``transfusion/eval/geneval.py``):
-                ``geneval.{tag}.{seen,unseen}``, ``geneval.overall.{seen,unseen}`` (mean of tag accuracies)
+                ``geneval.{tag}.{seen,unseen}``; ``geneval.overall_shared.{seen,unseen}``, the mean of the accuracies
+                of the tags that have both seen and unseen prompts (the headline: seen and unseen over the same
+                tags), and ``geneval.overall_all_tags.*`` over every tag of a split; ``geneval.se`` the standard error
+                of each; ``geneval.by_kind.{kind}`` the pass rate of unseen prompts per held-out kind (object,
+                count_shape, relation, object_pair)
     caption     greedy captions of held-out images against every complete description of the scene (the full
                 caption, and for two objects "A and B", "B and A" and each relation that holds, both ways):
-                exact match (any of them), per-attribute accuracy (count, shapes, colors bound to shapes, a stated
+                ``complete_description`` (the caption is one of them), ``exact_match`` (complete, and for an image
+                of an unseen composition it also states the unseen part: "A and B" of a held-out relation is
+                complete but not exact), per-attribute accuracy (count, shapes, colors bound to shapes, a stated
                 relation that holds), BLEU-4 and CIDEr over those references; seen / unseen by the full caption's
-                composition
+                composition, and unseen per held-out kind (``unseen_by_kind``). Wrong captions are split into
+                ``omission`` (true of the scene but leaving something out, such as the held-out part) and, for
+                unseen images, ``seen_substitution`` (false, naming only compositions seen in training); every rate
+                has its binomial standard error as ``<rate>_se``
     caption_nll image-conditioned NLL of the full caption (its tokens and EOS) in bits per caption
     diffusion   the objective's loss on held-out images per noise-level bucket (quarters of the schedule)
-    fid         FID and KID between generated images and held-out renders of the same prompts, with the sample count
-                and the real-vs-real floor (two disjoint sets of held-out renders of the same size)
+    fid         FID (with a 95 % bootstrap interval) and KID (mean and std over subsets smaller than n) between generated
+                images and held-out renders of the same prompts, with the sample count and the real-vs-real floor (two
+                disjoint sets of held-out renders of the same size)
 
 Generated images are written to ``<out>/t2i/`` with ``prompts.json``, so ``tools/judge.py`` can re-judge them.
 """
@@ -29,10 +39,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data_pipelines.scenes import Prompt, is_unseen, make_prompt, parse_prompt
+from data_pipelines.scenes import TAGS, UNSEEN_KINDS, Prompt, is_unseen, make_prompt, parse_prompt, unseen_kinds
 from data_pipelines.shapes import Scene
 from transfusion.eval.geneval import CHECKS, judge, summarise
 from transfusion.eval.scores import bits_per_caption, bleu, cider
+from transfusion.eval.stats import binomial_se, mean_of_rates_se
 from transfusion.generation.grid import make_grid, to_uint8
 
 FULL_TAG = {"single_object": "colors", "colors": "colors", "two_object": "color_attr", "color_attr": "color_attr",
@@ -52,19 +63,11 @@ def full_caption(record: dict) -> Prompt:
     return make_prompt(FULL_TAG[prompt.tag], objects, prompt.relation)
 
 
-class _Box:
-    """A scene object as the judge's relative-position rule sees it (centre and size, unit coordinates)."""
-
-    def __init__(self, o) -> None:
-        self.center, self.size = (o.cx, o.cy), (2 * o.half_size, 2 * o.half_size)
-
-
 def caption_references(record: dict) -> list[Prompt]:
     """Every complete, correct description of a held-out scene in the world's grammar, the full caption first: a
     two-object scene is "A and B", "B and A", and "A r B" / "B r' A" for every relation r that holds between the
     objects under GenEval's rule (the judge's)."""
-    from data_pipelines.scenes import INVERSE
-    from transfusion.eval.geneval import relative_position
+    from data_pipelines.scenes import INVERSE, object_relations
 
     full = full_caption(record)
     objs = Scene.from_dict(record).objects
@@ -72,7 +75,7 @@ def caption_references(record: dict) -> list[Prompt]:
         return [full]
     a, b = ((o.color, o.shape) for o in objs)
     refs = [full, make_prompt("color_attr", (a, b)), make_prompt("color_attr", (b, a))]
-    for rel in sorted(relative_position(_Box(objs[0]), _Box(objs[1]))):
+    for rel in sorted(object_relations(objs[0], objs[1])):
         refs += [make_prompt("position", (a, b), rel), make_prompt("position", (b, a), INVERSE[rel])]
     return list(dict.fromkeys(refs))  # unique, full caption first
 
@@ -97,12 +100,40 @@ def caption_attributes(text: str, refs: list[Prompt]) -> dict[str, bool]:
 
 def names_seen_composition(text: str) -> bool:
     """Whether a caption is in the world's grammar and names only compositions that occur in training. For an image
-    of an unseen composition, a wrong caption of this kind is a substitution by a memorised one ("a blue square"
-    captioned "a purple square"): the report's ``seen_substitution``."""
+    of an unseen composition, a wrong caption of this kind that is not an omission (``is_true_of``) is a
+    substitution by a memorised one ("a blue square" captioned "a purple square"): the report's
+    ``seen_substitution``."""
     try:
         return not is_unseen(parse_prompt(text))
     except ValueError:
         return False
+
+
+def states_unseen_part(text: str, full: Prompt) -> bool:
+    """Whether a caption states every held-out composition of its scene's full caption (``unseen_kinds``): the held-out
+    object with its color, the held-out count of a shape, the held-out relation (either phrasing), the held-out pair.
+    "a red circle and a blue square" states no relation, so it does not state a held-out one."""
+    try:
+        return unseen_kinds(full) <= unseen_kinds(parse_prompt(text))
+    except ValueError:
+        return False
+
+
+def is_true_of(text: str, refs: list[Prompt]) -> bool:
+    """Whether a caption in the world's grammar is true of the scene that ``refs`` describe (``caption_references``),
+    complete or not: the right number of objects and shapes, any colors it states bound to the right shapes, any
+    relation it states one that holds. "a square" of a blue square is true but omits the color."""
+    try:
+        got = parse_prompt(text)
+    except ValueError:
+        return False
+    ref = refs[0]
+    if len(got.objects) != len(ref.objects) or sorted(s for _, s in got.objects) != sorted(s for _, s in ref.objects):
+        return False
+    if got.objects[0][0] is not None and sorted(got.objects, key=str) != sorted(ref.objects, key=str):
+        return False
+    holds = {(r.objects[0][1], r.relation, r.objects[1][1]) for r in refs if r.relation}
+    return got.relation is None or (got.objects[0][1], got.relation, got.objects[1][1]) in holds
 
 
 def _split(values: Sequence, unseen: Sequence[bool]) -> dict[str, list]:
@@ -112,6 +143,12 @@ def _split(values: Sequence, unseen: Sequence[bool]) -> dict[str, list]:
 
 def _mean(xs) -> float | None:
     return float(np.mean(xs)) if len(xs) else None
+
+
+def _rate(sec: dict, name: str, values: Sequence[bool]) -> None:
+    """``sec[name]``: the share of true values, and ``sec[name + "_se"]`` its binomial standard error."""
+    sec[name] = _mean(values)
+    sec[f"{name}_se"] = binomial_se(sec[name], len(values)) if values else None
 
 
 def _chunks(seq: list, size: int):
@@ -142,7 +179,8 @@ def evaluate_v3(engine, samples: list, *, num_t2i: int, num_caption: int, num_fi
             prompt = Prompt.from_dict(rec["prompt"])
             verdict = judge(img, prompt)
             results.append({"key": key, "prompt": prompt.text, "tag": prompt.tag, "unseen": bool(rec["unseen"]),
-                            "pass": verdict.passed, "failed": verdict.failed, "check": verdict.check})
+                            "unseen_kinds": sorted(unseen_kinds(prompt)), "pass": verdict.passed,
+                            "failed": verdict.failed, "check": verdict.check})
             grid_by_tag.setdefault(prompt.tag, []).append((pixels, prompt.text))
             if img_dir is not None:
                 Image.fromarray(img).save(img_dir / f"{key}.png")
@@ -152,10 +190,11 @@ def evaluate_v3(engine, samples: list, *, num_t2i: int, num_caption: int, num_fi
     timings["t2i_seconds_per_image"] = (time.perf_counter() - t0) / max(len(t2i), 1)
     if results:
         summary = summarise(results)
-        report["geneval"] = {k.removeprefix("geneval."): v for k, v in summary.items()
-                             if k not in ("counts", "failures")}
+        report["geneval"] = {k.removeprefix("geneval."): v for k, v in summary.items() if k.startswith("geneval.")}
         report["geneval"]["counts"] = summary["counts"]
         report["geneval"]["failures"] = summary["failures"]
+        report["geneval"]["shared_tags"] = summary.get("shared_tags", [])
+        report["geneval"].update(geneval_uncertainty(results, summary))
     if img_dir is not None and prompts_json:
         (img_dir / "prompts.json").write_text(json.dumps(prompts_json, indent=1) + "\n")
         (out_dir / "judged.json").write_text(json.dumps({"images": results}, indent=1) + "\n")
@@ -178,25 +217,11 @@ def evaluate_v3(engine, samples: list, *, num_t2i: int, num_caption: int, num_fi
     bar.close()
     timings["caption_seconds_per_image"] = (time.perf_counter() - t0) / max(len(cap), 1)
     if cap:
-        caption: dict = {}
-        exact = [t.strip() in {r.text for r in rs} for t, rs in zip(texts, all_refs)]
-        attrs = [caption_attributes(t, rs) for t, rs in zip(texts, all_refs)]
-        for split, idx in _split(list(range(len(cap))), unseen).items():
-            if not idx:
-                continue
-            sec = {"n": len(idx), "exact_match": _mean([exact[i] for i in idx])}
-            for a in ("count", "shapes", "colors", "relation"):
-                vals = [attrs[i][a] for i in idx if a in attrs[i]]
-                if vals:
-                    sec[f"{a}_accuracy"] = _mean(vals)
-            if split == "unseen":  # wrong captions that fall back on a composition seen in training
-                sec["seen_substitution"] = _mean([not exact[i] and names_seen_composition(texts[i]) for i in idx])
-            ref_texts = [[r.text for r in all_refs[i]] for i in idx]
-            b4 = bleu([texts[i] for i in idx], ref_texts)[3]
-            sec["bleu4"] = None if b4 != b4 else b4  # NaN (no 4-gram at all) -> null in JSON
-            sec["cider"] = cider([texts[i] for i in idx], ref_texts) if len(idx) > 1 else None
-            caption[split] = sec
-        report["caption"] = caption
+        report["caption"] = caption_scores(texts, all_refs)
+        if out_dir is not None:  # every caption with its references, so the scores can be recomputed and audited
+            (out_dir / "captions.json").write_text(json.dumps(
+                {"captions": [{"key": k, "generated": t, "references": [r.text for r in rs]}
+                              for (k, _, _, _), t, rs in zip(cap, texts, all_refs)]}, indent=1) + "\n")
         report["caption_examples"] = [{"key": k, "reference": r.text, "generated": t, "unseen": u}
                                       for (k, _, _, _), r, t, u in list(zip(cap, refs, texts, unseen))[:12]]
         report["caption_nll"] = caption_nll_bits(engine, cap, refs, unseen, batch_size=batch_size, latents=latents)
@@ -206,6 +231,74 @@ def evaluate_v3(engine, samples: list, *, num_t2i: int, num_caption: int, num_fi
         report["fid"] = fid_report(engine, samples, torch.cat(generated), num_fid, latents=latents)
     report["timings"] = timings
     return report
+
+
+def caption_scores(texts: list[str], all_refs: list[list[Prompt]]) -> dict:
+    """The caption section of the report (see the module docstring): per split (seen / unseen / all, by each scene's
+    full caption ``all_refs[i][0]``) and per held-out kind of the unseen images."""
+    fulls = [rs[0] for rs in all_refs]
+    unseen = [is_unseen(r) for r in fulls]
+    complete = [t.strip() in {r.text for r in rs} for t, rs in zip(texts, all_refs)]
+    exact = [c and states_unseen_part(t, r) for c, t, r in zip(complete, texts, fulls)]
+    omission = [not e and is_true_of(t, rs) for e, t, rs in zip(exact, texts, all_refs)]
+    attrs = [caption_attributes(t, rs) for t, rs in zip(texts, all_refs)]
+    caption: dict = {}
+    for split, idx in _split(list(range(len(texts))), unseen).items():
+        if not idx:
+            continue
+        sec: dict = {"n": len(idx)}
+        _rate(sec, "exact_match", [exact[i] for i in idx])
+        _rate(sec, "complete_description", [complete[i] for i in idx])
+        _rate(sec, "omission", [omission[i] for i in idx])
+        for a in ("count", "shapes", "colors", "relation"):
+            vals = [attrs[i][a] for i in idx if a in attrs[i]]
+            if vals:
+                _rate(sec, f"{a}_accuracy", vals)
+        if split == "unseen":  # false captions that fall back on a composition seen in training
+            _rate(sec, "seen_substitution", [not exact[i] and not omission[i] and names_seen_composition(texts[i])
+                                             for i in idx])
+        ref_texts = [[r.text for r in all_refs[i]] for i in idx]
+        b4 = bleu([texts[i] for i in idx], ref_texts)[3]
+        sec["bleu4"] = None if b4 != b4 else b4  # NaN (no 4-gram at all) -> null in JSON
+        sec["cider"] = cider([texts[i] for i in idx], ref_texts) if len(idx) > 1 else None
+        caption[split] = sec
+    by_kind = {}
+    for kind in UNSEEN_KINDS:
+        idx = [i for i, r in enumerate(fulls) if kind in unseen_kinds(r)]
+        if idx:
+            by_kind[kind] = {"n": len(idx)}
+            _rate(by_kind[kind], "exact_match", [exact[i] for i in idx])
+            _rate(by_kind[kind], "complete_description", [complete[i] for i in idx])
+    if by_kind:
+        caption["unseen_by_kind"] = by_kind
+    return caption
+
+
+def geneval_uncertainty(results: list[dict], summary: dict) -> dict:
+    """Standard errors of the GenEval accuracies in ``summary`` (binomial per tag, and of the unweighted mean of tag
+    accuracies for the overalls), and the pass rate of unseen prompts per held-out kind."""
+    counts = summary["counts"]
+    se = {}
+    for key, acc in summary.items():
+        if not key.startswith("geneval.") or not isinstance(acc, float):
+            continue
+        name, split = key.removeprefix("geneval.").rsplit(".", 1)
+        if not name.startswith("overall"):
+            se[f"{name}.{split}"] = binomial_se(acc, counts[f"{name}.{split}"])
+    shared = set(summary.get("shared_tags", ()))
+    for name, tags in (("overall_shared", shared), ("overall_all_tags", None)):
+        for split in ("seen", "unseen", "all"):
+            if f"geneval.{name}.{split}" in summary:
+                pairs = [(summary[f"geneval.{t}.{split}"], counts[f"{t}.{split}"]) for t in TAGS
+                         if counts.get(f"{t}.{split}") and (tags is None or t in tags)]
+                se[f"{name}.{split}"] = mean_of_rates_se(pairs)
+    by_kind = {}
+    for kind in UNSEEN_KINDS:
+        passed = [r["pass"] for r in results if kind in r.get("unseen_kinds", ())]
+        if passed:
+            by_kind[kind] = {"n": len(passed), "pass_rate": _mean(passed),
+                             "pass_rate_se": binomial_se(_mean(passed), len(passed))}
+    return {"se": se, "by_kind": by_kind}
 
 
 def teacher_forced(engine, seqs: list, batch_size: int, gen: torch.Generator, schedule=None,
@@ -297,7 +390,7 @@ def fid_report(engine, samples: list, generated: torch.Tensor, num_fid: int, *, 
     """FID / KID of ``num_fid`` generated images against the held-out renders of the same prompts, and the floor:
     those renders against ``num_fid`` other held-out renders (needs 2 x num_fid held-out samples)."""
     from transfusion.eval.inception import InceptionFeatures
-    from transfusion.eval.scores import frechet_distance, kernel_inception_distance
+    from transfusion.eval.scores import feature_scores
 
     n = min(num_fid, len(generated), len(samples) // 2)
     if n < 2:
@@ -311,59 +404,95 @@ def fid_report(engine, samples: list, generated: torch.Tensor, num_fid: int, *, 
         return imgs
 
     feats = InceptionFeatures()
-    gen_f, real_a, real_b = feats(generated[:n]), feats(real(samples[:n])), feats(real(samples[n:2 * n]))
-    kid, kid_std = kernel_inception_distance(gen_f, real_a, subset_size=min(n, 1000))
-    floor_kid, _ = kernel_inception_distance(real_b, real_a, subset_size=min(n, 1000))
-    return {"n": n, "fid": frechet_distance(gen_f, real_a), "fid_floor": frechet_distance(real_b, real_a),
-            "kid": kid, "kid_std": kid_std, "kid_floor": floor_kid}
+    return feature_scores(feats(generated[:n]), feats(real(samples[:n])), feats(real(samples[n:2 * n])), seed=0)
+
+
+def _pm(value: float | None, se: float | None) -> str:
+    """``0.450 ± 0.052``; ``-`` for a missing value."""
+    if value is None:
+        return "-"
+    return f"{value:.3f}" + ("" if se is None else f" ± {se:.3f}")
+
+
+def _geneval_markdown(g: dict) -> list[str]:
+    se = g.get("se", {})
+    shared = ", ".join(g.get("shared_tags", [])) or "none"
+    lines = ["GenEval (strict judge): accuracy ± standard error per tag. **overall_shared** averages the tags that "
+             f"have both seen and unseen prompts ({shared}), so seen and unseen are compared on the same tags; "
+             "overall_all_tags averages every tag of a split (seen has tags unseen lacks).", "",
+             "| tag | seen | unseen | n seen | n unseen |", "| --- | --- | --- | --- | --- |"]
+    for tag in (*TAGS, "overall_shared", "overall_all_tags"):
+        cells = [_pm(g.get(f"{tag}.{s}"), se.get(f"{tag}.{s}")) for s in ("seen", "unseen")]
+        counts = [g["counts"].get(f"{tag}.{s}", "") for s in ("seen", "unseen")] if tag in TAGS else ["", ""]
+        name = f"**{tag}**" if tag == "overall_shared" else tag
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {counts[0]} | {counts[1]} |")
+    lines.append("")
+    if g.get("by_kind"):
+        lines += ["Unseen prompts per held-out kind (pass rate over images):", "", "| kind | pass rate | n |",
+                  "| --- | --- | --- |"]
+        lines += [f"| {k} | {_pm(v['pass_rate'], v['pass_rate_se'])} | {v['n']} |" for k, v in g["by_kind"].items()]
+        lines.append("")
+    fails = g.get("failures") or {}
+    if fails:
+        lines += ["Why generated images fail (each failed image counted once, at the first check it fails; "
+                  "`transfusion.eval.geneval.CHECKS`):", "",
+                  "| check | seen | unseen | what it means |", "| --- | --- | --- | --- |"]
+        for check, meaning in (*CHECKS.items(), ("unknown", "no check recorded")):
+            n = [fails.get(f"{check}.{s}", 0) for s in ("seen", "unseen")]
+            if any(n):
+                lines.append(f"| {check} | {n[0]} | {n[1]} | {meaning} |")
+        lines.append("")
+    return lines
+
+
+def _caption_markdown(c: dict) -> list[str]:
+    keys = ["exact_match", "complete_description", "omission", "count_accuracy", "shapes_accuracy",
+            "colors_accuracy", "relation_accuracy"]
+    lines = ["| caption | " + " | ".join(keys) + " | bleu4 | cider |", "| --- " * (len(keys) + 3) + "|"]
+    for split in ("seen", "unseen", "all"):
+        if split in c:
+            sec = c[split]
+            lines.append(f"| {split} (n={sec['n']}) | " + " | ".join(_pm(sec.get(k), sec.get(f"{k}_se"))
+                                                                    for k in keys)
+                         + " | " + " | ".join("-" if sec.get(k) is None else f"{sec[k]:.3f}" for k in ("bleu4", "cider"))
+                         + " |")
+    lines += ["", "exact_match: the caption is a complete description of the scene and, for an image of an unseen "
+              "composition, states the unseen part (\"A and B\" of a held-out relation is complete but states no "
+              "relation: it counts in complete_description, not in exact_match). omission: a wrong caption that is "
+              "true of the scene but leaves something out. relation_accuracy counts only scenes captioned by a "
+              "relation.", ""]
+    if c.get("unseen_by_kind"):
+        lines += ["| unseen kind | exact_match | complete_description | n |", "| --- | --- | --- | --- |"]
+        lines += [f"| {k} | {_pm(v['exact_match'], v['exact_match_se'])} | "
+                  f"{_pm(v['complete_description'], v['complete_description_se'])} | {v['n']} |"
+                  for k, v in c["unseen_by_kind"].items()]
+        lines.append("")
+    u = c.get("unseen", {})
+    if u.get("seen_substitution") is not None:
+        lines += [f"Of the {u['n']} images of unseen compositions, {_pm(u['seen_substitution'], u['seen_substitution_se'])}"
+                  " get a false caption that names only compositions seen in training (seen_substitution, the "
+                  f"memorised fallback) and {_pm(u['omission'], u['omission_se'])} a true caption that leaves "
+                  "something out (omission).", ""]
+    return lines
 
 
 def markdown(report: dict) -> str:
-    """A short human-readable report."""
+    """A short human-readable report: every rate with its standard error."""
     lines = ["# Evaluation report (compositional shapes world)", ""]
-    g = report.get("geneval")
-    if g:
-        lines += ["| tag | seen | unseen | n seen | n unseen |", "| --- | --- | --- | --- | --- |"]
-        for tag in ("single_object", "two_object", "counting", "colors", "position", "color_attr", "overall"):
-            cells = [g.get(f"{tag}.{s}") for s in ("seen", "unseen")]
-            counts = [g["counts"].get(f"{tag}.{s}", "") for s in ("seen", "unseen")] if tag != "overall" else ["", ""]
-            lines.append(f"| {tag} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells)
-                         + f" | {counts[0]} | {counts[1]} |")
-        lines.append("")
-        fails = g.get("failures") or {}
-        if fails:
-            lines += ["Why generated images fail (each failed image counted once, at the first check it fails; "
-                      "`transfusion.eval.geneval.CHECKS`):", "",
-                      "| check | seen | unseen | what it means |", "| --- | --- | --- | --- |"]
-            for check, meaning in (*CHECKS.items(), ("unknown", "no check recorded")):
-                n = [fails.get(f"{check}.{s}", 0) for s in ("seen", "unseen")]
-                if any(n):
-                    lines.append(f"| {check} | {n[0]} | {n[1]} | {meaning} |")
-            lines.append("")
-    c = report.get("caption")
-    if c:
-        keys = ["exact_match", "count_accuracy", "shapes_accuracy", "colors_accuracy", "relation_accuracy", "bleu4",
-                "cider"]
-        lines += ["| caption | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 1) + "|"]
-        for split in ("seen", "unseen", "all"):
-            if split in c:
-                lines.append(f"| {split} (n={c[split]['n']}) | " + " | ".join(
-                    "-" if c[split].get(k) is None else f"{c[split][k]:.3f}" for k in keys) + " |")
-        lines += ["", "relation_accuracy counts only scenes captioned by a relation: the share whose caption states "
-                  "a relation that holds (\"A and B\" is a complete, exact caption of such a scene, but states none).",
-                  ""]
-        sub = c.get("unseen", {}).get("seen_substitution")
-        if sub is not None:
-            lines += [f"seen_substitution: {sub:.3f} of the {c['unseen']['n']} images of unseen compositions get a "
-                      "wrong caption that names only compositions seen in training (the memorised fallback).", ""]
+    if report.get("geneval"):
+        lines += _geneval_markdown(report["geneval"])
+    if report.get("caption"):
+        lines += _caption_markdown(report["caption"])
     if "caption_nll" in report:
         lines.append("caption NLL (bits per caption): " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                                    report["caption_nll"].items()))
     if "diffusion" in report:
         lines.append("diffusion loss by noise level: " + ", ".join(f"{k} {v:.4f}" for k, v in
                                                                    report["diffusion"].items()))
-    if "fid" in report and "fid" in report["fid"]:
-        f = report["fid"]
-        lines.append(f"FID {f['fid']:.2f} (real-vs-real floor {f['fid_floor']:.2f}), KID {f['kid']:.4f} "
-                     f"(floor {f['kid_floor']:.4f}), n = {f['n']}")
+    f = report.get("fid", {})
+    if "fid" in f:
+        ci = f.get("fid_interval")
+        lines.append(f"FID {f['fid']:.2f}" + (f" (95 % bootstrap interval {ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
+                     + f", real-vs-real floor {f['fid_floor']:.2f}; KID {f['kid']:.4f} ± {f['kid_std']:.4f} "
+                     f"(std over subsets of {f.get('kid_subset', f['n'])}), floor {f['kid_floor']:.4f}; n = {f['n']}")
     return "\n".join(lines) + "\n"

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_pipelines.scenes import HALF_SIZE_RANGE, TAGS, Prompt
+from data_pipelines.scenes import HALF_SIZE_RANGE, TAGS, Prompt, visible_relations
 from data_pipelines.shapes import BACKGROUND, COLORS, SHAPES
 
 BACKGROUND_TOLERANCE = 40.0  # RGB distance of the border median from the world's background
@@ -71,7 +71,6 @@ ASPECT_RANGE = (0.75, 1.34)
 SIDE_RANGE = (2 * HALF_SIZE_RANGE[0] * 0.75, 2 * HALF_SIZE_RANGE[1] * 1.25)  # box side / image side
 SHAPE_IOU = 0.72
 SHAPE_MARGIN = 0.02
-POSITION_MARGIN = 0.1  # GenEval's POSITION_THRESHOLD
 
 # The checks an image can fail, in the order the judge applies them (an image is charged to the first it fails).
 CHECKS = {
@@ -290,25 +289,11 @@ def detect(img: Image.Image | np.ndarray) -> Detection:
 
 
 def relative_position(a: DetectedObject, b: DetectedObject) -> set[str]:
-    """GenEval's rule: the relations of ``a`` to ``b`` ("to the left of", "above", ...), from box centres, each axis
-    offset shrunk by POSITION_MARGIN x (a's size + b's size) and normalised by the centres' distance."""
-    (ax, ay), (bx, by) = a.center, b.center
-    (aw, ah), (bw, bh) = a.size, b.size
-    off = np.array([ax - bx, ay - by])
-    revised = np.maximum(np.abs(off) - POSITION_MARGIN * np.array([aw + bw, ah + bh]), 0) * np.sign(off)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(off)
-    rel = set()
-    if dx < -0.5:
-        rel.add("to the left of")
-    if dx > 0.5:
-        rel.add("to the right of")
-    if dy < -0.5:
-        rel.add("above")
-    if dy > 0.5:
-        rel.add("below")
-    return rel
+    """GenEval's rule (``data_pipelines.scenes.visible_relations``, which the training-scene generator uses to keep
+    held-out relations out of training images): the relations of ``a`` to ``b`` ("to the left of", "above", ...),
+    from box centres, each axis offset shrunk by POSITION_MARGIN x (a's size + b's size) and normalised by the
+    centres' distance."""
+    return visible_relations(a.center, a.size, b.center, b.size)
 
 
 @dataclass
