@@ -1,6 +1,7 @@
 """Uncertainty of evaluation numbers, each checked in ``tests/test_stats.py``:
 
-    binomial_se          standard error of a rate (a share of n independent yes / no outcomes): sqrt(p (1 - p) / n)
+    binomial_se          standard error of a rate (a share of n independent yes / no outcomes), Agresti-Coull
+                         adjusted so that 0 / n and n / n keep a spread
     mean_of_rates_se     standard error of the unweighted mean of k independent rates: sqrt(sum_i se_i^2) / k
     bootstrap_samples    a statistic on seeded bootstrap resamples of one or more arrays (rows drawn with
                          replacement, paired across arrays or each array on its own)
@@ -17,10 +18,13 @@ import numpy as np
 
 
 def binomial_se(p: float, n: int) -> float | None:
-    """Standard error of a rate ``p`` measured on ``n`` independent items; None when there are none."""
+    """Standard error of a rate ``p`` measured on ``n`` independent items, Agresti-Coull adjusted: the Wald formula
+    at p~ = (x + 2) / (n + 4) over n + 4 items (x = p n successes). Near 0.5 it is the plain sqrt(p (1 - p) / n); at 0
+    or 1 it stays above 0 (0 passes of 38 is not a certainty), where the plain formula says 0. None when n = 0."""
     if n <= 0:
         return None
-    return math.sqrt(max(p * (1.0 - p), 0.0) / n)
+    p_adj = (p * n + 2.0) / (n + 4.0)
+    return math.sqrt(p_adj * (1.0 - p_adj) / (n + 4.0))
 
 
 def mean_of_rates_se(rates_and_ns: Sequence[tuple[float, int]]) -> float | None:
