@@ -27,10 +27,10 @@ Held-out compositions (``HELDOUT``), absent from every training scene, image and
 ``unseen_kinds(prompt)`` names which of the four kinds (``UNSEEN_KINDS``: object, count_shape, relation, object_pair)
 make a prompt unseen. The held-out split is stratified by index (``HELDOUT_STRATA``): of every 8 consecutive samples,
 4 are unseen, one of each kind and unseen by that kind alone, and 4 are seen, cycling through the six GenEval tags
-(``TAGS``); so any 8k first samples hold k images of each unseen kind (the default evaluation's 300: >= 37 each, less
-any duplicate of a training render skipped by the writer). ``is_unseen(prompt)`` says whether a prompt is unseen. A
-render of the held-out split that is byte-identical to a training render is never written (the shard writer checks
-hashes), so "held out" holds by content, not by file name.
+(``TAGS``); so any 8k first samples hold k images of each unseen kind (the default evaluation's 300: 37 or 38 each;
+an unseen render never duplicates a training one, so the writer's skips of duplicates only pull later samples in).
+``is_unseen(prompt)`` says whether a prompt is unseen. A render of the held-out split that is byte-identical to a
+training render is never written (the shard writer checks hashes), so "held out" holds by content, not by file name.
 
 Sizes: object half-size in [0.12, 0.19] of the image side; objects do not overlap (boxes keep a gap of 0.03). At
 32 px (the default, the single-object world's size) the smallest object is ~8 px across; the strict judge reads

@@ -24,7 +24,7 @@ def _judge_sees_heldout_relation(img) -> bool:
 
 
 def test_no_training_image_shows_a_heldout_relation():
-    """Judged from the pixels, as an evaluation would: before the rule ~3.9 % of training scenes showed one."""
+    """Judged from the pixels, as an evaluation would: before the rule ~3.5-3.9 % of training scenes showed one."""
     shown = [i for i in range(600) if _judge_sees_heldout_relation(scenes.training_sample(i, seed=0)[1])]
     assert not shown, f"training samples {shown[:10]} show a held-out relation"
     for i in range(150):  # interleaved documents: both images
@@ -45,7 +45,7 @@ def test_heldout_scenes_show_no_other_heldout_relation():
     ((0.2, 0.5), (0.8, 0.55), {"to the left of"}),
     ((0.2, 0.2), (0.8, 0.8), {"to the left of", "above"}),  # the diagonal: GenEval gives both
     ((0.5, 0.5), (0.52, 0.51), set()),  # the margin swallows a small offset
-    ((0.3, 0.5), (0.7, 0.3), {"to the left of"}),  # dy normalised to ~0.28 after the margin: not below
+    ((0.3, 0.5), (0.7, 0.3), {"to the left of"}),  # dy normalised to ~0.36 after the margin: not below
 ])
 def test_the_relation_rule_the_generator_avoids_is_the_judges(a, b, want):
     """The generator's held-out check and the judge read relations through one function; here its values by hand

@@ -62,7 +62,18 @@ def test_report_v2_end_to_end(shards, tmp_path):
     if shared:
         assert g["overall_shared.seen"] == pytest.approx(np.mean([acc[(t, False)] for t in shared]))
     assert g["overall_all_tags.seen"] == pytest.approx(np.mean([v for (t, u), v in acc.items() if not u]))
-    assert g["se"]["overall_all_tags.seen"] > 0 or g["overall_all_tags.seen"] in (0.0, 1.0)
+    # its standard error, by hand: each tag's Agresti-Coull error (x + 2 of n + 4), then sqrt(sum se^2) / k
+    def ac_se(passes: int, n: int) -> float:
+        q = (passes + 2) / (n + 4)
+        return (q * (1 - q) / (n + 4)) ** 0.5
+
+    seen_tags = [t for t, u in acc if not u]
+    tag_se = [ac_se(sum(r["pass"] for r in judged if r["tag"] == t and not r["unseen"]),
+                    sum(1 for r in judged if r["tag"] == t and not r["unseen"])) for t in seen_tags]
+    assert g["se"]["overall_all_tags.seen"] == pytest.approx(np.sqrt(np.sum(np.square(tag_se))) / len(tag_se))
+    kinds = {k: sum(k in r["unseen_kinds"] for r in judged)
+             for k in ("object", "count_shape", "relation", "object_pair")}
+    assert {k: v["n"] for k, v in g["by_kind"].items()} == {k: n for k, n in kinds.items() if n}
     # the caption rates are those of the written captions; their standard errors sit beside them
     written = json.loads((run / "eval" / "captions.json").read_text())["captions"]
     assert len(written) == 12 and report["caption"]["all"]["n"] == 12
@@ -170,9 +181,9 @@ def test_unseen_caption_is_exact_only_if_it_states_the_unseen_part():
 
     refs = caption_references(_relation_record(True))
     assert refs[0].text == "a red circle above a yellow square"
-    texts = ["a red circle and a yellow square", "a yellow square below a red circle", "a red circle above a yellow square",
-             "a purple circle above a yellow square"]
-    c = caption_scores(texts, [refs] * 4)["unseen"]
+    texts = ["a red circle and a yellow square", "a yellow square below a red circle",
+             "A red circle above a yellow square.", "a purple circle above a yellow square"]
+    c = caption_scores(texts, [refs] * 4)["unseen"]  # case and a final period do not matter
     assert c["n"] == 4 and c["complete_description"] == 0.75 and c["exact_match"] == 0.5
     assert c["omission"] == 0.25  # "A and B": true of the scene, leaves the held-out relation out
     assert c["seen_substitution"] == 0.0  # "a purple circle above ..." states the held-out relation: not a seen one

@@ -135,3 +135,11 @@ def test_synergy_verdict_needs_five_seeds_and_a_significant_welch_test(synergy):
     v, _, _ = synergy.verdict(noise_j, noise_s, higher=True)
     p = welch_t_test(noise_j, noise_s)[2]
     assert p >= 0.05 and v == f"no (not significant, p = {p:.3f})"
+
+
+def test_synergy_redoes_runs_of_an_older_report_version(synergy):
+    """A saved report of an earlier version (its numbers meant other things) is not reused."""
+    from transfusion.eval.compositional import REPORT_VERSION
+
+    assert synergy.current_report({"report_version": REPORT_VERSION})
+    assert not synergy.current_report({"world": 3}) and not synergy.current_report({"report_version": 2})

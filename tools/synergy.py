@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -90,12 +91,27 @@ def finished(rdir: Path, steps: int, seed: int) -> bool:
         return False
 
 
+def current_report(report: dict) -> bool:
+    """Whether a saved report was written by the current report version (``compositional.REPORT_VERSION``)."""
+    from transfusion.eval.compositional import REPORT_VERSION
+
+    return report.get("report_version") == REPORT_VERSION
+
+
 def train_and_eval(args, variant: str, seed: int, batch_rows: int) -> dict:
     ratio, div = VARIANTS[variant]
     rdir = Path(args.runs) / f"{variant}_seed{seed}"
     report_path = rdir / "eval" / "report.json"
-    if report_path.is_file():  # resumable: a finished run is not redone (delete eval/ to re-evaluate only)
-        return json.loads(report_path.read_text())
+    if report_path.is_file():  # resumable: a finished run is not redone (delete eval/ to re-evaluate only) ...
+        report = json.loads(report_path.read_text())
+        if current_report(report):
+            return report
+        # ... unless its report is of an older version: its numbers mean other things, and its model was trained on
+        # the world of its time (report version 3 came with world generator revision 2), so both are redone
+        print(f"{report_path}: report version {report.get('report_version')} is not the current one: trained and "
+              "evaluated again", file=sys.stderr)
+        for stale in (rdir / "export", rdir / "eval"):
+            shutil.rmtree(stale, ignore_errors=True)
     start = time.perf_counter()
     rdir.mkdir(parents=True, exist_ok=True)
     overrides = [f"--run.dir={rdir}", f"--run.seed={seed}", f"--train.steps={args.steps}",
@@ -160,8 +176,8 @@ def write_report(args, reports: dict, out: Path, batch_rows: int, seconds: float
     lines = ["# Generalist synergy: joint training vs single-task specialists", "",
              f"Recipe `{args.recipe}`, {args.steps} steps per run, seeds {args.seeds}; joint: t2i_ratio 0.5 and "
              f"{batch_rows} rows per step; each specialist: its task only and {batch_rows // 2} rows, so each task sees "
-             f"the same documents in both (the joint run does twice the compute per step). Evaluated with report v2 on {args.num_eval} held-out prompts / images per "
-             f"task (seen and unseen compositions apart). Extra overrides: {args.set or 'none'}. Measured by "
+             f"the same documents in both (the joint run does twice the compute per step). Evaluated with report v2 on "
+             f"{args.num_eval} held-out prompts / images per task (seen and unseen compositions apart). Extra overrides: {args.set or 'none'}. Measured by "
              f"`tools/synergy.py` in {seconds / 60:.0f} min on {machine()}.", "",
              "Differences are signed so that > 0 means the joint run is better (for losses: lower).", "",
              f"| task | metric | split | joint (per seed) | specialist (per seed) | mean difference | standard error | "

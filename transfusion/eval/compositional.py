@@ -20,8 +20,8 @@ Sections of ``<run>/eval/report.json`` (and ``report.md``):
                 has its binomial standard error as ``<rate>_se``
     caption_nll image-conditioned NLL of the full caption (its tokens and EOS) in bits per caption
     diffusion   the objective's loss on held-out images per noise-level bucket (quarters of the schedule)
-    fid         FID (with a 95 % bootstrap interval) and KID (mean and std over subsets smaller than n) between generated
-                images and held-out renders of the same prompts, with the sample count and the real-vs-real floor (two
+    fid         FID (with a 95 % bootstrap interval) and KID (mean and std over subsets smaller than n) between
+                generated images and held-out renders of the same prompts, with the sample count and the real-vs-real floor (two
                 disjoint sets of held-out renders of the same size)
 
 Generated images are written to ``<out>/t2i/`` with ``prompts.json``, so ``tools/judge.py`` can re-judge them.
@@ -46,6 +46,10 @@ from transfusion.eval.scores import bits_per_caption, bleu, cider
 from transfusion.eval.stats import binomial_se, mean_of_rates_se
 from transfusion.generation.grid import make_grid, to_uint8
 
+# Raised when a number of the report changes meaning (3: issue 26's fair report: overall_shared, exact_match that
+# states the unseen part, omissions apart, the extra-object judge, standard errors), so that tools reusing old
+# reports (tools/synergy.py) can tell them from current ones.
+REPORT_VERSION = 3
 FULL_TAG = {"single_object": "colors", "colors": "colors", "two_object": "color_attr", "color_attr": "color_attr",
             "counting": "counting", "position": "position"}
 NOISE_BUCKETS = 4
@@ -80,6 +84,16 @@ def caption_references(record: dict) -> list[Prompt]:
     return list(dict.fromkeys(refs))  # unique, full caption first
 
 
+def _relations_that_hold(refs: list[Prompt]) -> set[tuple[str, str, str]]:
+    """(shape a, relation, shape b) of every relation the references state: those that hold in the scene."""
+    return {(r.objects[0][1], r.relation, r.objects[1][1]) for r in refs if r.relation}
+
+
+def _states_holding_relation(got: Prompt, refs: list[Prompt]) -> bool:
+    triple = (got.objects[0][1], got.relation, got.objects[-1][1])
+    return got.relation is not None and triple in _relations_that_hold(refs)
+
+
 def caption_attributes(text: str, refs: list[Prompt]) -> dict[str, bool]:
     """Per-attribute correctness of a generated caption against a scene's references (``caption_references``):
     count, shapes, colors (bound to shapes), and for scenes captioned by a relation, whether the caption states a
@@ -93,9 +107,16 @@ def caption_attributes(text: str, refs: list[Prompt]) -> dict[str, bool]:
            "shapes": sorted(s for _, s in got.objects) == sorted(s for _, s in ref.objects),
            "colors": sorted(got.objects, key=str) == sorted(ref.objects, key=str)}
     if ref.relation:
-        holds = {(r.objects[0][1], r.relation, r.objects[1][1]) for r in refs if r.relation}
-        out["relation"] = got.relation is not None and (got.objects[0][1], got.relation, got.objects[1][1]) in holds
+        out["relation"] = _states_holding_relation(got, refs)
     return out
+
+
+def normalise_caption(text: str) -> str:
+    """A caption as the world's grammar writes it (lower case, no final period) when it parses, else stripped."""
+    try:
+        return parse_prompt(text).text
+    except ValueError:
+        return text.strip()
 
 
 def names_seen_composition(text: str) -> bool:
@@ -121,19 +142,16 @@ def states_unseen_part(text: str, full: Prompt) -> bool:
 
 def is_true_of(text: str, refs: list[Prompt]) -> bool:
     """Whether a caption in the world's grammar is true of the scene that ``refs`` describe (``caption_references``),
-    complete or not: the right number of objects and shapes, any colors it states bound to the right shapes, any
-    relation it states one that holds. "a square" of a blue square is true but omits the color."""
+    complete or not: the right number of objects and shapes (``caption_attributes``), any colors it states bound to
+    the right shapes, any relation it states one that holds. "a square" of a blue square is true but omits the color."""
     try:
         got = parse_prompt(text)
     except ValueError:
         return False
-    ref = refs[0]
-    if len(got.objects) != len(ref.objects) or sorted(s for _, s in got.objects) != sorted(s for _, s in ref.objects):
-        return False
-    if got.objects[0][0] is not None and sorted(got.objects, key=str) != sorted(ref.objects, key=str):
-        return False
-    holds = {(r.objects[0][1], r.relation, r.objects[1][1]) for r in refs if r.relation}
-    return got.relation is None or (got.objects[0][1], got.relation, got.objects[1][1]) in holds
+    attrs = caption_attributes(text, refs)
+    colors_ok = got.objects[0][0] is None or attrs["colors"]
+    return attrs["count"] and attrs["shapes"] and colors_ok and (got.relation is None
+                                                                 or _states_holding_relation(got, refs))
 
 
 def _split(values: Sequence, unseen: Sequence[bool]) -> dict[str, list]:
@@ -159,7 +177,7 @@ def _chunks(seq: list, size: int):
 def evaluate_v3(engine, samples: list, *, num_t2i: int, num_caption: int, num_fid: int, batch_size: int, steps: int,
                 guidance: float, sampler: str, guidance_schedule: str, seed: int, max_caption_tokens: int,
                 out_dir: Path | None, progress: bool, latents: bool, caption_guidance: float = 1.0) -> dict:
-    report: dict = {"world": 3}
+    report: dict = {"world": 3, "report_version": REPORT_VERSION}
     timings: dict[str, float] = {}
 
     # text -> image, judged strictly
@@ -238,7 +256,7 @@ def caption_scores(texts: list[str], all_refs: list[list[Prompt]]) -> dict:
     full caption ``all_refs[i][0]``) and per held-out kind of the unseen images."""
     fulls = [rs[0] for rs in all_refs]
     unseen = [is_unseen(r) for r in fulls]
-    complete = [t.strip() in {r.text for r in rs} for t, rs in zip(texts, all_refs)]
+    complete = [normalise_caption(t) in {r.text for r in rs} for t, rs in zip(texts, all_refs)]
     exact = [c and states_unseen_part(t, r) for c, t, r in zip(complete, texts, fulls)]
     omission = [not e and is_true_of(t, rs) for e, t, rs in zip(exact, texts, all_refs)]
     attrs = [caption_attributes(t, rs) for t, rs in zip(texts, all_refs)]
@@ -452,10 +470,9 @@ def _caption_markdown(c: dict) -> list[str]:
     for split in ("seen", "unseen", "all"):
         if split in c:
             sec = c[split]
-            lines.append(f"| {split} (n={sec['n']}) | " + " | ".join(_pm(sec.get(k), sec.get(f"{k}_se"))
-                                                                    for k in keys)
-                         + " | " + " | ".join("-" if sec.get(k) is None else f"{sec[k]:.3f}" for k in ("bleu4", "cider"))
-                         + " |")
+            rates = [_pm(sec.get(k), sec.get(f"{k}_se")) for k in keys]
+            scores = ["-" if sec.get(k) is None else f"{sec[k]:.3f}" for k in ("bleu4", "cider")]
+            lines.append(f"| {split} (n={sec['n']}) | " + " | ".join(rates + scores) + " |")
     lines += ["", "exact_match: the caption is a complete description of the scene and, for an image of an unseen "
               "composition, states the unseen part (\"A and B\" of a held-out relation is complete but states no "
               "relation: it counts in complete_description, not in exact_match). omission: a wrong caption that is "
@@ -469,8 +486,8 @@ def _caption_markdown(c: dict) -> list[str]:
         lines.append("")
     u = c.get("unseen", {})
     if u.get("seen_substitution") is not None:
-        lines += [f"Of the {u['n']} images of unseen compositions, {_pm(u['seen_substitution'], u['seen_substitution_se'])}"
-                  " get a false caption that names only compositions seen in training (seen_substitution, the "
+        sub = _pm(u["seen_substitution"], u["seen_substitution_se"])
+        lines += [f"Of the {u['n']} images of unseen compositions, {sub} get a false caption that names only compositions seen in training (seen_substitution, the "
                   f"memorised fallback) and {_pm(u['omission'], u['omission_se'])} a true caption that leaves "
                   "something out (omission).", ""]
     return lines

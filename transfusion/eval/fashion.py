@@ -8,7 +8,7 @@ Report keys (``<run>/eval/report.json``):
     cas.classifier_test_accuracy   that classifier on the real test images (the ceiling CAS is read against)
     caption.accuracy           the class named in the model's greedy caption of a real test image
     <rate>_se                  beside each rate above (cas.seen_se, ..., caption.accuracy_se): its binomial standard
-                               error sqrt(p (1 - p) / n) over the n images it was measured on (None for n = 0)
+                               error over the n images it was measured on (``stats.binomial_se``, None for n = 0)
     fid.*                      generated (seen prompts) vs real test images, ``compositional.fid_report`` (FID with its
                                interval and KID with its std, ``scores.feature_scores``); the floor: two disjoint
                                halves of the real test images at the same count

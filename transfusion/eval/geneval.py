@@ -203,7 +203,7 @@ def dilate(mask_HW: np.ndarray, steps: int) -> np.ndarray:
 
 
 def off_palette_blobs(stray_HW: np.ndarray, speck_area: float) -> list[tuple[int, tuple[int, int]]]:
-    """(area, (x, y) of a pixel) of each 4-connected component of ``stray_HW`` at least ``speck_area`` large,
+    """(area, (x, y) of a pixel) of each 8-connected component of ``stray_HW`` at least ``speck_area`` large,
     largest first."""
     if not stray_HW.any():
         return []
