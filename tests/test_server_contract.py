@@ -147,6 +147,30 @@ def test_numbers_json_clients_send_are_accepted(client):
     assert client.post("/v1/chat/completions", json={**CHAT, "stop": "a long stop string"}).status_code == 200
 
 
+def test_schema_bounds_are_the_bounds_the_server_enforces(client, schema):
+    """For every integer field with bounds, at the documented maximum and minimum the server does not answer 422, and
+    one beyond either it does (the schema's numbers are exactly the server's: no bound lost or rounded)."""
+    bodies = {"/v1/generate": GEN, "/v1/chat/completions": CHAT}
+    checked = 0
+    for path, base in bodies.items():
+        request = resolved(schema, schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+                           ["schema"])
+        for name, prop in request["properties"].items():
+            branch = next((b for b in prop.get("anyOf", [prop]) if b.get("type") == "integer"), None)
+            if branch is None or "maximum" not in branch:
+                continue
+            high, low = branch["maximum"], branch["minimum"]
+            assert high == int(high) and low == int(low), (path, name, branch)
+            for value, refused in ((int(high), False), (int(low), False), (int(high) + 1, True), (int(low) - 1, True)):
+                r = client.post(path, json={**base, name: value, "max_tokens": 1, "steps": 1, "max_images": 0}
+                                if name not in ("max_tokens", "steps", "max_images") else {**base, name: value})
+                assert (r.status_code == 422) == refused, (path, name, value, r.status_code, r.text[:200])
+            checked += 1
+    assert checked >= 10
+    seed = client.post("/v1/generate", json={**GEN, "seed": None, "max_images": 0}).json()["seed"]
+    assert 0 <= seed <= 2**53 - 1  # a fresh seed is one every JSON client holds exactly
+
+
 # -- examples ----------------------------------------------------------------------------------------------------------
 def test_schema_examples_are_valid_requests_the_server_serves(schema):
     """Every example in the schema validates against its request schema, and a server with default limits answers

@@ -234,7 +234,7 @@ def run_fuzz(client, examples: int, seed: int = 0, progress: bool = False) -> Re
                                  st.sampled_from(op.body.get("examples") or [{}])) for op in posts}
     scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**65), 2**65), st.floats(),
                         st.text(max_size=12), st.sampled_from(["true", "false", "1", "0", "1.5", "", "null"]),
-                        st.sampled_from([0, 1, 1.0, 5.0, 0.5, -1, 2**63, float("nan"), float("inf")]))
+                        st.sampled_from([0, 1, 1.0, 5.0, 0.5, -1, 2**53, 2**63, float("nan"), float("inf")]))
     values = st.one_of(scalars, st.lists(scalars, max_size=3), st.dictionaries(st.text(max_size=6), scalars,
                                                                                 max_size=3))
     report = Report()
