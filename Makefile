@@ -9,7 +9,7 @@ RECIPE ?= recipes/shapes3_latents.toml
 RUN ?= runs/shapes3_latents
 DATA ?= data/shapes3
 WORLD ?= 3
-# The demo's VAE: 800 steps of 32 images at lr 6e-3 (README, "What `make demo` gives": its measured ceiling)
+# The demo's VAE: 800 steps of 32 images at lr 6e-3 (docs/results.md: its measured ceiling)
 VAE_STEPS ?= 800
 
 # An AVX2-only CPU (no AVX-512, no native bf16), emulated on a newer x86 CPU: torch's own kernels, oneDNN and MKL
