@@ -15,7 +15,7 @@ pytest.importorskip("fastapi", reason="the server needs the 'serve' extra: pip i
 jsonschema = pytest.importorskip("jsonschema", reason="the contract tests need the 'dev' extra")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from test_server import GEN, png_b64, sse_events  # noqa: E402
+from test_server import GEN, app, client, png_b64, sse_events  # noqa: E402,F401  (app, client: the same fixtures)
 from test_serving import engine  # noqa: E402
 
 from transfusion.serving.protocol import ServeLimits  # noqa: E402
@@ -32,17 +32,6 @@ def fuzz_module():
         sys.modules["fuzz_serve"] = module  # dataclasses look their module up by name
         spec.loader.exec_module(module)
     return sys.modules["fuzz_serve"]
-
-
-@pytest.fixture(scope="module")
-def app():
-    return create_app(engine(boi_bias=50.0), model_name="tiny", limits=ServeLimits(max_steps=20, max_tokens=64))
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    with TestClient(app) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
