@@ -1,1 +1,2 @@
-"""Serving: the continuous-batching scheduler (and, next, the HTTP server on top of it)."""
+"""Serving: the continuous-batching scheduler and its engine thread, and the HTTP server on top (``server.create_app``
+assembles it from the routers, formatting and middleware beside it)."""

@@ -473,3 +473,12 @@ def encode_png(rgb_HW3: np.ndarray, scale: int = 1) -> str:
 def png_payload(rgb_HW3: np.ndarray, **meta: Any) -> dict[str, Any]:
     return {"png": encode_png(rgb_HW3), "width": int(rgb_HW3.shape[1]), "height": int(rgb_HW3.shape[0]),
             **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in meta.items()}}
+
+
+def image_payload(event: Any) -> dict[str, Any]:
+    """A scheduler ``image`` or ``preview`` event (``.kind``, ``.data``) as PNG (base64) with its size and where it
+    stands: the image's index and seconds, or the preview's pass of passes."""
+    d = event.data
+    if event.kind == "preview":
+        return png_payload(d["image"], **{"pass": d["pass"], "passes": d["passes"]})
+    return png_payload(d["image"], index=d["index"], seconds=round(d["seconds"], 4))
