@@ -8,7 +8,8 @@ from helpers import GRID, P, TOK, tiny_model
 from transfusion.attention.masks import dense_mask
 from transfusion.config import DiffusionConfig
 from transfusion.diffusion.schedule import NoiseSchedule
-from transfusion.generation.engine import Engine, concat_prefixes
+from transfusion.generation.engine import Engine
+from transfusion.generation.prefix import concat_prefixes
 from transfusion.latents.vae import PixelCodec
 
 

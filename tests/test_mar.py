@@ -17,7 +17,9 @@ from transfusion.generation.engine import Engine
 from transfusion.latents.vae import PixelCodec
 from transfusion.model import build_model
 from transfusion.model.adapters import patchify
-from transfusion.model.mar import reveal_counts, sample_patch_mask, truncated_normal
+from transfusion.generation import mar_sampling
+from transfusion.generation.mar_sampling import mar_sampler, reveal_counts
+from transfusion.model.mar import sample_patch_mask, truncated_normal
 from transfusion.training.losses import compute_loss_terms
 
 
@@ -128,8 +130,8 @@ def test_generation_reveals_patches_once_and_is_reproducible(objective, sampler)
     cond = eng.prefill([[TOK.bos_id] + TOK.encode("a red circle") + [TOK.boi_id], [TOK.bos_id, TOK.boi_id]])
     unc = eng.prefill([[TOK.bos_id, TOK.boi_id]] * 2)
     trace: list = []
-    out = model.image_head.sample(eng, cond, uncond=unc, guidance=3.0, sampler=sampler, steps=4,
-                         generator=torch.Generator().manual_seed(0), guidance_schedule="linear", trace=trace)
+    out = eng.denoise(cond, uncond=unc, guidance=3.0, sampler=sampler, steps=4,
+                      generator=torch.Generator().manual_seed(0), guidance_schedule="linear", trace=trace)
     assert len(trace) == len(reveal_counts(P, 3)) == 3
     prev_tokens, prev_known = torch.zeros_like(trace[0][0]), torch.zeros_like(trace[0][1])
     for tokens, known in trace:
@@ -191,8 +193,8 @@ def test_mar_defaults_follow_the_reference():
     norms = [b.norm for b in head.denoiser.blocks]
     assert all(n.weight is not None and bool((n.weight == 1).all()) for n in norms)  # affine LayerNorm, identity
     assert head.denoiser.final_norm.weight is None  # the final layer's LayerNorm has none
-    assert head.default_sampler(NoiseSchedule(DiffusionConfig())) == "ddpm" and not model.cfg.mar.clip_denoised
-    assert head.default_sampler(NoiseSchedule(DiffusionConfig(objective="flow"))) == "euler"
+    assert mar_sampler(model.cfg.mar, NoiseSchedule(DiffusionConfig())) == "ddpm" and not model.cfg.mar.clip_denoised
+    assert mar_sampler(model.cfg.mar, NoiseSchedule(DiffusionConfig(objective="flow"))) == "euler"
     with pytest.raises(ConfigError, match="does not fit"):
         load_config(None, ["--model.head=mar", "--model.mar.sampler=euler"])
     # generation with the defaults: every denoiser step is a ddpm step, unclipped, its noise scaled by temperature
@@ -254,11 +256,11 @@ def test_interval_guidance_gates_on_the_share_of_the_loop_not_of_the_patches(mon
                  precision="fp32")
     scales: list[float] = []
 
-    def record(engine, z, m, both, w, sampler, steps, generator):  # the scale each pass samples its patches at
+    def record(setup, z, m, both, w, sampler, steps, generator):  # the scale each pass samples its patches at
         scales.append(w)
         return torch.zeros(m, model.image_head.denoiser.out.out_features)
 
-    monkeypatch.setattr(model.image_head, "sample_tokens", record)
+    monkeypatch.setattr(mar_sampling, "sample_tokens", record)
     cond = eng.prefill([[TOK.bos_id] + TOK.encode("red") + [TOK.boi_id]])
     unc = eng.prefill([[TOK.bos_id, TOK.boi_id]])
     counts = reveal_counts(16, K)
@@ -266,8 +268,8 @@ def test_interval_guidance_gates_on_the_share_of_the_loop_not_of_the_patches(mon
     lo, hi = GUIDANCE_INTERVAL
     for schedule in ("interval", "linear"):
         scales.clear()
-        model.image_head.sample(eng, cond, uncond=unc, guidance=3.0, sampler=None, steps=2,
-                                generator=torch.Generator().manual_seed(0), guidance_schedule=schedule)
+        eng.denoise(cond, uncond=unc, guidance=3.0, sampler=None, steps=2,
+                    generator=torch.Generator().manual_seed(0), guidance_schedule=schedule)
         if schedule == "interval":
             by_loop = [3.0 if lo < (k + 1) / K <= hi else 1.0 for k in range(K)]
             by_patches = [3.0 if lo < r <= hi else 1.0 for r in revealed]

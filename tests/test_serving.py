@@ -10,7 +10,9 @@ from transfusion.config import DiffusionConfig
 from transfusion.diffusion.schedule import NoiseSchedule
 from transfusion.generation.engine import Engine
 from transfusion.latents.vae import PixelCodec
-from transfusion.serving.scheduler import SamplingParams, Scheduler, sample_next
+from transfusion.generation.prefix import concat_prefixes
+from transfusion.generation.sampling import sample_next
+from transfusion.serving.scheduler import SamplingParams, Scheduler
 
 
 def engine(boi_bias: float = 0.0, seed: int = 0) -> Engine:
@@ -127,13 +129,13 @@ def test_sampling_filters():
 def guided_at_scale_one(eng: Engine, cond, unc, steps: int, generator: torch.Generator, monkeypatch) -> torch.Tensor:
     """The guided path forced at guidance 1: every pass runs the unconditional rows too ([cond; uncond] stacked) and
     combines them as unc + 1 (cond - unc); the fast path skips them at scale 1, so this drives the job by hand."""
-    from transfusion.model.image_head import DenoisingJob
+    from transfusion.generation.denoise import DenoisingJob
 
     with monkeypatch.context() as m:
         m.setattr(DenoisingJob, "pass_guided", property(lambda self: self.guided))
-        job = eng.model.image_head.start(eng, cond.next_pos.shape[0], guided=True, guidance=1.0, sampler=None,
-                                         steps=steps, generator=generator, guidance_schedule="constant")
-        both = eng.stack_prefixes(cond, unc)
+        job = eng.start_image(cond.next_pos.shape[0], guided=True, guidance=1.0, sampler=None, steps=steps,
+                              generator=generator, guidance_schedule="constant")
+        both = concat_prefixes(cond, unc)
         while not job.done:
             x, t, mask = job.block_input()
             out = eng.image_block(both, job.block_pass, job.rows(x), t, job.rows(mask))
@@ -376,7 +378,7 @@ def test_interval_guidance_skips_unconditional_rows_and_equals_computing_them(mo
     """Passes whose guidance scale is 1 (the interval schedule's ends) run the conditional rows only; the images equal
     the naive path that computes the unconditional rows on every pass, in the engine and in the scheduler, where an
     interval request shares passes with a constantly guided one."""
-    from transfusion.model.image_head import DenoisingJob
+    from transfusion.generation.denoise import DenoisingJob
 
     eng = engine()
     prompts = [[TOK.bos_id] + TOK.encode("a red circle") + [TOK.boi_id], [TOK.bos_id] + TOK.encode("x") + [TOK.boi_id]]

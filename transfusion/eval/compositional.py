@@ -45,6 +45,7 @@ from transfusion.eval.geneval import CHECKS, judge, summarise
 from transfusion.eval.scores import bits_per_caption, bleu, cider
 from transfusion.eval.stats import binomial_se, mean_of_rates_se
 from transfusion.generation.grid import make_grid, to_uint8
+from transfusion.generation.images import decode_images
 
 # Raised when a number of the report changes meaning (3: issue 26's fair report: overall_shared, exact_match that
 # states the unseen part, omissions apart, the extra-object judge, standard errors), so that tools reusing old
@@ -417,8 +418,7 @@ def fid_report(engine, samples: list, generated: torch.Tensor, num_fid: int, *, 
     def real(rows):
         imgs = torch.stack([im for _, im, _, _ in rows])
         if latents:
-            with torch.no_grad():
-                imgs = engine.codec.decode(imgs.to(engine.device)).clamp(-1, 1).float().cpu()
+            imgs = decode_images(engine.codec, imgs.to(engine.device))
         return imgs
 
     feats = InceptionFeatures()

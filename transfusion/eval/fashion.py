@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from data_pipelines.fashion import CLASSES, class_of_caption
 from transfusion.eval.stats import binomial_se
+from transfusion.generation.images import decode_images
 
 
 def is_fashion_record(record) -> bool:
@@ -125,8 +126,7 @@ def evaluate_fashion(engine, samples: list, *, num_t2i: int, num_caption: int, n
     def pixels(rows):
         imgs = torch.stack([im for _, im, _, _ in rows])
         if latents:
-            with torch.no_grad():
-                imgs = engine.codec.decode(imgs.to(engine.device)).clamp(-1, 1).float().cpu()
+            imgs = decode_images(engine.codec, imgs.to(engine.device))
         return imgs
 
     if classifier is None:

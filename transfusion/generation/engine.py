@@ -8,19 +8,20 @@ Prompts of different lengths are left-padded into one batch (padding keys are ma
 and classifier-free guidance runs the conditional and the unconditional prefix (``[BOS][BOI]``, the layout caption
 dropout trains) as one batch of 2N, with a constant or linearly rising scale (``guidance_schedule``).
 
-The model's image head decides how an image block is produced (``ImageHead.sample``, beside each head): the
-whole-image head denoises the block with the run's sampler (DDIM / DDPM for epsilon and v, Euler / Heun for flow, all
-from the one schedule object), one ``image_block_prediction`` per step; the MAR head reveals the block's patches over
-K steps in random order, each step one ``image_block_condition`` pass over the block (known patches clean, the rest
-the mask embedding) against the same prefix cache, then its per-token denoiser samples the patches revealed at that
-step. Revealed patches are never changed again.
+The model's image head (``model.head``) decides which sampling job produces an image block
+(``transfusion/generation/image_sampling.py``); the job takes the head and this engine's facts (``job_setup``), never
+the engine, and asks for one block pass at a time (``image_block``): the whole-image head denoises the block with the
+run's sampler (``denoise.py``: DDIM / DDPM for epsilon and v, Euler / Heun for flow, all from the one schedule
+object), one ``image_block_prediction`` per step; the MAR head reveals the block's patches over K steps in random
+order (``mar_sampling.py``), each step one ``image_block_condition`` pass over the block (known patches clean, the
+rest the mask embedding) against the same prefix cache, then its per-token denoiser samples the patches revealed at
+that step. Revealed patches are never changed again.
 
 Legend: N requests, S cached key length, P patches per image, D model dim, C/H/W image channels/height/width.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -28,23 +29,17 @@ from torch import Tensor
 
 from transfusion.attention.masks import dense_mask
 from transfusion.batch import IGNORE_INDEX
-from transfusion.model.layers import KV
+from transfusion.generation.image_job import ImageJob, JobSetup
+from transfusion.generation.image_sampling import run_image_job, start_image_job
+from transfusion.generation.images import decode_images
+from transfusion.generation.prefix import Prefix, concat_prefixes
+from transfusion.generation.sampling import choose
 from transfusion.precision import PROBE_ROWS, Precision, model_matmul_shapes, resolve_precision
 from transfusion.sequence import Sequence, caption_prompt_tokens, never_text_ids, rows_to_batch, t2i_prompt_tokens
 
 
-@dataclass
-class Prefix:
-    """A batch of prefixes that went through the model: their cache and where the next token goes."""
-
-    kv: list[KV]  # per layer ([N, H, S, Dh], [N, H, S, Dh])
-    key_valid: Tensor  # [N, S] bool: False on left padding
-    next_pos: Tensor  # [N] long: RoPE position of the next token
-    last_h: Tensor  # [N, D] hidden state of the last prefix token (predicts the next token)
-
-
 class Engine:
-    """Serves a plain (unwrapped) single-device model: the image heads call their modules outside ``forward``.
+    """Serves a plain (unwrapped) single-device model: the sampling jobs call the head's modules outside ``forward``.
     ``precision``: a ``transfusion.precision.Precision``, or "auto" / "bf16" / "fp32" to resolve for the machine
     the engine runs on (``auto`` probes this machine's matmuls, whatever the model was trained with)."""
 
@@ -138,13 +133,28 @@ class Engine:
             block = block.tril()
         return torch.cat((key_valid[:, None, None, :].expand(m, 1, P, -1), block.expand(m, 1, P, P)), dim=-1)
 
+    @property
+    def job_setup(self) -> JobSetup:
+        """What an image job needs to know of this engine (it never holds the engine itself)."""
+        return JobSetup(self.model.image_head, self.schedule, self.patch_grid, self.device, self.autocast,
+                        self.guidance_data_std)
+
+    def start_image(self, n: int, *, guided: bool, guidance: float, sampler: str | None, steps: int,
+                    generator: torch.Generator, guidance_schedule: str | None = None) -> ImageJob:
+        """Begin sampling ``n`` images with the model's head's job (its initial randomness drawn now);
+        ``guidance_schedule`` None = the run config's."""
+        return start_image_job(self.job_setup, n, guided=guided, guidance=guidance, sampler=sampler, steps=steps,
+                               generator=generator, guidance_schedule=self.resolve_guidance_schedule(guidance_schedule))
+
     def denoise(self, prefix: Prefix, *, uncond: Prefix | None, guidance: float, sampler: str | None, steps: int,
-                generator: torch.Generator, guidance_schedule: str | None = None) -> Tensor:
-        """Sample one image per prefix (each ending in BOI) -> latents [N, C, h, w], by the model's image head
-        (``ImageHead.sample``), which calls back the block passes below."""
-        return self.model.image_head.sample(self, prefix, uncond=uncond, guidance=guidance, sampler=sampler,
-                                            steps=steps, generator=generator,
-                                            guidance_schedule=self.resolve_guidance_schedule(guidance_schedule))
+                generator: torch.Generator, guidance_schedule: str | None = None, trace: list | None = None) -> Tensor:
+        """Sample one image per prefix (each ending in BOI) -> latents [N, C, h, w]: the head's job run to the end
+        against ``prefix`` (stacked with ``uncond`` under classifier-free guidance), its passes by ``image_block``.
+        ``trace`` (a list) receives ``job.snapshot()`` after every pass."""
+        guided = uncond is not None and guidance != 1.0
+        job = self.start_image(prefix.next_pos.shape[0], guided=guided, guidance=guidance, sampler=sampler,
+                               steps=steps, generator=generator, guidance_schedule=guidance_schedule)
+        return run_image_job(job, prefix, uncond, self.image_block, trace)
 
     def denoise_recomputing(self, seqs: list[list[int]], *, guidance: float, sampler: str | None, steps: int,
                             generator: torch.Generator, guidance_schedule: str | None = None,
@@ -154,28 +164,23 @@ class Engine:
         model again. The naive reference that prefix reuse is tested against and measured by
         (``tools/bench_serve.py``)."""
         guided = guidance != 1.0
-        job = self.model.image_head.start(self, len(seqs), guided=guided, guidance=guidance, sampler=sampler,
-                                          steps=steps, generator=generator,
-                                          guidance_schedule=self.resolve_guidance_schedule(guidance_schedule))
+        job = self.start_image(len(seqs), guided=guided, guidance=guidance, sampler=sampler, steps=steps,
+                               generator=generator, guidance_schedule=guidance_schedule)
         while not job.done:
             pre = self.prefill(seqs, images, image_spans)
             if job.pass_guided:
-                pre = self.stack_prefixes(pre, self.prefill([caption_prompt_tokens(self.tok)] * len(seqs)))
+                pre = concat_prefixes(pre, self.prefill([caption_prompt_tokens(self.tok)] * len(seqs)))
             x, t, mask = job.block_input()
             job.advance(self.image_block(pre, job.block_pass, job.rows(x), t, job.rows(mask)))
         return job.result()
 
     def autocast(self):
-        """The engine's precision context (bf16 autocast or nothing), for the heads' own module calls. Held open
-        around a whole generation (``text_to_image``, ``caption``, ``generate``, the server's engine thread), it makes
-        the bf16 copies of the weights once: autocast caches its casts of parameters until the outermost context
-        exits (measured on the tiny recipe, AVX512 + AMX: 7.7 -> 3.2 ms per single-request text step). The weights
-        must not change while it is open."""
+        """The engine's precision context (bf16 autocast or nothing), for the jobs' calls of the head's modules. Held
+        open around a whole generation (``text_to_image``, ``caption``, ``generate``, the server's engine thread), it
+        makes the bf16 copies of the weights once: autocast caches its casts of parameters until the outermost
+        context exits (measured on the tiny recipe, AVX512 + AMX: 7.7 -> 3.2 ms per single-request text step). The
+        weights must not change while it is open."""
         return self._ctx()
-
-    def stack_prefixes(self, a: Prefix, b: Prefix) -> Prefix:
-        """One batch of both prefix batches (conditional first), for classifier-free guidance."""
-        return concat_prefixes(a, b)
 
     def image_block(self, pre: Prefix, block_pass: str, x: Tensor, t, patch_mask: Tensor | None) -> Tensor:
         """The transformer pass an ``ImageJob`` asks for (``job.block_pass``) over image blocks after each prefix."""
@@ -222,8 +227,7 @@ class Engine:
             uncond = self.prefill([caption_prompt_tokens(self.tok)] * len(prompts)) if guidance != 1.0 else None
             z = self.denoise(cond, uncond=uncond, guidance=guidance, sampler=sampler, steps=steps, generator=gen,
                              guidance_schedule=guidance_schedule)
-        with torch.no_grad():
-            return self.codec.decode(z).clamp(-1, 1).float().cpu()
+        return decode_images(self.codec, z)
 
     # -- text ------------------------------------------------------------------------------------------------
     def caption(self, images: Tensor, max_tokens: int = 48, *, latents: bool = False,
@@ -282,7 +286,7 @@ class Engine:
         # In the prior's layout ([BOS] caption [BOI] image) a caption ends with BOI, not EOS: its end-of-caption
         # probability is the two together, else guidance would reward EOS by (g - 1) times EOS's tiny prior.
         prior[:, tok.eos_id] = torch.logaddexp(prior[:, tok.eos_id], prior[:, tok.boi_id])
-        return _choose(prior + guidance * (cond - prior), temperature, generator, self.text_banned_ids())
+        return choose(prior + guidance * (cond - prior), temperature, generator, self.text_banned_ids())
 
     def text_banned_ids(self) -> list[int]:
         """Ids ``decode_text`` never chooses, guided or not: PAD, BOS, the image placeholder, EOI, and BOI (a
@@ -293,7 +297,7 @@ class Engine:
                     banned: list[int] | None = None) -> Tensor:
         with torch.no_grad():
             logits = self.model.text_logits(h_ND).float().cpu()
-        return _choose(logits, temperature, generator, banned)
+        return choose(logits, temperature, generator, banned)
 
     # -- interleaved -----------------------------------------------------------------------------------------
     def generate(self, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, steps: int = 50,
@@ -322,8 +326,7 @@ class Engine:
             images += 1
             z = self.denoise(prefix, uncond=uncond, guidance=guidance, sampler=sampler, steps=steps, generator=gen,
                              guidance_schedule=guidance_schedule)
-            with torch.no_grad():
-                yield "image", self.codec.decode(z)[0].clamp(-1, 1).float().cpu()
+            yield "image", decode_images(self.codec, z)[0]
             prefix = self.append_image(prefix, z)
             prefix = self.step_tokens(prefix, torch.tensor([tok.eoi_id]))
 
@@ -347,26 +350,3 @@ def codec_data_std(codec) -> float:
     """The data std an engine assumes for its codec's space when the run names none: ``PIXEL_DATA_STD`` for pixels
     (the codec that clips samples to [-1, 1]), ``LATENT_DATA_STD`` for latents."""
     return PIXEL_DATA_STD if getattr(codec, "clip_sample", False) else LATENT_DATA_STD
-
-
-def _choose(logits_NV: Tensor, temperature: float, generator: torch.Generator | None,
-            banned: list[int] | None = None) -> Tensor:
-    """One token per row from fp32 scores [N, V]: ``banned`` ids never, greedy at temperature 0, else sampled."""
-    if banned:
-        logits_NV[:, banned] = float("-inf")
-    if temperature <= 0:
-        return logits_NV.argmax(-1)
-    return torch.multinomial((logits_NV / temperature).softmax(-1), 1, generator=generator)[:, 0]
-
-
-def concat_prefixes(*prefixes: Prefix) -> Prefix:
-    """Stack prefix batches into one (in order), left-padding the shorter caches; one copy per tensor."""
-    s = max(p.key_valid.shape[1] for p in prefixes)
-    pad = lambda t, cur, value=0: torch.nn.functional.pad(t, (s - cur, 0), value=value)  # noqa: E731
-    kv = [(torch.cat([torch.nn.functional.pad(layer[0], (0, 0, s - p.key_valid.shape[1], 0))
-                      for p, layer in zip(prefixes, layers)]),
-           torch.cat([torch.nn.functional.pad(layer[1], (0, 0, s - p.key_valid.shape[1], 0))
-                      for p, layer in zip(prefixes, layers)]))
-          for layers in zip(*(p.kv for p in prefixes))]
-    return Prefix(kv, torch.cat([pad(p.key_valid, p.key_valid.shape[1], False) for p in prefixes]),
-                  torch.cat([p.next_pos for p in prefixes]), torch.cat([p.last_h for p in prefixes]))

@@ -7,16 +7,15 @@ An image head decides everything that differs between ways of producing an image
     draw(batch, schedule, g)    the training inputs: noised images / masks, timesteps, the objective's target
     predict(z, grid, enc, d)    the prediction from the normalised hidden states at the image slots
     loss_sum(pred, d, ...)      summed squared error of that prediction (min-SNR weighted)
-    start(engine, n, ..)        an ``ImageJob``: n images being sampled, advanced one transformer pass at a time
-    sample(engine, prefix, ..)  one image per prefix at generation: a job driven to the end against one prefix batch
 
-Sampling is a job rather than a loop so that a server can interleave it: the scheduler (``transfusion/serving``)
-stacks the block passes of several requests' jobs into one forward, each row at its own step, and advances each job
-with its own generator. ``ImageHead.sample`` is the same job run alone, the reference the scheduler is tested against.
+Sampling is not the head's: the sampling loops (the whole-image denoising loop, MAR's masked random-order
+generation) live with generation and take the model as an argument; the head keeps the modules they call (the
+per-token denoiser) and its config. The model never sees who samples from it.
 
 Two implementations: ``WholeImageHead`` here (the transformer denoises the whole noisy image, Transfusion) and
 ``MARImageHead`` in ``transfusion/model/mar.py`` (clean patches, a masked share replaced by a learned embedding, and
-a per-token MLP denoiser, MAR). The loss *count* is one rule for both (``image_loss_count``): it is fixed by the
+a per-token MLP denoiser, MAR); ``build_image_head`` (``transfusion/model/heads.py``) builds the one ``model.head``
+names. The loss *count* is one rule for both (``image_loss_count``): it is fixed by the
 batch before any random draw, so trainers can normalise across ranks and micro-steps in advance.
 
 Legend: N images, P patches per image, D model dim, C/H/W image channels/height/width.
@@ -34,7 +33,7 @@ from torch import Tensor
 
 from transfusion.batch import Batch
 from transfusion.config import ModelConfig
-from transfusion.diffusion.schedule import NoiseSchedule, guidance_scale
+from transfusion.diffusion.schedule import NoiseSchedule
 from transfusion.model.adapters import LinearPatchOut, ResBlock, TimestepEmbedding, UNetUp
 
 
@@ -90,74 +89,6 @@ class ImageHead(nn.Module):
     def loss_sum(self, pred: Tensor, draw: HeadDraw, batch: Batch, schedule: NoiseSchedule, snr_gamma: float,
                  reduction: str) -> Tensor:
         raise NotImplementedError
-
-    def start(self, engine, n: int, *, guided: bool, guidance: float, sampler: str | None, steps: int,
-              generator: torch.Generator, guidance_schedule: str) -> "ImageJob":
-        """Begin sampling ``n`` images (the initial randomness is drawn from ``generator`` now)."""
-        raise NotImplementedError
-
-    def sample(self, engine, prefix, *, uncond, guidance: float, sampler: str | None, steps: int,
-               generator: torch.Generator, guidance_schedule: str, trace: list | None = None) -> Tensor:
-        """One image per prefix (each ending in BOI) -> latents [N, C, h, w]: a job run to the end, its passes against
-        ``prefix`` (stacked with ``uncond`` under classifier-free guidance). ``trace`` (a list) receives
-        ``job.snapshot()`` after every pass."""
-        guided = uncond is not None and guidance != 1.0
-        job = self.start(engine, prefix.next_pos.shape[0], guided=guided, guidance=guidance, sampler=sampler,
-                         steps=steps, generator=generator, guidance_schedule=guidance_schedule)
-        both = engine.stack_prefixes(prefix, uncond) if guided else prefix
-        while not job.done:
-            x, t, mask = job.block_input()
-            pre = both if job.pass_guided else prefix
-            job.advance(engine.image_block(pre, job.block_pass, job.rows(x), t, job.rows(mask)))
-            if trace is not None:
-                trace.append(job.snapshot())
-        return job.result()
-
-
-class ImageJob:
-    """A head's sampling of ``n`` images in progress. Each ``block_input`` / ``advance`` pair is one transformer pass
-    over the image blocks; ``block_pass`` names the engine pass it needs (``Engine.image_block``): "prediction"
-    (noisy blocks at timestep t -> the head's prediction) or "condition" (clean blocks with masked patches -> per-token
-    conditions). Under guidance (``pass_guided``) a pass covers 2n rows, [conditional; unconditional], with the same
-    inputs (``rows``), and ``advance`` receives the output of all of them. All randomness comes from the job's generator."""
-
-    block_pass: str
-    n: int
-    guided: bool
-    index: int = 0  # passes done
-    total: int = 0  # passes in all
-
-    @property
-    def done(self) -> bool:
-        return self.index >= self.total
-
-    @property
-    def pass_guided(self) -> bool:
-        """Whether the next pass needs the unconditional rows (a guided job may skip them on a pass whose guidance
-        scale is 1, as the ``interval`` schedule's unguided ends)."""
-        return self.guided
-
-    def rows(self, x: Tensor | None) -> Tensor | None:
-        """Inputs for every row of the next pass: the n conditional rows, repeated for the unconditional ones."""
-        return None if x is None else torch.cat((x, x)) if self.pass_guided else x
-
-    def block_input(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(images [n, C, H, W], timestep (0-d), patch mask [n, P] or None) for the next pass."""
-        raise NotImplementedError
-
-    def advance(self, out: Tensor) -> None:
-        raise NotImplementedError
-
-    def preview(self) -> Tensor:
-        """The current clean estimate, latents [n, C, h, w] (what a client may show while denoising; decode, then
-        clamp: latents of a VAE are not bounded to [-1, 1])."""
-        raise NotImplementedError
-
-    def result(self) -> Tensor:
-        raise NotImplementedError
-
-    def snapshot(self):
-        return self.preview().clone()
 
 
 def noised_images(batch: Batch, schedule: NoiseSchedule, generator: torch.Generator | None) -> tuple[Tensor, ...]:
@@ -236,61 +167,6 @@ class WholeImageHead(ImageHead):
         err = (pred - draw.target.float()).pow(2) * weight[:, None, None, None]  # [N, C, H, W]
         return err.sum() if reduction == "element" else err.flatten(1).mean(1).sum()
 
-    def start(self, engine, n: int, *, guided: bool, guidance: float, sampler: str | None, steps: int,
-              generator: torch.Generator, guidance_schedule: str) -> ImageJob:
-        gh, gw = engine.patch_grid
-        p = self.cfg.patch_size
-        x = torch.randn((n, self.image_channels, gh * p, gw * p), generator=generator).to(engine.device)
-        sched = engine.schedule.sampler(sampler or engine.schedule.default_sampler, steps)
-        return DenoisingJob(engine.schedule, sched, x, guided, guidance, guidance_schedule, generator,
-                            data_std=engine.guidance_data_std)
-
-
-class DenoisingJob(ImageJob):
-    """The whole-image head's sampling: one "prediction" pass per entry of the sampler's ``timesteps`` (Heun takes
-    two per step), guided as unc + w (cond - unc), stepped by the sampler on the images' device (no host round
-    trip). The preview is the clean estimate implied by the last prediction. ``data_std``: the std of the data, in
-    which the ``interval`` schedule's noise window is measured (``schedule.guidance_sigmas``)."""
-
-    block_pass = "prediction"
-
-    def __init__(self, schedule: NoiseSchedule, sched, x: Tensor, guided: bool, guidance: float,
-                 guidance_schedule: str, generator: torch.Generator, *, data_std: float) -> None:
-        self.schedule, self.sched, self.x = schedule, sched, x
-        self.n, self.guided, self.guidance, self.guidance_schedule = x.shape[0], guided, guidance, guidance_schedule
-        self.generator, self.index, self.total = generator, 0, len(sched.timesteps)
-        self._pred: Tensor | None = None
-        interval = guidance_schedule == "interval"  # gated by each pass's own noise level
-        self.scales = [guidance_scale(guidance, guidance_schedule, (i + 1) / self.total,
-                                      schedule.edm_sigma(t) if interval else None, data_std=data_std)
-                       for i, t in enumerate(sched.timesteps)]  # the guidance scale of every pass
-
-    @property
-    def pass_guided(self) -> bool:
-        # at scale 1, unc + 1 (cond - unc) is cond: no unconditional rows
-        return self.guided and self.scales[self.index] != 1.0
-
-    def block_input(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        return self.x, self.sched.timesteps[self.index], None
-
-    def advance(self, out: Tensor) -> None:
-        t = self.sched.timesteps[self.index]
-        if self.pass_guided:
-            cond, unc = out.chunk(2)
-            out = unc + self.scales[self.index] * (cond - unc)
-        self._pred = out  # turned into a clean estimate only when a preview is asked for
-        self._t, self._x_t = t, self.x
-        self.x = self.sched.step(out, t, self.x, generator=self.generator).prev_sample
-        self.index += 1
-
-    def preview(self) -> Tensor:
-        if self._pred is None:
-            return self.x
-        return self.schedule.predict_x0(self._pred.float(), self._x_t.float(), self._t)
-
-    def result(self) -> Tensor:
-        return self.x
-
 
 def zero_resblock_outputs(module: nn.Module) -> None:
     """U-Net residual blocks start as their skip path: zero second conv."""
@@ -300,14 +176,4 @@ def zero_resblock_outputs(module: nn.Module) -> None:
             nn.init.zeros_(mod.conv2.bias)
 
 
-def build_image_head(cfg: ModelConfig, image_channels: int) -> ImageHead:
-    """The head named by ``model.head``."""
-    if cfg.head == "mar":
-        from transfusion.model.mar import MARImageHead
-
-        return MARImageHead(cfg, image_channels)
-    return WholeImageHead(cfg, image_channels)
-
-
-__all__ = ["HeadDraw", "ImageHead", "WholeImageHead", "build_image_head", "image_loss_count", "noised_images",
-           "reduce_per_image"]
+__all__ = ["HeadDraw", "ImageHead", "WholeImageHead", "image_loss_count", "noised_images", "reduce_per_image"]

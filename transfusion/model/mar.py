@@ -3,8 +3,9 @@
 Training: a random share of each target image's patches (truncated-Gaussian ratio with a minimum, drawn per image or
 once per batch: ``model.mar.mask_ratio_per``) is replaced by a learned mask embedding at the transformer input; the
 transformer's output z at each masked position conditions a small MLP denoiser that is trained,
-``diffusion_batch_mul`` times per token, on that patch under the run's diffusion objective. Generation reveals the
-patches of an image over K steps in a random order on a cosine schedule, sampling each revealed patch with the head.
+``diffusion_batch_mul`` times per token, on that patch under the run's diffusion objective. Generation (outside the
+model, with the sampling loops) reveals the patches of an image over K steps in a random order on a cosine schedule,
+sampling each revealed patch with the head's denoiser.
 
 Following the reference: the denoiser's residual blocks use LayerNorm with affine parameters before the adaLN
 modulation (the final layer's LayerNorm has none); the head samples with DDPM without clipping the x0 estimate
@@ -19,7 +20,6 @@ Legend: N images, P patches per image, E = C*p*p values per patch, D transformer
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +29,9 @@ from torch import Tensor
 
 from transfusion.batch import Batch
 from transfusion.config import ModelConfig
-from transfusion.diffusion.schedule import NoiseSchedule, guidance_scale
-from transfusion.model.adapters import TimestepEmbedding, patchify, unpatchify
-from transfusion.model.image_head import HeadDraw, ImageHead, ImageJob, reduce_per_image
+from transfusion.diffusion.schedule import NoiseSchedule
+from transfusion.model.adapters import TimestepEmbedding, patchify
+from transfusion.model.image_head import HeadDraw, ImageHead, reduce_per_image
 
 
 @dataclass
@@ -118,18 +118,6 @@ def sample_patch_mask(n: int, num_patches: int, mask_ratio_min: float, generator
     return rank < count[:, None]
 
 
-def reveal_counts(num_patches: int, num_iter: int) -> list[int]:
-    """Patches revealed at each of the K = min(num_iter, P) generation steps: after step k, floor(P cos(pi/2 (k+1)/K))
-    stay masked (at least one is revealed per step, at least one stays masked until the last step)."""
-    k_steps = max(1, min(num_iter, num_patches))
-    counts, masked = [], num_patches
-    for k in range(k_steps - 1):  # K <= P keeps masked >= 2 here, so the clamp below always reveals >= 1
-        after = min(max(math.floor(num_patches * math.cos(math.pi / 2 * (k + 1) / k_steps)), 1), masked - 1)
-        counts.append(masked - after)
-        masked = after
-    return counts + [masked]
-
-
 class MARImageHead(ImageHead):
     """Clean patches in (a masked share -> ``mask_emb``), the per-token ``denoiser`` out; see the module docstring."""
 
@@ -198,105 +186,3 @@ class MARImageHead(ImageHead):
         sums = torch.zeros(n, device=err.device).index_add(0, img, err)
         counts = torch.zeros(n, device=err.device).index_add(0, img, torch.ones_like(err))
         return reduce_per_image(sums / counts.clamp(min=1), batch, reduction)  # 0 for images without masked tokens
-
-    # -- generation ------------------------------------------------------------------------------------------
-    def default_sampler(self, schedule: NoiseSchedule) -> str:
-        name = self.cfg.mar.sampler
-        if name != "auto":
-            return name
-        return "euler" if schedule.is_flow else "ddpm"
-
-    def start(self, engine, n: int, *, guided: bool, guidance: float, sampler: str | None, steps: int,
-              generator: torch.Generator, guidance_schedule: str) -> "MARJob":
-        """MAR generation of n images (``MARJob``). The ``sampler`` argument (``sample.sampler``, a whole-image head's
-        choice) is not used: the denoiser samples with ``model.mar.sampler``."""
-        return MARJob(self, engine, n, guided, guidance, guidance_schedule, steps, generator)
-
-    def sample_tokens(self, engine, z_MD: Tensor, m: int, both: bool, w: float, sampler: str, steps: int,
-                      generator: torch.Generator) -> Tensor:
-        """Sample m tokens [m, E] with the denoiser from their conditions (stacked [cond; uncond] when ``both``)."""
-        temperature, dev = self.cfg.mar.temperature, engine.device
-        e = self.denoiser.out.out_features
-        sched = engine.schedule.sampler(sampler, steps)
-        ddpm = sampler == "ddpm"
-        x = torch.randn(m, e, generator=generator)
-        x = (x if ddpm else x * temperature).to(dev)
-        for t in sched.timesteps:
-            t_m = torch.full((z_MD.shape[0],), float(t), device=dev)
-            with torch.no_grad(), engine.autocast():
-                out = self.denoiser(torch.cat((x, x)) if both else x, t_m, z_MD).float()
-            if both:
-                cond, unc = out.chunk(2)
-                out = unc + w * (cond - unc)
-            if ddpm:
-                x = engine.schedule.ddpm_step(out, int(t), int(sched.previous_timestep(t)), x, generator,
-                                              noise_scale=temperature, clip=self.cfg.mar.clip_denoised)
-            else:
-                x = sched.step(out, t, x, generator=generator).prev_sample  # on x's device: no host round trip
-        return x
-
-
-def mar_guidance_scales(guidance: float, schedule: str, counts: list[int]) -> list[float]:
-    """The guidance scale of each MAR pass, revealing ``counts[k]`` patches at pass k: ``linear`` rises with the
-    share of patches revealed after the pass (the MAR reference's schedule); ``interval`` guides the passes whose share
-    of the loop done, (k + 1) / K, is in ``GUIDANCE_INTERVAL`` (MAR has no noise level per pass: the loop share is the
-    uniform loop the interval was drawn for; the revealed share, on the cosine schedule, runs behind it)."""
-    total, revealed, scales = sum(counts), 0, []
-    for k, count in enumerate(counts):
-        revealed += count
-        progress = (k + 1) / len(counts) if schedule == "interval" else revealed / total
-        scales.append(guidance_scale(guidance, schedule, progress))
-    return scales
-
-
-class MARJob(ImageJob):
-    """MAR generation of n images. Each image's patches are revealed in a random order over K = ``model.mar.num_iter``
-    passes, on the cosine schedule of ``reveal_counts``. A pass runs the transformer over the image blocks (known
-    patches clean, the others the mask embedding) against the prefix cache ("condition"); then the denoiser samples
-    the patches revealed at that pass (``steps`` steps of ``model.mar.sampler``, each pass at its scale of
-    ``mar_guidance_scales``). Revealed patches never change. ``snapshot()``: (tokens [n, P, E], known [n, P]).
-    """
-
-    block_pass = "condition"
-
-    def __init__(self, head: MARImageHead, engine, n: int, guided: bool, guidance: float, guidance_schedule: str,
-                 steps: int, generator: torch.Generator) -> None:
-        self.head, self.engine, self.n, self.guided = head, engine, n, guided
-        self.guidance, self.guidance_schedule, self.steps, self.generator = guidance, guidance_schedule, steps, generator
-        p, c, grid, dev = head.cfg.patch_size, head.image_channels, engine.patch_grid, engine.device
-        self.P, self.e = grid[0] * grid[1], c * p * p
-        self.sampler = head.default_sampler(engine.schedule)
-        self.tokens = torch.zeros(n, self.P, self.e, device=dev)
-        self.known = torch.zeros(n, self.P, dtype=torch.bool, device=dev)
-        self.order = torch.rand(n, self.P, generator=generator).argsort(dim=1).to(dev)  # reveal order per image
-        self.counts = reveal_counts(self.P, head.cfg.mar.num_iter)
-        self.index, self.total, self.revealed = 0, len(self.counts), 0
-        self.scales = mar_guidance_scales(guidance, guidance_schedule, self.counts)  # the scale of every pass
-
-    def _images(self) -> Tensor:
-        return unpatchify(self.tokens, self.head.cfg.patch_size, self.engine.patch_grid, self.head.image_channels)
-
-    def block_input(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        return self._images(), torch.tensor(0), ~self.known
-
-    def advance(self, z: Tensor) -> None:  # z [M, P, D]
-        n, e, count = self.n, self.e, self.counts[self.index]
-        idx = self.order[:, self.revealed:self.revealed + count]  # [n, r] patches revealed at this pass
-        rows = torch.cat((idx, idx)) if self.guided else idx
-        z_sel = z.gather(1, rows[..., None].expand(-1, -1, z.shape[-1])).reshape(-1, z.shape[-1])
-        w = self.scales[self.index]
-        x = self.head.sample_tokens(self.engine, z_sel, n * count, self.guided, w, self.sampler, self.steps,
-                                    self.generator)
-        self.tokens.scatter_(1, idx[..., None].expand(-1, -1, e), x.reshape(n, count, e).to(self.tokens.dtype))
-        self.known.scatter_(1, idx, True)
-        self.revealed += count
-        self.index += 1
-
-    def preview(self) -> Tensor:
-        return self._images()  # unrevealed patches are 0 (mid grey in pixels)
-
-    def result(self) -> Tensor:
-        return self._images()
-
-    def snapshot(self):
-        return self.tokens.clone(), self.known.clone()

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from transfusion.config import ModelConfig
 from transfusion.model.adapters import LinearPatchIn, UNetDown, sincos_2d
-from transfusion.model.image_head import build_image_head, zero_resblock_outputs
+from transfusion.model.heads import build_image_head
+from transfusion.model.image_head import zero_resblock_outputs
 from transfusion.model.layers import KV, Block, RMSNorm, rope_tables
 
 

@@ -23,7 +23,9 @@ Every random draw of a request comes from its own generator seeded with ``Sampli
 not depend on its batch-mates; what can differ is float round-off between a batched and an unbatched forward
 (``tests/test_serving.py`` bounds it). Text sampling: temperature (0 = greedy), top-k, top-p; special ids (PAD, BOS,
 the image placeholder, EOI outside an image) are never sampled as text, and BOI only while the request may still
-emit an image.
+emit an image. The scheduler only schedules: tokens are drawn by ``transfusion/generation/sampling.py``, text is cut
+at stop strings by ``generation/detok.py``, prefixes are stacked and split by ``generation/prefix.py`` and images are
+sampled by the model's head's job (``generation/image_sampling.py``), all shared with the engine.
 
 Legend: N requests, S cached key length, V vocabulary, C/H/W image channels/height/width.
 """
@@ -38,8 +40,12 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from transfusion.generation.engine import Engine, Prefix, concat_prefixes
-from transfusion.model.image_head import ImageJob
+from transfusion.generation.detok import detokenize
+from transfusion.generation.engine import Engine
+from transfusion.generation.image_job import ImageJob
+from transfusion.generation.images import decode_images
+from transfusion.generation.prefix import Prefix, concat_prefixes, select_rows, split_prefix
+from transfusion.generation.sampling import ban, sample_next
 from transfusion.sequence import caption_prompt_tokens, never_text_ids
 
 Segment = Union[str, Tensor]  # text, or a pixel image [C, H, W] in [-1, 1] at the model's resolution
@@ -102,34 +108,6 @@ class Stats:
     failed: int = 0
     steps: int = 0
     peak_batch: int = 0  # most requests running at once
-
-
-def _split_prefix(stacked: Prefix, lengths: list[int]) -> list[Prefix]:
-    """Undo ``concat_prefixes``: row i keeps its last ``lengths[i]`` cache columns (its own, unpadded keys)."""
-    out = []
-    for i, n in enumerate(lengths):
-        kv = [(k[i:i + 1, :, -n:], v[i:i + 1, :, -n:]) for k, v in stacked.kv]
-        out.append(Prefix(kv, stacked.key_valid[i:i + 1, -n:], stacked.next_pos[i:i + 1], stacked.last_h[i:i + 1]))
-    return out
-
-
-def sample_next(logits_V: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from fp32 logits [V] (banned ids already at -inf): greedy at temperature 0, else top-k / top-p
-    filtered sampling from this request's generator."""
-    if params.temperature < 1e-4:  # below this, sampling is greedy (and dividing would overflow fp32)
-        return int(logits_V.argmax())
-    logits = logits_V.double() / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if params.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < params.top_p  # the smallest prefix whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
-        return int(logits_V.argmax())
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
 class Scheduler:
@@ -255,27 +233,15 @@ class Scheduler:
         if self._text_prefix is not None:
             live = [(i, r) for i, r in enumerate(self._text) if r.prefix is None and r.phase in ("text", "image")]
             if live:
-                rows = torch.tensor([i for i, _ in live])
-                sub = Prefix([(k[rows], v[rows]) for k, v in self._text_prefix.kv], self._text_prefix.key_valid[rows],
-                             self._text_prefix.next_pos[rows], self._text_prefix.last_h[rows])
-                for (_, r), own in zip(live, _split_prefix(sub, [r.cache_len for _, r in live])):
+                sub = select_rows(self._text_prefix, torch.tensor([i for i, _ in live]))
+                for (_, r), own in zip(live, split_prefix(sub, [r.cache_len for _, r in live])):
                     r.prefix = own
         self._text, self._text_prefix = [], None
 
     def _text_step(self, reqs: list[Request]) -> list[Event]:
         eng, tok = self.engine, self.engine.tok
         stacked = self._stack_text(reqs)
-        with torch.no_grad():
-            logits = eng.model.text_logits(stacked.last_h).float().cpu()  # [N, V]
-        logits[:, self._never] = float("-inf")
-        chosen = []
-        for i, req in enumerate(reqs):
-            row = logits[i].clone()
-            if req.images >= req.params.max_images:
-                row[tok.boi_id] = float("-inf")
-            if req.params.ignore_eos:
-                row[tok.eos_id] = float("-inf")
-            chosen.append(sample_next(row, req.params, req.generator))
+        chosen = self._sample_tokens(reqs, stacked)
         events: list[Event] = []
         leaving = []
         for req, token in zip(reqs, chosen):
@@ -295,22 +261,7 @@ class Scheduler:
         for req, _ in stepping:  # every member's cache grew: before any of them leaves and the batch is split
             req.cache_len += 1
         for req, token in stepping:
-            if token == tok.boi_id:
-                events += self._emit(req, len(req.text))
-                req.phase = "image"
-                continue
-            self.stats.tokens += 1
-            req.tokens.append(token)
-            full = tok.decode(req.tokens)
-            cut = min((full.index(s) for s in req.params.stop if s and s in full), default=None)
-            req.text = full if cut is None else full[:cut]  # a stop string and what follows it are not returned
-            # hold back a tail that may still grow into a stop string
-            held = 0 if cut is not None else max((n for s in req.params.stop for n in range(1, len(s))
-                                                  if req.text.endswith(s[:n])), default=0)
-            held = max(held, len(req.text) - len(req.text.rstrip("\ufffd")))  # an unfinished UTF-8 character
-            events += self._emit(req, len(req.text) - held)
-            if cut is not None:
-                events.append(self._done(req, "stop"))
+            events += self._take_token(req, token)
         if any(r.phase != "text" for r, _ in stepping):
             self._unstack_text()  # requests that began an image (or stopped) take their caches out
         for req, _ in stepping:
@@ -319,6 +270,35 @@ class Scheduler:
                     events.append(self._start_image(req))
                 except (RuntimeError, ValueError) as e:  # e.g. a sampler this model's objective does not have
                     events.append(self._fail(req, e))
+        return events
+
+    def _sample_tokens(self, reqs: list[Request], stacked: Prefix) -> list[int]:
+        """One token per member of the text batch, each from its request's generator and sampling parameters."""
+        tok = self.engine.tok
+        with torch.no_grad():
+            logits = self.engine.model.text_logits(stacked.last_h).float().cpu()  # [N, V]
+        ban(logits, self._never)
+        chosen = []
+        for i, req in enumerate(reqs):
+            closed = [tok.boi_id] if req.images >= req.params.max_images else []
+            row = ban(logits[i].clone(), closed + ([tok.eos_id] if req.params.ignore_eos else []))
+            chosen.append(sample_next(row, req.params, req.generator))
+        return chosen
+
+    def _take_token(self, req: Request, token: int) -> list[Event]:
+        """A stepping request's new token: BOI begins its image; text goes out as far as no stop string can still
+        claim it (``transfusion.generation.detok``), and a stop string ends the request."""
+        if token == self.engine.tok.boi_id:
+            events = self._emit(req, len(req.text))
+            req.phase = "image"
+            return events
+        self.stats.tokens += 1
+        req.tokens.append(token)
+        view = detokenize(self.engine.tok, req.tokens, req.params.stop)
+        req.text = view.text  # a stop string and what follows it are not returned
+        events = self._emit(req, view.ready)
+        if view.stopped:
+            events.append(self._done(req, "stop"))
         return events
 
     def _emit(self, req: Request, upto: int) -> list[Event]:
@@ -333,9 +313,8 @@ class Scheduler:
         guided = p.guidance != 1.0
         if guided and self._uncond is None:
             self._uncond = eng.prefill([caption_prompt_tokens(eng.tok)])
-        req.job = eng.model.image_head.start(eng, 1, guided=guided, guidance=p.guidance, sampler=p.sampler,
-                                             steps=p.steps, generator=req.generator,
-                                             guidance_schedule=eng.resolve_guidance_schedule(p.guidance_schedule))
+        req.job = eng.start_image(1, guided=guided, guidance=p.guidance, sampler=p.sampler, steps=p.steps,
+                                  generator=req.generator, guidance_schedule=p.guidance_schedule)
         req.image_started_at = time.perf_counter()
         return Event(req.id, "image_start", {"index": req.images, "passes": req.job.total})
 
@@ -380,8 +359,7 @@ class Scheduler:
                     if req.job.done:
                         events += self._finish_image(req)
                     elif every and req.job.index % every == 0:
-                        with torch.no_grad():
-                            preview = eng.codec.decode(req.job.preview())[0].clamp(-1, 1).float().cpu()
+                        preview = decode_images(eng.codec, req.job.preview())[0]
                         events.append(Event(req.id, "preview", {"image": preview, "pass": req.job.index,
                                                                 "passes": req.job.total}))
                 except (RuntimeError, ValueError) as e:
@@ -396,8 +374,7 @@ class Scheduler:
     def _finish_image(self, req: Request) -> list[Event]:
         eng = self.engine
         z = req.job.result()
-        with torch.no_grad():
-            image = eng.codec.decode(z)[0].clamp(-1, 1).float().cpu()
+        image = decode_images(eng.codec, z)[0]
         req.prefix = eng.append_image(req.prefix, z)
         req.prefix = eng.step_tokens(req.prefix, torch.tensor([eng.tok.eoi_id]))
         req.cache_len += eng.num_patches + 1
