@@ -1,5 +1,6 @@
 """OpenAI's shapes, built in one place: the error body (every error of the server uses it), the chat completion,
-its stream chunks and usage, finish reasons, image content parts, and the model list. The routes decide what to
+its stream chunks and usage, finish reasons and image content parts (the model list, which reads the server's state,
+is built by its route: ``routes_admin.model_list``, so this module stays below ``state.py``). The routes decide what to
 answer; this module decides how it looks on the wire (the pydantic models in ``protocol.py`` document the same
 shapes in the schema; these builders keep the key order the server has always sent)."""
 
@@ -14,7 +15,6 @@ from transfusion.serving.protocol import image_payload
 if TYPE_CHECKING:
     from transfusion.serving.scheduler import Event
     from transfusion.serving.sse import Frame
-    from transfusion.serving.state import ServerState
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # the scheduler's finish reason -> OpenAI's
 
@@ -93,13 +93,3 @@ async def chat_frames(reply: Reply, include_usage: bool, event: Event) -> list[F
     if event.kind == "shutdown":
         return [(None, error_body(503, event.data))]
     return []
-
-
-def model_list(state: ServerState) -> dict:
-    """``/v1/models``: the one served model ("default" its alias), with what a client needs to ask it well."""
-    h, w = state.engine.image_size
-    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                        "owned_by": "transfusion", "aliases": ["default"],
-                                        "image_size": [h, w], "max_batch": state.limits.max_batch,
-                                        "samplers": list(state.samplers), "default_steps": state.default_steps,
-                                        "default_guidance": state.default_guidance}]}

@@ -9,10 +9,9 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from transfusion.serving.openai_format import model_list
 from transfusion.serving.protocol import Health, ModelList
 from transfusion.serving.schema import documented
-from transfusion.serving.state import authorised, state_of
+from transfusion.serving.state import ServerState, authorised, state_of
 
 STATIC = Path(__file__).parent / "static"
 
@@ -45,3 +44,14 @@ async def prometheus(request: Request):
             responses=documented((401, 503), ModelList, "the served model"))
 async def models(request: Request):
     return model_list(state_of(request))
+
+
+def model_list(state: ServerState) -> dict:
+    """``/v1/models``: the one served model ("default" its alias), with what a client needs to ask it well."""
+    h, w = state.engine.image_size
+    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                        "owned_by": "transfusion", "aliases": ["default"],
+                                        "image_size": [h, w], "max_batch": state.limits.max_batch,
+                                        "samplers": list(state.samplers), "default_steps": state.default_steps,
+                                        "default_guidance": state.default_guidance}]}
+
