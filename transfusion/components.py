@@ -1,7 +1,9 @@
-"""Build the components a run needs from a config: tokenizer, codec, model, noise schedule, patch grid.
+"""Build the components a run needs from a config: tokenizer, codec, model, noise schedule, patch grid, attention plan.
 
 Training, generation, evaluation and export all go through here, so they can never disagree on how a config maps
-onto objects.
+onto objects. The attention plan (``transfusion/attention/plan.py``) is resolved here once: the training plan
+(backend, kernels, flex probe) for ``training=True``, else the inference plan (SDPA with dense masks, what the
+generation engine's KV cache and the teacher-forced evaluation read).
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from transfusion.attention.plan import AttentionPlan, inference_plan, training_plan
 from transfusion.config import Config, check_image_grid, from_dict, validate
 from transfusion.diffusion.schedule import NoiseSchedule
 from transfusion.model import TransfusionModel, build_model
@@ -30,11 +34,14 @@ class RunComponents:
     codec: object
     patch_grid: tuple[int, int]
     cfg: Config
+    attention: AttentionPlan
 
 
-def build_components(cfg: Config, device: torch.device, *, model_device: torch.device | str | None = None
-                     ) -> RunComponents:
-    """``model_device`` = "meta" builds the model without allocating it (for sharded materialisation)."""
+def build_components(cfg: Config, device: torch.device, *, model_device: torch.device | str | None = None,
+                     training: bool = False, agree: Callable[[bool], bool] = lambda ok: ok) -> RunComponents:
+    """``model_device`` = "meta" builds the model without allocating it (for sharded materialisation);
+    ``training``: resolve the training attention plan for ``device`` (a flex probe's verdict agreed by every rank
+    through ``agree``), else the inference plan."""
     from transfusion.latents.vae import build_codec
 
     tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -42,15 +49,16 @@ def build_components(cfg: Config, device: torch.device, *, model_device: torch.d
     grid = patch_grid(cfg, codec.downsample)
     with torch.device(model_device or device):
         model = build_model(cfg.model, tokenizer.vocab_size, codec.channels)
-    return RunComponents(model, tokenizer, NoiseSchedule(cfg.diffusion), codec, grid, cfg)
+    attention = training_plan(cfg, device, agree=agree) if training else inference_plan(cfg.model)
+    return RunComponents(model, tokenizer, NoiseSchedule(cfg.diffusion), codec, grid, cfg, attention)
 
 
 def build_inference_components(cfg_dict: dict, device: str | torch.device, base_dir: str | Path | None = None):
-    """From an export's config dict: (model, tokenizer, schedule, codec, patch_grid, cfg). A tokenizer path stored
-    relative to the export directory is resolved against ``base_dir``."""
+    """From an export's config dict: (model, tokenizer, schedule, codec, patch_grid, cfg, attention plan). A
+    tokenizer path stored relative to the export directory is resolved against ``base_dir``."""
     cfg = from_dict(Config, cfg_dict)
     validate(cfg)
     if base_dir is not None and cfg.data.tokenizer != "bytes" and not os.path.isabs(cfg.data.tokenizer):
         cfg.data.tokenizer = str(Path(base_dir) / cfg.data.tokenizer)
     parts = build_components(cfg, torch.device(device))
-    return parts.model, parts.tokenizer, parts.schedule, parts.codec, parts.patch_grid, cfg
+    return parts.model, parts.tokenizer, parts.schedule, parts.codec, parts.patch_grid, cfg, parts.attention

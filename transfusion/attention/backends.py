@@ -14,7 +14,8 @@ Backends:
   segment (the reference kernel, any device). Not for batches with hidden spans (clean copies).
 
 ``auto`` on CUDA: the split when a fast varlen kernel is installed and the data has no hidden spans, else flex; on
-CPU: sdpa. ``describe_backend`` says what was chosen and why (the trainer logs it).
+CPU: sdpa. ``describe_backend`` says what was chosen and why (the attention plan, ``plan.py``, keeps it; the
+trainer logs it). Callers hold an ``AttentionPlan`` (resolved once per run) rather than calling these directly.
 
 Shapes: q/k/v ``[B, H, L, Dh]`` (k/v may be longer than q when a KV cache is used); a dense mask is ``[B, 1, Lq, Lk]``
 (True = may attend) or None (attend everywhere).

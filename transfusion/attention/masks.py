@@ -91,3 +91,24 @@ def dense_mask(doc_ids: Tensor, image_ids: Tensor, bidirectional_images: bool = 
     k = torch.arange(length, device=dev)[None, None, :]
     h = torch.zeros((), dtype=torch.long, device=dev)
     return hybrid_mask_mod(doc_ids, image_ids, bidirectional_images, hidden_ids=hidden_ids)(b, h, q, k)
+
+
+def cached_block_mask(key_valid_NS: Tensor, block: int, bidirectional_images: bool = True) -> Tensor:
+    """The mask of a block of ``block`` new tokens appended to a KV cache: [N, S] valid cached keys (False on left
+    padding) -> [N, 1, block, S + block] bool. The block sees every valid cached key and itself: all of itself (an
+    image block), or causally (``bidirectional_images=False``, the ablation; also one text token, block = 1).
+
+    A cache of [PAD t t] and an image block of 3 patches (x = allowed):
+
+           k: P t t i i i
+    q  i      . x x x x x     <- bidirectional: each patch sees the whole block
+       i      . x x x x x
+       i      . x x x x x
+
+    It is the hybrid mask's rows of the block, read against the cache (the generation engine's decode path)."""
+    n, dev = key_valid_NS.shape[0], key_valid_NS.device
+    block_PP = torch.ones(block, block, dtype=torch.bool, device=dev)
+    if not bidirectional_images:
+        block_PP = block_PP.tril()
+    return torch.cat((key_valid_NS[:, None, None, :].expand(n, 1, block, -1), block_PP.expand(n, 1, block, block)),
+                     dim=-1)

@@ -324,7 +324,6 @@ def teacher_forced(engine, seqs: list, batch_size: int, gen: torch.Generator, sc
                     latents: bool = False) -> list[tuple[float, float, float, float]]:
     """(text_sum, text_count, image_sum, image_count) per packed batch of ``seqs``."""
     from data_pipelines.packing import Packer
-    from transfusion.attention.backends import build_attention_mask
     from transfusion.latents.prepare import prepare_batch
     from transfusion.training.losses import compute_loss_terms
 
@@ -341,8 +340,7 @@ def teacher_forced(engine, seqs: list, batch_size: int, gen: torch.Generator, sc
     with torch.no_grad():
         for batch in batches:
             batch = prepare_batch(batch, engine.codec, engine.device, engine.patch_grid, cfg.model.patch_size)
-            mask = build_attention_mask(batch.doc_ids, batch.image_ids, "sdpa",
-                                        bidirectional_images=engine.bidirectional_images)
+            mask = engine.attention.mask(batch.doc_ids, batch.image_ids)
             with engine.autocast():
                 t = compute_loss_terms(engine.model, batch, mask, schedule or engine.schedule, cfg.loss, gen)
             out.append((float(t.text_sum), float(t.text_count), float(t.image_sum), float(t.image_count)))

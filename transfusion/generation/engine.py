@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from transfusion.attention.masks import dense_mask
+from transfusion.attention.plan import AttentionPlan, inference_plan
 from transfusion.batch import IGNORE_INDEX
 from transfusion.generation.image_job import ImageJob, JobSetup
 from transfusion.generation.image_sampling import run_image_job, start_image_job
@@ -41,10 +41,12 @@ from transfusion.sequence import Sequence, caption_prompt_tokens, never_text_ids
 class Engine:
     """Serves a plain (unwrapped) single-device model: the sampling jobs call the head's modules outside ``forward``.
     ``precision``: a ``transfusion.precision.Precision``, or "auto" / "bf16" / "fp32" to resolve for the machine
-    the engine runs on (``auto`` probes this machine's matmuls, whatever the model was trained with)."""
+    the engine runs on (``auto`` probes this machine's matmuls, whatever the model was trained with). ``attention``:
+    the attention plan (``transfusion/attention/plan.py``): an SDPA plan, since the KV cache reads dense masks
+    (default: the inference plan of ``model.cfg``)."""
 
     def __init__(self, model, tokenizer, schedule, codec, patch_grid: tuple[int, int], device: torch.device,
-                 precision: Precision | str = "auto", cfg=None) -> None:
+                 precision: Precision | str = "auto", cfg=None, attention: AttentionPlan | None = None) -> None:
         self.model, self.tok, self.schedule, self.codec = model.eval(), tokenizer, schedule, codec
         self.cfg = cfg  # the run config (Config) when built from an export
         self.patch_grid, self.device = patch_grid, torch.device(device)
@@ -53,7 +55,7 @@ class Engine:
             shapes = model_matmul_shapes(model.cfg, model.vocab_size, model.image_channels, PROBE_ROWS)
             precision = resolve_precision(precision, self.device, shapes)
         self.precision = precision
-        self.bidirectional_images = getattr(model.cfg, "image_attention", "bidirectional") == "bidirectional"
+        self.attention = attention or inference_plan(model.cfg)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -68,9 +70,10 @@ class Engine:
         from transfusion.components import build_inference_components
 
         state, cfg_dict = load_export(export_dir)
-        model, tokenizer, schedule, codec, grid, cfg = build_inference_components(cfg_dict, device, export_dir)
+        model, tokenizer, schedule, codec, grid, cfg, attention = build_inference_components(cfg_dict, device,
+                                                                                            export_dir)
         model.load_state_dict(state)
-        return cls(model, tokenizer, schedule, codec, grid, torch.device(device), precision, cfg)
+        return cls(model, tokenizer, schedule, codec, grid, torch.device(device), precision, cfg, attention)
 
     def _ctx(self):
         return self.precision.autocast(self.device)
@@ -89,7 +92,7 @@ class Engine:
             seq.images.append(images[j])
             seq.image_is_target.append(False)
         batch = rows_to_batch(rows, max(len(x) for x in seqs), self.tok.pad_id, self.patch_grid, left_pad=True)
-        mask = dense_mask(batch.doc_ids.to(dev), batch.image_ids.to(dev), self.bidirectional_images)[:, None]
+        mask = self.attention.mask(batch.doc_ids.to(dev), batch.image_ids.to(dev))
         img_tokens = rows_ = starts = None
         with torch.no_grad(), self._ctx():
             if len(batch.images):
@@ -127,11 +130,7 @@ class Engine:
     def _block_mask(self, key_valid: Tensor) -> Tensor:
         """[M, 1, P, S + P]: an image block's queries see the valid prefix keys and the block itself (all of it, or
         causally under the attention ablation)."""
-        m, P = key_valid.shape[0], self.num_patches
-        block = torch.ones(P, P, dtype=torch.bool, device=self.device)
-        if not self.bidirectional_images:
-            block = block.tril()
-        return torch.cat((key_valid[:, None, None, :].expand(m, 1, P, -1), block.expand(m, 1, P, P)), dim=-1)
+        return self.attention.cached_mask(key_valid, self.num_patches)
 
     @property
     def job_setup(self) -> JobSetup:

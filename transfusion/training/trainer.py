@@ -49,14 +49,6 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from transfusion.attention.backends import (
-    build_attention_mask,
-    describe_backend,
-    resolve_backend,
-    resolve_split_kernel,
-)
-from transfusion.attention.flex import flex_tuning
-from transfusion.attention.flex import probe as probe_flex
 from transfusion.batch import IGNORE_INDEX, Batch
 from transfusion.checkpoint.dcp import ModelOptimizerState, ObjectState, fault_point, latest_checkpoint
 from transfusion.checkpoint.manager import CheckpointManager
@@ -123,29 +115,13 @@ class Trainer:
         ckpt = self.checkpoints.find(resume)
         marker, data_ok = self.checkpoints.check(ckpt, self.data_layout(), reset_data) if ckpt else (None, True)
 
-        parts = build_components(cfg, self.device, model_device="meta")
+        parts = build_components(cfg, self.device, model_device="meta", training=True,
+                                 agree=lambda ok: all_ranks_true(ok, self.device))  # every rank: the same kernel
+        self.attention = parts.attention
         self.tokenizer, self.schedule, self.codec = parts.tokenizer, parts.schedule, parts.codec
         self.patch_grid = parts.patch_grid
         self.model = parallelize(parts.model, cfg.parallel, self.env.mesh, self.device)
         materialize(self.model, self.device, cfg.run.seed)
-        self.fp32_attention = cfg.train.autocast == "fp32"  # flash-attn's kernels take fp16 / bf16 only
-        self.backend = resolve_backend(cfg.model.attention, self.device, hidden_spans=cfg.data.clean_copy,
-                                       fp32=self.fp32_attention)
-        kernel = (resolve_split_kernel(cfg.model.split_kernel, self.device, fp32=self.fp32_attention)
-                  if self.backend == "split" else None)
-        self.attention_choice = describe_backend(cfg.model.attention, self.backend, kernel, self.device)
-        self.flex_tuning, flex_note = None, ""
-        if self.backend == "flex":
-            tuning = flex_tuning(self.device, cfg.model.flex_kernel, cfg.model.flex_options)
-            dtype = torch.float32 if self.fp32_attention else torch.bfloat16
-            self.flex_tuning, flex_note = probe_flex(
-                tuning, self.device, dtype, cfg.model.dim // cfg.model.n_heads,
-                fallback=flex_tuning(self.device, "triton", cfg.model.flex_options),
-                bidirectional_images=cfg.model.image_attention == "bidirectional", hidden_spans=cfg.data.clean_copy,
-                agree=lambda ok: all_ranks_true(ok, self.device))  # every rank runs the same kernel
-            self.attention_choice += f"; {self.flex_tuning.describe()}"
-            if flex_note:
-                self.attention_choice += f" (the Flash backend failed its probe: {flex_note})"
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
         self.ema = EMA(self.model, cfg.train.ema_decay)
@@ -171,11 +147,21 @@ class Trainer:
         self.trace = DataTrace(self.run_dir, self.env, enabled=cfg.train.trace_data)
         self.trace.truncate(self.step)
         n_params = sum(p.numel() for p in self.model.parameters())
-        log.info(self.attention_choice)
+        log.info(self.attention.description)
         log.info("model: %.2fM parameters, attention=%s, device=%s x %d rank(s) (mesh %s), patch grid %s, "
                  "grad_accum %d, start step %d", n_params / 1e6, self.backend, self.device, self.env.world_size,
                  f"{self.env.dp_replicate}x{self.env.dp_shard}" if self.env.distributed else "none",
                  self.patch_grid, cfg.train.grad_accum, self.step)
+
+    @property
+    def backend(self) -> str:
+        """The resolved attention backend (``self.attention``, built once in ``build_components``)."""
+        return self.attention.backend
+
+    @property
+    def flex_tuning(self):
+        """The flex backend's probed tuning, or None."""
+        return self.attention.flex
 
     # -- data ------------------------------------------------------------------------------------------------
     def build_data(self, seed: int) -> StepData:
@@ -224,10 +210,7 @@ class Trainer:
         # loss, text sum, image sum, text count, image count, ranks whose gradient norm is not finite
         stats = torch.zeros(6, dtype=torch.float64, device=self.device)
         for consumer, batch in micro:
-            mask = build_attention_mask(batch.doc_ids, batch.image_ids, self.backend, hidden_ids=batch.hidden_ids,
-                                        bidirectional_images=cfg.model.image_attention == "bidirectional",
-                                        split_kernel=cfg.model.split_kernel, fp32=self.fp32_attention,
-                                        flex=self.flex_tuning)
+            mask = self.attention.mask(batch.doc_ids, batch.image_ids, hidden_ids=batch.hidden_ids)
             with self.autocast():
                 parts = compute_loss_terms(self.model, batch, mask, self.schedule, cfg.loss,
                                            self.noise_generator(consumer))
