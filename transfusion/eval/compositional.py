@@ -43,6 +43,7 @@ from data_pipelines.scenes import TAGS, UNSEEN_KINDS, Prompt, is_unseen, make_pr
 from data_pipelines.shapes import Scene
 from transfusion.eval.geneval import CHECKS, judge, summarise
 from transfusion.eval.scores import bits_per_caption, bleu, cider
+from transfusion.eval.scoring import teacher_forced
 from transfusion.eval.stats import binomial_se, mean_of_rates_se
 from transfusion.generation.grid import make_grid, to_uint8
 from transfusion.generation.images import decode_images
@@ -318,33 +319,6 @@ def geneval_uncertainty(results: list[dict], summary: dict) -> dict:
             by_kind[kind] = {"n": len(passed), "pass_rate": _mean(passed),
                              "pass_rate_se": binomial_se(_mean(passed), len(passed))}
     return {"se": se, "by_kind": by_kind}
-
-
-def teacher_forced(engine, seqs: list, batch_size: int, gen: torch.Generator, schedule=None,
-                    latents: bool = False) -> list[tuple[float, float, float, float]]:
-    """(text_sum, text_count, image_sum, image_count) per packed batch of ``seqs``."""
-    from data_pipelines.packing import Packer
-    from transfusion.latents.prepare import prepare_batch
-    from transfusion.training.losses import compute_loss_terms
-
-    cfg, tok = engine.cfg, engine.tok
-    rows = max(1, batch_size * max(len(s) for s in seqs) // cfg.data.seq_len)
-    batches, packer = [], Packer(cfg.data.seq_len, rows, tok.pad_id, engine.patch_grid, latents=latents)
-    for seq in seqs:
-        if not packer.add(seq):
-            batches.append(packer.emit())
-            packer.add(seq)
-    if len(packer):
-        batches.append(packer.emit())
-    out = []
-    with torch.no_grad():
-        for batch in batches:
-            batch = prepare_batch(batch, engine.codec, engine.device, engine.patch_grid, cfg.model.patch_size)
-            mask = engine.attention.mask(batch.doc_ids, batch.image_ids)
-            with engine.autocast():
-                t = compute_loss_terms(engine.model, batch, mask, schedule or engine.schedule, cfg.loss, gen)
-            out.append((float(t.text_sum), float(t.text_count), float(t.image_sum), float(t.image_count)))
-    return out
 
 
 def caption_nll_bits(engine, samples: list, refs: list[Prompt], unseen: list[bool], *, batch_size: int,

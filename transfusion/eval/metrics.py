@@ -12,7 +12,6 @@ for the single-object world (v2) (``<run>/eval/report.json``):
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -20,9 +19,10 @@ import torch
 from tqdm import tqdm
 
 from data_pipelines.shapes import Scene
-from transfusion.eval.compositional import evaluate_v3, is_v3_record, teacher_forced
+from transfusion.eval.compositional import evaluate_v3, is_v3_record
 from transfusion.eval.fashion import evaluate_fashion, is_fashion_record
 from transfusion.eval.judge import accuracy, judge_image, score_caption, score_scene
+from transfusion.eval.scoring import scoring_metrics
 from transfusion.generation.grid import make_grid, to_uint8
 
 
@@ -116,18 +116,3 @@ def evaluate(engine, *, shards: str, num_t2i: int, num_caption: int, batch_size:
         out_dir.mkdir(parents=True, exist_ok=True)
         make_grid(torch.cat(grid_imgs)[:32], grid_caps[:32]).save(out_dir / "t2i_grid.png")
     return report
-
-
-def scoring_metrics(engine, samples: list, *, batch_size: int, seed: int, latents: bool = False) -> dict:
-    """Teacher-forced scores on packed text -> image sequences (no caption dropout); ``latents``: the samples'
-    images are precomputed latents."""
-    from data_pipelines.samples import T2I, build_sequence
-
-    tok = engine.tok
-    seqs = [build_sequence(tok, key, image, tok.encode(caption), patch_grid=engine.patch_grid, layout=T2I)
-            for key, image, caption, _ in samples]
-    parts = teacher_forced(engine, seqs, batch_size, torch.Generator().manual_seed(seed), latents=latents)
-    text_sum, text_n = sum(p[0] for p in parts), sum(p[1] for p in parts)
-    img_sum, img_n = sum(p[2] for p in parts), sum(p[3] for p in parts)
-    return {"text": {"perplexity": math.exp(text_sum / max(text_n, 1)), "nll_per_token": text_sum / max(text_n, 1)},
-            "diffusion": {"val_loss": img_sum / max(img_n, 1)}}
