@@ -289,26 +289,10 @@ class Trainer:
         try:
             with self.preemption.installed():
                 while self.step < cfg.steps:
-                    if fault_active("await_signal", self.step + 1):
-                        self.preemption.wait_for_signal(self.step + 1)
-                    t0 = time.perf_counter()
-                    micro = self.data.next_step()
-                    if not self.cfg.data.repeat and not all_ranks_true(micro is not None, self.device):
-                        log.info("a finite data stream (data.repeat = false) ended after step %d: stopping", self.step)
+                    taken = self._take_step(window)
+                    if taken is None:
                         break
-                    if micro is None:
-                        raise RuntimeError("a repeating data stream ended unexpectedly")
-                    text_tokens, image_tokens = token_counts(micro)
-                    micro = [(v, self.prepare(b)) for v, b in micro]
-                    t1 = time.perf_counter()
-                    metrics = self.train_step(micro)
-                    t2 = time.perf_counter()
-                    skipped = bool(metrics.pop("skipped", 0.0))
-                    self.step += 1  # counts batches taken, so a skipped step still consumes its data
-                    self.count_bad_step(metrics, skipped)
-                    self.trace.write(self.step, micro)
-                    window.add(step_s=t2 - t0, data_s=t1 - t0, text_tokens=text_tokens, image_tokens=image_tokens,
-                               metrics=metrics, skipped=skipped)
+                    metrics, skipped = taken
                     if not skipped:
                         bar.set_postfix(loss=f"{metrics['loss']:.3f}", text=f"{metrics['text_loss']:.3f}",
                                         img=f"{metrics['image_loss']:.3f}", refresh=False)  # drawn by update
@@ -320,30 +304,69 @@ class Trainer:
                             log.info("train.max_minutes = %g spent at step %d of %d: ending here (checkpoint, "
                                      "samples, export)", cfg.max_minutes, self.step, cfg.steps)
                             break
-                    self.checkpoints.poll()
-                    stop = self.preemption.agreed(self.step)  # collective, every step: all ranks stop together
-                    if stop or self.checkpoints.due(self.step, cfg.steps):
-                        self.save(final=stop)  # a preemption's save blocks: the process exits next
-                    if stop:
-                        return self._stop_preempted()
-                    if cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.step < cfg.steps:
-                        self.sample_grid()
-                    fault_point("after_step", self.step)
-                    if stop_after is not None and self.step >= stop_after:
-                        self.checkpoints.wait()
+                    if self._after_step(stop_after):
                         return
-                if window.steps:
-                    self.log(window)
-                self.save(final=True)
-                if self.preemption.agreed(self.step):  # signalled by now: samples and export wait for --resume
-                    return self._stop_preempted()
-                state = self.outputs.consolidated_state(self.model, self.ema)
-                self.sample_grid(state)
-                self.outputs.export(state, self.step)
+                self._finish(window)
         finally:
             bar.close()
             if self.writer is not None:
                 self.writer.close()
+
+    def _take_step(self, window: Window) -> tuple[dict[str, float], bool] | None:
+        """Read, prepare and train one step and account for it (``window``, the bad-step count, the data trace):
+        (metrics, skipped), or None when a finite data stream ended (on any rank)."""
+        if fault_active("await_signal", self.step + 1):
+            self.preemption.wait_for_signal(self.step + 1)
+        t0 = time.perf_counter()
+        micro = self.data.next_step()
+        if not self.cfg.data.repeat and not all_ranks_true(micro is not None, self.device):
+            log.info("a finite data stream (data.repeat = false) ended after step %d: stopping", self.step)
+            return None
+        if micro is None:
+            raise RuntimeError("a repeating data stream ended unexpectedly")
+        text_tokens, image_tokens = token_counts(micro)
+        micro = [(v, self.prepare(b)) for v, b in micro]
+        t1 = time.perf_counter()
+        metrics = self.train_step(micro)
+        t2 = time.perf_counter()
+        skipped = bool(metrics.pop("skipped", 0.0))
+        self.step += 1  # counts batches taken, so a skipped step still consumes its data
+        self.count_bad_step(metrics, skipped)
+        self.trace.write(self.step, micro)
+        window.add(step_s=t2 - t0, data_s=t1 - t0, text_tokens=text_tokens, image_tokens=image_tokens,
+                   metrics=metrics, skipped=skipped)
+        return metrics, skipped
+
+    def _after_step(self, stop_after: int | None) -> bool:
+        """Checkpoint, preemption, periodic samples after a step; True when the loop ends here without the final
+        outputs (preempted, or ``stop_after`` reached)."""
+        cfg = self.cfg.train
+        self.checkpoints.poll()
+        stop = self.preemption.agreed(self.step)  # collective, every step: all ranks stop together
+        if stop or self.checkpoints.due(self.step, cfg.steps):
+            self.save(final=stop)  # a preemption's save blocks: the process exits next
+        if stop:
+            self._stop_preempted()
+            return True
+        if cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.step < cfg.steps:
+            self.sample_grid()
+        fault_point("after_step", self.step)
+        if stop_after is not None and self.step >= stop_after:
+            self.checkpoints.wait()
+            return True
+        return False
+
+    def _finish(self, window: Window) -> None:
+        """The end of training: the last log window, the final checkpoint, then (unless a preemption signal came)
+        the EMA sample grid and the export."""
+        if window.steps:
+            self.log(window)
+        self.save(final=True)
+        if self.preemption.agreed(self.step):  # signalled by now: samples and export wait for --resume
+            return self._stop_preempted()
+        state = self.outputs.consolidated_state(self.model, self.ema)
+        self.sample_grid(state)
+        self.outputs.export(state, self.step)
 
     def _stop_preempted(self) -> None:
         """After the preemption checkpoint is written (on every rank): log it and mark the run preempted."""
