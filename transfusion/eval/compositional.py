@@ -185,11 +185,47 @@ def evaluate_v3(engine, samples: list, *, num_t2i: int, num_caption: int, num_fi
     # text -> image, judged strictly
     t0 = time.perf_counter()
     t2i = samples[:num_t2i]
-    results, generated, grid_by_tag = [], [], {}
     img_dir = out_dir / "t2i" if out_dir is not None else None
     if img_dir is not None:
         img_dir.mkdir(parents=True, exist_ok=True)
-    prompts_json = {}
+    results, generated, grid_by_tag, prompts_json = judge_t2i(
+        engine, t2i, batch_size=batch_size, steps=steps, guidance=guidance, sampler=sampler,
+        guidance_schedule=guidance_schedule, seed=seed, img_dir=img_dir, progress=progress)
+    timings["t2i_seconds_per_image"] = (time.perf_counter() - t0) / max(len(t2i), 1)
+    if results:
+        report["geneval"] = geneval_section(results)
+    if img_dir is not None and prompts_json:
+        save_judged(out_dir, img_dir, prompts_json, results, grid_by_tag)
+
+    # image -> caption, against the full description
+    t0 = time.perf_counter()
+    cap = samples[:num_caption]
+    all_refs = [caption_references(rec) for _, _, _, rec in cap]
+    texts: list[str] = []
+    bar = tqdm(total=len(cap), desc="eval captions", unit="img", disable=not progress)
+    for chunk in _chunks(cap, batch_size):
+        texts += engine.caption(torch.stack([im for _, im, _, _ in chunk]), max_caption_tokens, latents=latents,
+                                guidance=caption_guidance)
+        bar.update(len(chunk))
+    bar.close()
+    timings["caption_seconds_per_image"] = (time.perf_counter() - t0) / max(len(cap), 1)
+    if cap:
+        report |= caption_report(engine, cap, texts, all_refs, out_dir=out_dir, batch_size=batch_size,
+                                 latents=latents)
+
+    report["diffusion"] = diffusion_loss_by_noise(engine, samples, batch_size=batch_size, seed=seed, latents=latents)
+    if num_fid and generated:
+        report["fid"] = fid_report(engine, samples, torch.cat(generated), num_fid, latents=latents)
+    report["timings"] = timings
+    return report
+
+
+def judge_t2i(engine, t2i: list, *, batch_size: int, steps: int, guidance: float, sampler: str,
+              guidance_schedule: str, seed: int, img_dir: Path | None, progress: bool
+              ) -> tuple[list[dict], list[torch.Tensor], dict[str, list], dict[str, dict]]:
+    """Images from the held-out prompts, judged strictly: (one result per image, the generated chunks, grid items
+    per tag, ``prompts.json`` entries); each image is saved under ``img_dir`` when given."""
+    results, generated, grid_by_tag, prompts_json = [], [], {}, {}
     bar = tqdm(total=len(t2i), desc="eval t2i", unit="img", disable=not progress)
     for i, chunk in enumerate(_chunks(t2i, batch_size)):
         images = engine.text_to_image([rec["caption"] for _, _, _, rec in chunk], steps=steps, guidance=guidance,
@@ -207,49 +243,44 @@ def evaluate_v3(engine, samples: list, *, num_t2i: int, num_caption: int, num_fi
                 prompts_json[f"{key}.png"] = {"text": prompt.text, "unseen": bool(rec["unseen"])}
         bar.update(len(chunk))
     bar.close()
-    timings["t2i_seconds_per_image"] = (time.perf_counter() - t0) / max(len(t2i), 1)
-    if results:
-        summary = summarise(results)
-        report["geneval"] = {k.removeprefix("geneval."): v for k, v in summary.items() if k.startswith("geneval.")}
-        report["geneval"]["counts"] = summary["counts"]
-        report["geneval"]["failures"] = summary["failures"]
-        report["geneval"]["shared_tags"] = summary.get("shared_tags", [])
-        report["geneval"].update(geneval_uncertainty(results, summary))
-    if img_dir is not None and prompts_json:
-        (img_dir / "prompts.json").write_text(json.dumps(prompts_json, indent=1) + "\n")
-        (out_dir / "judged.json").write_text(json.dumps({"images": results}, indent=1) + "\n")
-        for tag, items in grid_by_tag.items():
-            make_grid(torch.stack([p for p, _ in items[:16]]), [t for _, t in items[:16]]).save(
-                out_dir / f"t2i_{tag}.png")
+    return results, generated, grid_by_tag, prompts_json
 
-    # image -> caption, against the full description
-    t0 = time.perf_counter()
-    cap = samples[:num_caption]
-    all_refs = [caption_references(rec) for _, _, _, rec in cap]
+
+def geneval_section(results: list[dict]) -> dict:
+    """The geneval section of the report (see the module docstring) from the judge's results."""
+    summary = summarise(results)
+    section = {k.removeprefix("geneval."): v for k, v in summary.items() if k.startswith("geneval.")}
+    section["counts"] = summary["counts"]
+    section["failures"] = summary["failures"]
+    section["shared_tags"] = summary.get("shared_tags", [])
+    section.update(geneval_uncertainty(results, summary))
+    return section
+
+
+def save_judged(out_dir: Path, img_dir: Path, prompts_json: dict, results: list[dict],
+                grid_by_tag: dict[str, list]) -> None:
+    """``prompts.json`` beside the images (so ``tools/judge.py`` can re-judge them), the verdicts, a grid per tag."""
+    (img_dir / "prompts.json").write_text(json.dumps(prompts_json, indent=1) + "\n")
+    (out_dir / "judged.json").write_text(json.dumps({"images": results}, indent=1) + "\n")
+    for tag, items in grid_by_tag.items():
+        make_grid(torch.stack([p for p, _ in items[:16]]), [t for _, t in items[:16]]).save(
+            out_dir / f"t2i_{tag}.png")
+
+
+def caption_report(engine, cap: list, texts: list[str], all_refs: list[list[Prompt]], *, out_dir: Path | None,
+                   batch_size: int, latents: bool) -> dict:
+    """The caption, caption_examples and caption_nll sections for the held-out rows ``cap`` and their generated
+    ``texts``; every caption with its references goes to ``captions.json`` (so the scores can be audited)."""
     refs = [r[0] for r in all_refs]  # the full caption: decides seen / unseen, and is the NLL's target
     unseen = [is_unseen(r) for r in refs]
-    texts: list[str] = []
-    bar = tqdm(total=len(cap), desc="eval captions", unit="img", disable=not progress)
-    for chunk in _chunks(cap, batch_size):
-        texts += engine.caption(torch.stack([im for _, im, _, _ in chunk]), max_caption_tokens, latents=latents,
-                                guidance=caption_guidance)
-        bar.update(len(chunk))
-    bar.close()
-    timings["caption_seconds_per_image"] = (time.perf_counter() - t0) / max(len(cap), 1)
-    if cap:
-        report["caption"] = caption_scores(texts, all_refs)
-        if out_dir is not None:  # every caption with its references, so the scores can be recomputed and audited
-            (out_dir / "captions.json").write_text(json.dumps(
-                {"captions": [{"key": k, "generated": t, "references": [r.text for r in rs]}
-                              for (k, _, _, _), t, rs in zip(cap, texts, all_refs)]}, indent=1) + "\n")
-        report["caption_examples"] = [{"key": k, "reference": r.text, "generated": t, "unseen": u}
-                                      for (k, _, _, _), r, t, u in list(zip(cap, refs, texts, unseen))[:12]]
-        report["caption_nll"] = caption_nll_bits(engine, cap, refs, unseen, batch_size=batch_size, latents=latents)
-
-    report["diffusion"] = diffusion_loss_by_noise(engine, samples, batch_size=batch_size, seed=seed, latents=latents)
-    if num_fid and generated:
-        report["fid"] = fid_report(engine, samples, torch.cat(generated), num_fid, latents=latents)
-    report["timings"] = timings
+    report = {"caption": caption_scores(texts, all_refs)}
+    if out_dir is not None:  # every caption with its references, so the scores can be recomputed and audited
+        (out_dir / "captions.json").write_text(json.dumps(
+            {"captions": [{"key": k, "generated": t, "references": [r.text for r in rs]}
+                          for (k, _, _, _), t, rs in zip(cap, texts, all_refs)]}, indent=1) + "\n")
+    report["caption_examples"] = [{"key": k, "reference": r.text, "generated": t, "unseen": u}
+                                  for (k, _, _, _), r, t, u in list(zip(cap, refs, texts, unseen))[:12]]
+    report["caption_nll"] = caption_nll_bits(engine, cap, refs, unseen, batch_size=batch_size, latents=latents)
     return report
 
 

@@ -119,8 +119,6 @@ def evaluate_fashion(engine, samples: list, *, num_t2i: int, num_caption: int, n
                      steps: int, guidance: float, sampler: str, guidance_schedule: str, seed: int,
                      max_caption_tokens: int, latents: bool, progress: bool = True, out_dir: Path | None = None,
                      classifier: SmallCNN | None = None, caption_guidance: float = 1.0) -> dict:
-    from transfusion.generation.grid import make_grid
-
     cfg = engine.cfg
 
     def pixels(rows):
@@ -143,6 +141,33 @@ def evaluate_fashion(engine, samples: list, *, num_t2i: int, num_caption: int, n
                      "classifier_test_accuracy_se": binomial_se(test_acc, len(real_rows))}
 
     t0 = time.perf_counter()
+    generated = generate_by_template(engine, samples, num_t2i=num_t2i, num_fid=num_fid, batch_size=batch_size,
+                                     steps=steps, guidance=guidance, sampler=sampler,
+                                     guidance_schedule=guidance_schedule, seed=seed)
+    n_gen = sum(len(x[0]) for v in generated.values() for x in v)
+    report["timings"] = {"t2i_seconds_per_image": (time.perf_counter() - t0) / max(n_gen, 1)}
+    report["cas"] |= cas_scores(classifier, generated, num_t2i)
+
+    t0 = time.perf_counter()
+    rows = real_rows[:num_caption]
+    report["caption"] = caption_accuracy(engine, rows, batch_size=batch_size, max_caption_tokens=max_caption_tokens,
+                                         latents=latents, caption_guidance=caption_guidance)
+    report["timings"]["caption_seconds_per_image"] = (time.perf_counter() - t0) / max(len(rows), 1)
+
+    if num_fid and generated[True]:  # the same FID / KID and floor as report v2, on distinct real test images
+        from transfusion.eval.compositional import fid_report
+
+        report["fid"] = fid_report(engine, real_rows, torch.cat([p[0] for p in generated[True]]), num_fid,
+                                   latents=latents)
+    if out_dir is not None and generated[True]:
+        save_grids(Path(out_dir), generated)
+    return report
+
+
+def generate_by_template(engine, samples: list, *, num_t2i: int, num_fid: int, batch_size: int, steps: int,
+                         guidance: float, sampler: str, guidance_schedule: str, seed: int) -> dict[bool, list]:
+    """Images from the held-out captions of seen (True) and unseen (False) templates: per template kind a list of
+    (images, labels, captions) chunks; the seen kind gets as many as FID / KID ask for (``num_fid``)."""
     generated: dict[bool, list] = {True: [], False: []}
     for seen in (True, False):  # FID / KID read the seen-template images: as many as num_fid asks for
         count = max(num_t2i, num_fid) if seen else num_t2i
@@ -152,19 +177,26 @@ def evaluate_fashion(engine, samples: list, *, num_t2i: int, num_caption: int, n
             imgs = engine.text_to_image([c for _, _, c, _ in chunk], steps=steps, guidance=guidance,
                                         sampler=sampler, seed=seed + i, guidance_schedule=guidance_schedule)
             generated[seen].append((imgs, torch.tensor([c[3]["label"] for c in chunk]), [c[2] for c in chunk]))
-    n_gen = sum(len(x[0]) for v in generated.values() for x in v)
-    report["timings"] = {"t2i_seconds_per_image": (time.perf_counter() - t0) / max(n_gen, 1)}
+    return generated
+
+
+def cas_scores(classifier: SmallCNN, generated: dict[bool, list], num_t2i: int) -> dict:
+    """Classification accuracy score of the generated images per template kind, with standard errors and counts."""
+    cas = {}
     for seen, parts in generated.items():
         if parts:
             imgs, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             imgs, labels = imgs[:num_t2i], labels[:num_t2i]  # seen and unseen over the same count (FID reads all)
             split = "seen" if seen else "unseen"
-            report["cas"][split] = float((classify(classifier, imgs) == labels).float().mean())
-            report["cas"][f"{split}_se"] = binomial_se(report["cas"][split], len(imgs))
-            report["cas"]["n_" + split] = len(imgs)
+            cas[split] = float((classify(classifier, imgs) == labels).float().mean())
+            cas[f"{split}_se"] = binomial_se(cas[split], len(imgs))
+            cas["n_" + split] = len(imgs)
+    return cas
 
-    t0 = time.perf_counter()
-    rows = real_rows[:num_caption]
+
+def caption_accuracy(engine, rows: list, *, batch_size: int, max_caption_tokens: int, latents: bool,
+                     caption_guidance: float) -> dict:
+    """Greedy captions of real test images: the share naming the image's class, its standard error, examples."""
     correct, examples = [], []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
@@ -175,21 +207,17 @@ def evaluate_fashion(engine, samples: list, *, num_t2i: int, num_caption: int, n
             if len(examples) < 12:
                 examples.append({"class": rec["class"], "caption": text})
     accuracy = sum(correct) / max(len(correct), 1)
-    report["caption"] = {"accuracy": accuracy, "accuracy_se": binomial_se(accuracy, len(correct)), "n": len(correct),
-                         "examples": examples}
-    report["timings"]["caption_seconds_per_image"] = (time.perf_counter() - t0) / max(len(rows), 1)
+    return {"accuracy": accuracy, "accuracy_se": binomial_se(accuracy, len(correct)), "n": len(correct),
+            "examples": examples}
 
-    if num_fid and generated[True]:  # the same FID / KID and floor as report v2, on distinct real test images
-        from transfusion.eval.compositional import fid_report
 
-        report["fid"] = fid_report(engine, real_rows, torch.cat([p[0] for p in generated[True]]), num_fid,
-                                   latents=latents)
-    if out_dir is not None and generated[True]:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        imgs, _, caps = generated[True][0]
-        make_grid(imgs[:32], caps[:32], cols=8).save(out_dir / "t2i_seen.png")
-        if generated[False]:
-            imgs, _, caps = generated[False][0]
-            make_grid(imgs[:32], caps[:32], cols=8).save(out_dir / "t2i_unseen.png")
-    return report
+def save_grids(out_dir: Path, generated: dict[bool, list]) -> None:
+    """The first chunk of seen-template (and unseen-template) images as grids beside the report."""
+    from transfusion.generation.grid import make_grid
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    imgs, _, caps = generated[True][0]
+    make_grid(imgs[:32], caps[:32], cols=8).save(out_dir / "t2i_seen.png")
+    if generated[False]:
+        imgs, _, caps = generated[False][0]
+        make_grid(imgs[:32], caps[:32], cols=8).save(out_dir / "t2i_unseen.png")

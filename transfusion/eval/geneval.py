@@ -223,6 +223,28 @@ def as_rgb_array(img: Image.Image | np.ndarray) -> np.ndarray:
     return arr
 
 
+def component_object(comp_HW: np.ndarray, name: str, area: int) -> DetectedObject | tuple[str, str]:
+    """One palette component of color ``name`` (not a speck) as a world object, or the check it fails (aspect, size
+    or form: no world shape fits its box clearly) and why."""
+    H, W = comp_HW.shape
+    ys, xs = np.nonzero(comp_HW)
+    x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
+    bw, bh = x1 - x0 + 1, y1 - y0 + 1
+    if not ASPECT_RANGE[0] <= bw / bh <= ASPECT_RANGE[1]:
+        return "aspect", f"{name} object with aspect {bw / bh:.2f} (world shapes have 1)"
+    side = max(bw / W, bh / H)
+    if not SIDE_RANGE[0] <= side <= SIDE_RANGE[1]:
+        return "size", (f"{name} object of size {side:.2f} outside the world's {SIDE_RANGE[0]:.2f}-"
+                        f"{SIDE_RANGE[1]:.2f}")
+    crop = comp_HW[y0:y1 + 1, x0:x1 + 1]
+    ious = {s: shape_iou(crop, s) for s in SHAPES}
+    ranked = sorted(ious, key=ious.get, reverse=True)
+    best, second = ious[ranked[0]], ious[ranked[1]]
+    if best < SHAPE_IOU or best - second < SHAPE_MARGIN:
+        return "form", f"{name} object of no world shape (best IoU {best:.2f} {ranked[0]}, runner-up {second:.2f})"
+    return DetectedObject(name, ranked[0], (x0, y0, x1, y1), area, round(best, 3))
+
+
 def detect(img: Image.Image | np.ndarray) -> Detection:
     """Every object in ``img`` and every reason it is not a clean render of the world (see the module docstring)."""
     px = as_rgb_array(img).astype(np.float64)
@@ -255,27 +277,12 @@ def detect(img: Image.Image | np.ndarray) -> Detection:
                 continue
             comp = labels == lab
             palette_objects |= comp
-            ys, xs = np.nonzero(comp)
-            x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
-            bw, bh = x1 - x0 + 1, y1 - y0 + 1
             object_pixels += area
-            if not ASPECT_RANGE[0] <= bw / bh <= ASPECT_RANGE[1]:
-                out.flag("aspect", f"{name} object with aspect {bw / bh:.2f} (world shapes have 1)")
-                continue
-            side = max(bw / W, bh / H)
-            if not SIDE_RANGE[0] <= side <= SIDE_RANGE[1]:
-                out.flag("size", f"{name} object of size {side:.2f} outside the world's {SIDE_RANGE[0]:.2f}-"
-                                    f"{SIDE_RANGE[1]:.2f}")
-                continue
-            crop = comp[y0:y1 + 1, x0:x1 + 1]
-            ious = {s: shape_iou(crop, s) for s in SHAPES}
-            ranked = sorted(ious, key=ious.get, reverse=True)
-            best, second = ious[ranked[0]], ious[ranked[1]]
-            if best < SHAPE_IOU or best - second < SHAPE_MARGIN:
-                out.flag("form", f"{name} object of no world shape (best IoU {best:.2f} {ranked[0]}, "
-                                    f"runner-up {second:.2f})")
-                continue
-            out.objects.append(DetectedObject(name, ranked[0], (x0, y0, x1, y1), area, round(best, 3)))
+            found = component_object(comp, name, area)
+            if isinstance(found, DetectedObject):
+                out.objects.append(found)
+            else:
+                out.flag(*found)
     if off_palette > OFF_PALETTE_EDGE_SHARE * max(object_pixels, min_area):
         out.flag("off_palette", f"{off_palette} off-palette pixels")
     blobs = off_palette_blobs(fg & ~on_palette & ~dilate(palette_objects, EDGE_BAND), speck_area)
