@@ -90,15 +90,7 @@ def rows_to_batch(rows: list[list[Sequence]], seq_len: int, pad_id: int, patch_g
     than torch.tensor); the other grids are slice-filled. ``image_shape`` [C, H, W] shapes the empty ``images`` of an
     image-free batch; ``latents`` sets ``Batch.images_are_latents``."""
     B, L = num_rows if num_rows is not None else len(rows), seq_len
-    tokens: list[int] = []
-    targets: list[int] = []
-    doc_ids = np.full((B, L), -1, dtype=np.int64)
-    image_ids = np.full((B, L), -1, dtype=np.int64)
-    positions = np.zeros((B, L), dtype=np.int64)
-    ramp = np.arange(L, dtype=np.int64)
-    hidden: np.ndarray | None = None
-    n_hidden = 0
-    images, img_rows, starts, is_target, limits, keys = [], [], [], [], [], []
+    grids = _RowGrids(B, L)
     for r in range(B):
         row = rows[r] if r < len(rows) else []
         total = sum(len(seq) for seq in row)
@@ -106,47 +98,74 @@ def rows_to_batch(rows: list[list[Sequence]], seq_len: int, pad_id: int, patch_g
             raise ValueError(f"row {r} holds {total} tokens, more than seq_len {L}")
         pad = L - total
         if left_pad:
-            tokens += [pad_id] * pad
-            targets += [IGNORE_INDEX] * pad
+            grids.pad(pad_id, pad)
         used = pad if left_pad else 0
         for d, seq in enumerate(row):
-            n = len(seq)
-            tokens += seq.tokens
-            targets += seq.text_targets
-            doc_ids[r, used:used + n] = d
-            positions[r, used:used + n] = ramp[:n] if seq.positions is None else seq.positions
-            noise_limits = seq.image_noise_limit or [1.0] * len(seq.images)
-            for (start, stop), image, target, limit in zip(seq.image_spans, seq.images, seq.image_is_target,
-                                                           noise_limits, strict=True):
-                image_ids[r, used + start: used + stop] = len(images)
-                images.append(image)
-                img_rows.append(r)
-                starts.append(used + start)
-                is_target.append(target)
-                limits.append(limit)
-            for start, stop in seq.hidden_spans:
-                if hidden is None:
-                    hidden = np.full((B, L), -1, dtype=np.int64)
-                hidden[r, used + start: used + stop] = n_hidden
-                n_hidden += 1
-            keys.append(seq.key)
-            used += n
+            grids.place(seq, r, d, used)
+            used += len(seq)
         if not left_pad:
-            tokens += [pad_id] * pad
-            targets += [IGNORE_INDEX] * pad
+            grids.pad(pad_id, pad)
+    return grids.batch(patch_grid, image_shape, latents)
 
-    def grid(values: list[int]) -> torch.Tensor:
-        return torch.from_numpy(np.fromiter(values, dtype=np.int64, count=B * L).reshape(B, L))
 
-    if images:
-        images_NCHW = torch.stack(images)
-    else:
-        c, h, w = image_shape or (3, 0, 0)
-        images_NCHW = torch.zeros((0, c, h, w))
-    return Batch(tokens=grid(tokens), doc_ids=torch.from_numpy(doc_ids), image_ids=torch.from_numpy(image_ids),
-                 positions=torch.from_numpy(positions), text_targets=grid(targets), images=images_NCHW,
-                 image_rows=torch.tensor(img_rows, dtype=torch.long),
-                 image_starts=torch.tensor(starts, dtype=torch.long),
-                 image_is_target=torch.tensor(is_target, dtype=torch.bool), patch_grid=tuple(patch_grid),
-                 keys=keys, image_noise_limit=torch.tensor(limits, dtype=torch.float32),
-                 hidden_ids=None if hidden is None else torch.from_numpy(hidden), images_are_latents=latents)
+class _RowGrids:
+    """A Batch under construction (``rows_to_batch``): flat token / target lists filled left to right, [B, L] id and
+    position grids filled by slices, and the per-image lists in the order images are met."""
+
+    def __init__(self, B: int, L: int) -> None:
+        self.B, self.L = B, L
+        self.tokens: list[int] = []
+        self.targets: list[int] = []
+        self.doc_ids = np.full((B, L), -1, dtype=np.int64)
+        self.image_ids = np.full((B, L), -1, dtype=np.int64)
+        self.positions = np.zeros((B, L), dtype=np.int64)
+        self.ramp = np.arange(L, dtype=np.int64)
+        self.hidden: np.ndarray | None = None
+        self.n_hidden = 0
+        self.images, self.img_rows, self.starts, self.is_target, self.limits, self.keys = [], [], [], [], [], []
+
+    def pad(self, pad_id: int, n: int) -> None:
+        self.tokens += [pad_id] * n
+        self.targets += [IGNORE_INDEX] * n
+
+    def place(self, seq: Sequence, r: int, d: int, used: int) -> None:
+        """Document ``d`` of row ``r`` at column ``used``: its tokens, ids, positions, images and hidden spans."""
+        n = len(seq)
+        self.tokens += seq.tokens
+        self.targets += seq.text_targets
+        self.doc_ids[r, used:used + n] = d
+        self.positions[r, used:used + n] = self.ramp[:n] if seq.positions is None else seq.positions
+        noise_limits = seq.image_noise_limit or [1.0] * len(seq.images)
+        for (start, stop), image, target, limit in zip(seq.image_spans, seq.images, seq.image_is_target,
+                                                       noise_limits, strict=True):
+            self.image_ids[r, used + start: used + stop] = len(self.images)
+            self.images.append(image)
+            self.img_rows.append(r)
+            self.starts.append(used + start)
+            self.is_target.append(target)
+            self.limits.append(limit)
+        for start, stop in seq.hidden_spans:
+            if self.hidden is None:
+                self.hidden = np.full((self.B, self.L), -1, dtype=np.int64)
+            self.hidden[r, used + start: used + stop] = self.n_hidden
+            self.n_hidden += 1
+        self.keys.append(seq.key)
+
+    def grid(self, values: list[int]) -> torch.Tensor:
+        return torch.from_numpy(np.fromiter(values, dtype=np.int64, count=self.B * self.L).reshape(self.B, self.L))
+
+    def batch(self, patch_grid: tuple[int, int], image_shape: tuple[int, int, int] | None, latents: bool) -> Batch:
+        if self.images:
+            images_NCHW = torch.stack(self.images)
+        else:
+            c, h, w = image_shape or (3, 0, 0)
+            images_NCHW = torch.zeros((0, c, h, w))
+        return Batch(tokens=self.grid(self.tokens), doc_ids=torch.from_numpy(self.doc_ids),
+                     image_ids=torch.from_numpy(self.image_ids), positions=torch.from_numpy(self.positions),
+                     text_targets=self.grid(self.targets), images=images_NCHW,
+                     image_rows=torch.tensor(self.img_rows, dtype=torch.long),
+                     image_starts=torch.tensor(self.starts, dtype=torch.long),
+                     image_is_target=torch.tensor(self.is_target, dtype=torch.bool), patch_grid=tuple(patch_grid),
+                     keys=self.keys, image_noise_limit=torch.tensor(self.limits, dtype=torch.float32),
+                     hidden_ids=None if self.hidden is None else torch.from_numpy(self.hidden),
+                     images_are_latents=latents)
