@@ -20,9 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transfusion.cli import fail_cleanly  # noqa: E402
+from transfusion.cli import fail_cleanly
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
