@@ -140,7 +140,8 @@ def main(argv=None) -> int:
             record = {"label": label, "class": CLASSES[label][0], "template": t, "template_seen": seen,
                       "caption": text, "test_index": j}
             key = f"test-{j:05d}-{'seen' if seen else 'unseen'}"
-            heldout.write(key, {"png": image, "txt": text.encode(), "json": json.dumps(record, sort_keys=True).encode()})
+            heldout.write(key, {"png": image, "txt": text.encode(),
+                                "json": json.dumps(record, sort_keys=True).encode()})
         written += 1
     heldout.close()
 

@@ -172,8 +172,9 @@ def measure_peak_flops(device: torch.device | str, dtype: torch.dtype, shapes: l
     """The device's attainable matmul peak in ``dtype`` (FLOP/s) at the current thread count: the best of the
     model's own matmul shapes (at most ``PEAK_MAX_ROWS`` rows) and of square matmuls of growing size
     (``peak_over``), each warmed up and timed ``PEAK_REPEATS`` times. Why the large squares: on a many-core CPU a
-    1024-square matmul leaves cores idle (a 64-thread EPYC ran it at 123 GFLOP/s and a 2048-square one at 148, so a
-    training step showed 109 % of a "peak" probed at 1024). Cached per process, shape, dtype and thread count."""
+    1024-square matmul leaves cores idle (an AVX-512 EPYC ran it at 123 GFLOP/s and a 2048-square one at 148 in fp32,
+    so tools/bench_step.py showed 109 % of a "peak" probed at 1024). Cached per process, shape, dtype and thread
+    count."""
     device, threads = torch.device(device), torch.get_num_threads()
     model = sorted({(min(m, PEAK_MAX_ROWS), k, n) for m, k, n in shapes})
     return peak_over(model, PEAK_SQUARES, lambda s: _shape_flops(str(device), dtype, s, threads))
