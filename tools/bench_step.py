@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         "useful tokens": f"{100 * useful / slots:.0f}%",
         "GFLOP/s": f"{1e3 * s['tflops_per_s']:.1f}",
         "peak GFLOP/s": f"{1e3 * s['measured_peak_tflops']:.1f}",
-        "share of peak": f"{100 * s['peak_share']:.1f}%",
+        "share of peak": f"{100 * s['peak_share']:.3g}%",  # 3 digits: a tiny model can be far under 0.1 %
     }
     if "mfu" in s:
         row["MFU"] = f"{100 * s['mfu']:.1f}%"
