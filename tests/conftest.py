@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_shapes_shards
 
 TINY_VAE_SCALE, TINY_VAE_SHIFT = 0.5, 0.1
 
@@ -21,3 +22,18 @@ def vae_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def shapes_shards(tmp_path_factory):
+    """``shapes_shards(train, heldout, shard_size)``: the shapes world at 16 px written by the shard tool, once per
+    session per size (tests read it, never write to it)."""
+    made: dict[tuple[int, int, int], Path] = {}
+
+    def get(train: int, heldout: int, shard_size: int) -> Path:
+        key = (train, heldout, shard_size)
+        if key not in made:
+            made[key] = make_shapes_shards(tmp_path_factory.mktemp(f"shapes{train}"), train, heldout, shard_size)
+        return made[key]
+
+    return get

@@ -1,6 +1,14 @@
-"""Shared test helpers: a tiny model and hand-built packed batches (no data pipeline involved)."""
+"""Shared test helpers: a tiny model and hand-built packed batches; shards, recipe overrides and rank launchers for
+the data, training and distributed tests."""
 
 from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -68,3 +76,114 @@ def fit_fixed_batch(model, batch: Batch, schedule, steps: int, lr: float = 1e-2)
         parts(step % 2).total(LossConfig()).backward()
         opt.step()
     return before, image_loss()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shards, recipe overrides, launching ranks (shared by the data, training and distributed tests)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (10, 8)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def color_sample(k: int, **extra) -> dict:
+    """Sample ``k``: key ``k0000``, a plain image of a colour seeded by ``k``, caption ``color k``."""
+    import numpy as np
+
+    color = tuple(int(c) for c in np.random.default_rng(k).integers(0, 256, 3))
+    return {"__key__": f"k{k:04d}", "png": png_bytes(color), "txt": f"color {k}", **extra}
+
+
+def write_tar(path: Path, samples: list[dict]) -> str:
+    """One shard written with webdataset's own TarWriter; str members are stored as UTF-8."""
+    import webdataset as wds
+
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for s in samples:
+            sink.write({k: v.encode() if isinstance(v, str) and k != "__key__" else v for k, v in s.items()})
+    return str(path)
+
+
+def make_shards(root: Path, n_shards: int = 4, per_shard: int = 10, prefix: str = "train",
+                sample=color_sample) -> str:
+    """``root/prefix-00.tar ...`` of ``per_shard`` samples each (``sample(k)`` for the running k); returns the
+    brace spec naming them."""
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        write_tar(root / f"{prefix}-{s:02d}.tar", [sample(s * per_shard + i) for i in range(per_shard)])
+    return str(root / f"{prefix}-{{00..{n_shards - 1:02d}}}.tar")
+
+
+def make_shapes_shards(out: Path, train: int, heldout: int, shard_size: int, image_size: int = 16) -> Path:
+    """The shapes world written by tools/make_shapes_shards.py (the tool the recipes name)."""
+    subprocess.run([sys.executable, "tools/make_shapes_shards.py", "--out", str(out), "--train-samples", str(train),
+                    "--heldout-samples", str(heldout), "--shard-size", str(shard_size), "--image-size",
+                    str(image_size)], cwd=REPO, check=True, capture_output=True)
+    return out
+
+
+def overrides(*settings: dict, extra: tuple[str, ...] = ()) -> list[str]:
+    """Dotted recipe overrides as command-line words, ``{"data.seq_len": 64}`` -> ``--data.seq_len=64`` (later
+    mappings win; booleans as TOML's true/false), then ``extra`` words as they are."""
+    merged: dict = {}
+    for s in settings:
+        merged |= s
+    text = {True: "true", False: "false"}
+    return [f"--{k}={text.get(v, v) if isinstance(v, bool) else v}" for k, v in merged.items()] + list(extra)
+
+
+TINY_RUN = {"data.image_size": 16, "data.seq_len": 64, "data.num_workers": 0, "model.dim": 32, "model.n_layers": 1,
+            "model.n_heads": 2, "model.patch_size": 4}  # the smallest model the shapes_tiny recipe trains
+
+
+def train_env(fault: str | None = None) -> dict[str, str]:
+    """Environment of a training subprocess: this checkout first on the path, one thread, a fault hook or none."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("TRANSFUSION_FAULT", None)
+    if fault:
+        env["TRANSFUSION_FAULT"] = fault
+    return env
+
+
+def torchrun_cmd(nproc: int, args: list[str], log_dir: Path | None = None) -> list[str]:
+    """``torchrun`` of ``python -m transfusion.train recipes/shapes_tiny.toml ARGS`` on ``nproc`` local ranks."""
+    logs = ["--log-dir", str(log_dir), "--redirects", "3"] if log_dir else []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *logs,
+            "-m", "transfusion.train", "recipes/shapes_tiny.toml", *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_gloo_group(rank: int, port: int, world_size: int = 2) -> None:
+    """Inside a spawned worker: the env:// variables of ``rank`` and one thread (the caller then initialises the
+    process group, directly or through ``init_distributed``)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+
+def run_ranks(target, args_of_rank, world_size: int = 2, timeout_s: float = 150) -> tuple[list, list[int]]:
+    """Spawn ``target(*args_of_rank(rank))`` per rank, wait, kill what is left; returns (processes, hung pids)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=args_of_rank(r)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout_s)
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    return procs, hung

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
+from helpers import write_tar
 from PIL import Image
 
 from data_pipelines.documents import Document, decode_image, decode_latent
@@ -45,13 +45,6 @@ def _npy(z: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, z)
     return buf.getvalue()
-
-
-def _write(path: Path, samples: list[dict]) -> str:
-    with wds.TarWriter(str(path), encoder=False) as sink:
-        for s in samples:
-            sink.write({k: v.encode() if isinstance(v, str) and k != "__key__" else v for k, v in s.items()})
-    return str(path)
 
 
 def _cfg(shards: str, **kw) -> DataConfig:
@@ -110,7 +103,7 @@ def test_every_layout_reads_back_through_the_loader(tmp_path: Path) -> None:
     doc = {"__key__": "doc.a", "0.png": _image("png", (8, 8), color=(255, 0, 0)),
            "1.jpg": _image("jpg", (30, 8), color=(0, 255, 0)), "2.webp": _image("webp", (8, 50), color=(0, 0, 255)),
            "json": json.dumps({"segments": DOC_SEGMENTS, "url": "http://x"})}
-    spec = ",".join([_write(tmp_path / "pairs.tar", pairs), _write(tmp_path / "docs.tar", [doc])])
+    spec = ",".join([write_tar(tmp_path / "pairs.tar", pairs), write_tar(tmp_path / "docs.tar", [doc])])
     batches, counts = _read_all(_cfg(spec))
     keys = [k for b in batches for k in b.keys]
     assert sorted(keys) == sorted([p["__key__"] for p in pairs] + ["doc.a"])
@@ -149,7 +142,7 @@ def test_latent_shards_read_back_as_latents(tmp_path: Path) -> None:
         {"__key__": "doc", "0.latent.npy": _npy(z[3]), "1.latent.npy": _npy(z[0]),
          "json": json.dumps({"segments": [{"image": "0.png"}, {"text": "and"}, {"image": 1}]})},
     ]
-    spec = _write(tmp_path / "lat.tar", samples)
+    spec = write_tar(tmp_path / "lat.tar", samples)
     batches, counts = _read_all(_cfg(spec, seq_len=32, batch_rows=4), grid=(2, 4))
     (batch,) = batches
     assert batch.images_are_latents and batch.images.dtype == torch.float32
@@ -158,7 +151,7 @@ def test_latent_shards_read_back_as_latents(tmp_path: Path) -> None:
               torch.from_numpy(z[2]), torch.from_numpy(z[3]), torch.from_numpy(z[0])]
     assert torch.equal(batch.images, torch.stack(expect))
     # configuration alone picks the format; "latents" on pixel shards is a clear error
-    pixels = _write(tmp_path / "pix.tar", [{"__key__": "p", "png": _image("png"), "txt": "x"}])
+    pixels = write_tar(tmp_path / "pix.tar", [{"__key__": "p", "png": _image("png"), "txt": "x"}])
     assert not _read_all(_cfg(pixels))[0][0].images_are_latents
     assert not _read_all(_cfg(spec, format="pixels"))[0]  # pixel mode ignores latent members: nothing to read
     with pytest.raises(DataError, match="data.format = 'latents' but the first readable sample"):
@@ -210,7 +203,7 @@ def test_filters_and_bad_documents_are_counted_by_reason(tmp_path: Path) -> None
                 "json": json.dumps({"segments": [{"image": 0, "role": "boss"}]})},
                {"__key__": "badseg", "json": json.dumps({"segments": [{"text": "a", "image": 0}]})},
                {"__key__": "textonly", "json": json.dumps({"segments": [{"text": "just words"}]})}]
-    spec = _write(tmp_path / "f.tar", samples)
+    spec = write_tar(tmp_path / "f.tar", samples)
     batches, counts = _read_all(_cfg(spec, min_image_size=8, max_caption_chars=20))
     assert sorted(k for b in batches for k in b.keys) == ["good", "textonly"]
     assert {k: v for k, v in counts.items() if v and k not in ("seen", "skipped")} == {
@@ -323,7 +316,7 @@ def test_noise_limit_reaches_the_noising_function() -> None:
 def test_finite_two_workers_resumed_twice_sees_every_key_once(tmp_path: Path) -> None:
     samples = [{"__key__": f"s{s}-{i:03d}", "png": _image("png", (8, 8), color=(i, s, 0)), "txt": f"c{i}"}
                for s in range(5) for i in range(9)]
-    spec = ",".join(_write(tmp_path / f"t-{s}.tar", samples[9 * s: 9 * s + 9]) for s in range(5))
+    spec = ",".join(write_tar(tmp_path / f"t-{s}.tar", samples[9 * s: 9 * s + 9]) for s in range(5))
     cfg = _cfg(spec, num_workers=2, shuffle_buffer=4, seq_len=32, batch_rows=2, t2i_ratio=0.5)
     seen: list[str] = []
     state = None

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
+from helpers import color_sample, make_shards, png_bytes, write_tar
 from PIL import Image
 
 from data_pipelines.loader import MIN_SAMPLES_FOR_SKIP_RATE, PackedDataset, build_loader, data_counts
@@ -33,32 +33,6 @@ A, B, C = ord("a"), ord("b"), ord("c")
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _png(color: tuple[int, int, int], size: tuple[int, int] = (10, 8)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _sample(k: int, **extra) -> dict:
-    rng = np.random.default_rng(k)
-    color = tuple(int(c) for c in rng.integers(0, 256, 3))
-    return {"__key__": f"k{k:04d}", "png": _png(color), "txt": f"color {k}", **extra}
-
-
-def _write(path: Path, samples: list[dict]) -> str:
-    with wds.TarWriter(str(path)) as w:
-        for s in samples:
-            w.write(s)
-    return str(path)
-
-
-def _make_shards(root: Path, n_shards: int = 4, per_shard: int = 10, prefix: str = "train") -> str:
-    root.mkdir(parents=True, exist_ok=True)
-    for s in range(n_shards):
-        _write(root / f"{prefix}-{s:02d}.tar", [_sample(s * per_shard + i) for i in range(per_shard)])
-    return str(root / f"{prefix}-{{00..{n_shards - 1:02d}}}.tar")
 
 
 def _cfg(shards: str, **kw) -> DataConfig:
@@ -108,7 +82,7 @@ def test_expand_shard_spec(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("n_shards", [5, 3])  # 3 < 2 ranks x 2 workers: the sample-split fallback
 def test_rank_worker_split_covers_every_key_once(tmp_path: Path, n_shards: int) -> None:
-    spec = _make_shards(tmp_path, n_shards=n_shards, per_shard=7)
+    spec = make_shards(tmp_path, n_shards=n_shards, per_shard=7)
     keys: list[str] = []
     per_consumer = []
     for rank in range(2):
@@ -121,7 +95,7 @@ def test_rank_worker_split_covers_every_key_once(tmp_path: Path, n_shards: int) 
 
 
 def test_shard_order_differs_per_epoch_and_is_reproducible(tmp_path: Path) -> None:
-    urls = expand_shard_spec(_make_shards(tmp_path, n_shards=6, per_shard=2))
+    urls = expand_shard_spec(make_shards(tmp_path, n_shards=6, per_shard=2))
 
     def order(epoch: int) -> list[str]:
         return list(assign_shards(urls, seed=0, epoch=epoch, rank=0, world_size=1, worker=0, num_workers=1).urls)
@@ -165,8 +139,8 @@ def test_decode_image_center_crops_short_side() -> None:
 
 
 def test_iter_decoded_samples_file_order_and_json_caption(tmp_path: Path) -> None:
-    samples = [_sample(i, json=f'{{"caption": "json {i}", "n": {i}}}') for i in range(5)]
-    path = _write(tmp_path / "eval.tar", samples)
+    samples = [color_sample(i, json=f'{{"caption": "json {i}", "n": {i}}}') for i in range(5)]
+    path = write_tar(tmp_path / "eval.tar", samples)
     out = list(iter_decoded_samples(path, 8, caption_field="json:caption", limit=3))
     assert [(k, c, r["n"]) for k, _, c, r in out] == [(f"k{i:04d}", f"json {i}", i) for i in range(3)]
     assert out[0][1].shape == (3, 8, 8)
@@ -262,7 +236,7 @@ def test_first_fit_fills_an_earlier_row_that_sequential_packing_has_closed() -> 
 
 
 def test_loader_batches_are_consistent(tmp_path: Path) -> None:
-    cfg = _cfg(_make_shards(tmp_path), num_workers=0)
+    cfg = _cfg(make_shards(tmp_path), num_workers=0)
     batch = next(iter(build_loader(cfg, TOK, (2, 2), seed=0)))
     assert isinstance(batch, Batch) and batch.tokens.shape == (2, 64)
     assert batch.images.shape == (batch.num_images, 3, 8, 8) and batch.images.abs().max() <= 1
@@ -298,14 +272,14 @@ def _check_resume(cfg: DataConfig, total: int, ks: list[int]) -> set[tuple[int, 
 
 @pytest.mark.parametrize("num_workers,ks", [(0, list(range(1, 14))), (2, [3, 6, 11])])
 def test_resume_is_exact(tmp_path: Path, num_workers: int, ks: list[int]) -> None:
-    cfg = _cfg(_make_shards(tmp_path), num_workers=num_workers)
+    cfg = _cfg(make_shards(tmp_path), num_workers=num_workers)
     positions = _check_resume(cfg, 14, ks)  # 40 samples, ~8 documents per batch: more than two epochs
     assert len({p[1] for p in positions}) > 1  # resumed from different shards...
     assert max(p[0] for p in positions) >= 1  # ...and from a later epoch
 
 
 def test_resume_finite_pass_including_last_partial_batch(tmp_path: Path) -> None:
-    cfg = _cfg(_make_shards(tmp_path, n_shards=3, per_shard=9), repeat=False, shuffle_buffer=5)
+    cfg = _cfg(make_shards(tmp_path, n_shards=3, per_shard=9), repeat=False, shuffle_buffer=5)
     reference = list(build_loader(cfg, TOK, (2, 2), seed=1))
     assert sorted(k for b in reference for k in b.keys) == [f"k{i:04d}" for i in range(27)]
     _, state = _take(build_loader(cfg, TOK, (2, 2), seed=1), len(reference) - 1)
@@ -329,20 +303,20 @@ def _dataset_states(state):
 
 
 def test_corrupt_inputs_are_skipped_and_counted(tmp_path: Path) -> None:
-    good = _write(tmp_path / "good-0.tar", [_sample(i) for i in range(6)])
+    good = write_tar(tmp_path / "good-0.tar", [color_sample(i) for i in range(6)])
     full = (tmp_path / "full.tar")
-    _write(full, [_sample(100 + i) for i in range(6)])
+    write_tar(full, [color_sample(100 + i) for i in range(6)])
     data = full.read_bytes()
     (tmp_path / "good-1.tar").write_bytes(data[: len(data) // 2])  # truncated mid-stream
     # cut exactly after the members of the first 3 samples, dropping the end-of-archive blocks
     offsets = [m.offset_data + m.size for m in _members(str(full))]
     cut = -(-offsets[5] // 512) * 512
     (tmp_path / "trunc-at-member.tar").write_bytes(data[:cut])
-    bad = [_sample(200), {"__key__": "bad_png", "png": os.urandom(300), "txt": "noise"},
-           {"__key__": "no_txt", "png": _png((1, 2, 3))}, {"__key__": "empty_txt", "png": _png((1, 2, 3)), "txt": " "},
-           {"__key__": "no_img", "txt": "only text"}, {"__key__": "long", "png": _png((1, 2, 3)), "txt": "x" * 40},
-           _sample(201)]
-    _write(tmp_path / "good-2.tar", bad)
+    bad = [color_sample(200), {"__key__": "bad_png", "png": os.urandom(300), "txt": "noise"},
+           {"__key__": "no_txt", "png": png_bytes((1, 2, 3))}, {"__key__": "empty_txt", "png": png_bytes((1, 2, 3)), "txt": " "},
+           {"__key__": "no_img", "txt": "only text"}, {"__key__": "long", "png": png_bytes((1, 2, 3)), "txt": "x" * 40},
+           color_sample(201)]
+    write_tar(tmp_path / "good-2.tar", bad)
     spec = (f"{tmp_path}/good-{{0..3}}.tar,{tmp_path}/trunc-at-member.tar,pipe:exit 3,"
             f"pipe:cat {tmp_path}/full.tar")
     cfg = _cfg(spec, repeat=False, max_skip_rate=1.0)
@@ -361,10 +335,10 @@ def test_corrupt_inputs_are_skipped_and_counted(tmp_path: Path) -> None:
 
 
 def test_resume_is_exact_over_broken_shards(tmp_path: Path) -> None:
-    _make_shards(tmp_path, n_shards=2, per_shard=9)
+    make_shards(tmp_path, n_shards=2, per_shard=9)
     data = (tmp_path / "train-01.tar").read_bytes()
     (tmp_path / "train-02.tar").write_bytes(data[: len(data) // 2])
-    _write(tmp_path / "train-03.tar", [_sample(50), {"__key__": "bad", "png": b"xx", "txt": "a"}, _sample(51)])
+    write_tar(tmp_path / "train-03.tar", [color_sample(50), {"__key__": "bad", "png": b"xx", "txt": "a"}, color_sample(51)])
     cfg = _cfg(f"{tmp_path}/train-{{00..04}}.tar", shuffle_buffer=3, max_skip_rate=1.0)
     _check_resume(cfg, 12, [2, 5, 7, 9])
     _, state = _take(build_loader(cfg, TOK, (2, 2), seed=7), 12)
@@ -390,7 +364,7 @@ def test_iter_tar_reports_errors(tmp_path: Path) -> None:
     assert errors == ["corrupt_shard", "missing_shard", "missing_shard"]
     # a tar cut at a member boundary (no end-of-archive blocks): complete samples come out, the last one is dropped
     full = tmp_path / "full.tar"
-    _write(full, [_sample(i) for i in range(4)])
+    write_tar(full, [color_sample(i) for i in range(4)])
     members = _members(str(full))
     cut = -(-(members[5].offset_data + members[5].size) // 512) * 512  # after k0002.txt
     (tmp_path / "cut.tar").write_bytes(full.read_bytes()[:cut])
@@ -405,8 +379,8 @@ def test_iter_tar_reports_errors(tmp_path: Path) -> None:
 
 def test_skip_rate_ceiling_raises(tmp_path: Path) -> None:
     n = MIN_SAMPLES_FOR_SKIP_RATE + 20
-    samples = [_sample(i) if i % 3 == 0 else {"__key__": f"k{i:04d}", "png": b"", "txt": "x"} for i in range(n)]
-    path = _write(tmp_path / "mostly-bad.tar", samples)
+    samples = [color_sample(i) if i % 3 == 0 else {"__key__": f"k{i:04d}", "png": b"", "txt": "x"} for i in range(n)]
+    path = write_tar(tmp_path / "mostly-bad.tar", samples)
     loader = build_loader(_cfg(path, repeat=False, max_skip_rate=0.5), TOK, (2, 2), seed=0)
     one_line = r"^data skip rate 6\d\.\d% exceeds data\.max_skip_rate=50\.0% after 1\d\d samples on rank 0 worker 0 \("
     with pytest.raises(DataError, match=one_line) as err:
@@ -423,7 +397,7 @@ def test_unreadable_data_with_repeat_raises(tmp_path: Path) -> None:
 
 
 def test_state_from_another_world_size_is_refused(tmp_path: Path) -> None:
-    cfg = _cfg(_make_shards(tmp_path))
+    cfg = _cfg(make_shards(tmp_path))
     state = PackedDataset(cfg, TOK, (2, 2), seed=0, rank=1, world_size=2).state_dict()
     with pytest.raises(DataError, match="exact resume needs the same world size"):
         PackedDataset(cfg, TOK, (2, 2), seed=0).load_state_dict(state)
@@ -444,7 +418,7 @@ def test_grid_prompts_name_why_eval_shards_give_none(tmp_path: Path) -> None:
                                                        f"{str(tmp_path / 'nope.tar')!r} matches no files")
     (tmp_path / "junk.tar").write_bytes(os.urandom(2000))
     assert error(str(tmp_path / "junk.tar")).endswith("could not be read (0 shard(s) missing, 1 corrupt)")
-    _write(tmp_path / "no-captions.tar", [{"__key__": "a", "png": _png((1, 2, 3))}])
+    write_tar(tmp_path / "no-captions.tar", [{"__key__": "a", "png": png_bytes((1, 2, 3))}])
     assert error(str(tmp_path / "no-captions.tar")).endswith("has no captions")
 
 
@@ -459,7 +433,7 @@ def test_missing_eval_shards_say_they_match_no_file(tmp_path: Path) -> None:
     missing = tmp_path / "heldout-000000.tar"
     proc = subprocess.run(
         [sys.executable, "-m", "transfusion.train", "recipes/shapes_tiny.toml", f"--run.dir={tmp_path / 'run'}",
-         "--run.device=cpu", f"--data.shards={_make_shards(tmp_path / 'train')}", f"--data.eval_shards={missing}",
+         "--run.device=cpu", f"--data.shards={make_shards(tmp_path / 'train')}", f"--data.eval_shards={missing}",
          "--data.image_size=8", "--data.seq_len=64", "--data.batch_rows=2", "--data.num_workers=0",
          "--model.dim=32", "--model.n_layers=1", "--model.n_heads=2", "--train.autocast=fp32", "--no-progress"],
         cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), capture_output=True, text=True, timeout=300)

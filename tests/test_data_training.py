@@ -4,15 +4,13 @@ reason, a skip-rate ceiling stops `python -m transfusion.train` with one line, l
 from __future__ import annotations
 
 import importlib.util
-import io
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import webdataset as wds
-from PIL import Image
+from helpers import TINY_RUN, overrides, png_bytes, write_tar
 
 from transfusion.config import load_config
 
@@ -21,16 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def _png(i: int, size: int = 16) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), (40 * (i % 6), 255 - 20 * (i % 9), 90)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _write(path: Path, samples: list[dict]) -> Path:
-    with wds.TarWriter(str(path), encoder=False) as sink:
-        for s in samples:
-            sink.write(s)
-    return path
+    return png_bytes((40 * (i % 6), 255 - 20 * (i % 9), 90), (size, size))
 
 
 def _good(i: int) -> dict:
@@ -38,20 +27,19 @@ def _good(i: int) -> dict:
 
 
 def _overrides(shards: str, run_dir: Path, steps: int, *extra: str) -> list[str]:
-    return [f"--run.dir={run_dir}", f"--data.shards={shards}", "--data.image_size=16", "--data.seq_len=64",
-            "--data.batch_rows=4", "--data.num_workers=0", "--data.shuffle_buffer=4", "--model.dim=32",
-            "--model.n_layers=1", "--model.n_heads=2", "--model.patch_size=4", f"--train.steps={steps}",
-            "--train.warmup_steps=1", "--train.log_interval=2", "--checkpoint.interval=0", "--sample.steps=1",
-            "--sample.prompts=['shape 1']", *extra]
+    return overrides({"run.dir": run_dir, "data.shards": shards}, TINY_RUN, {
+        "data.batch_rows": 4, "data.shuffle_buffer": 4, "train.steps": steps, "train.warmup_steps": 1,
+        "train.log_interval": 2, "checkpoint.interval": 0, "sample.steps": 1, "sample.prompts": "['shape 1']"},
+        extra=extra)
 
 
 def test_broken_shard_set_trains_to_the_end_and_reports_each_reason(tmp_path: Path) -> None:
     from transfusion.training.trainer import Trainer
 
-    _write(tmp_path / "part-0.tar", [_good(i) for i in range(6)])
-    _write(tmp_path / "part-1.tar", [_good(10), {"__key__": "noise", "jpg": os.urandom(600), "txt": b"random bytes"},
-                                     {"__key__": "nocap", "png": _png(3)}, _good(11), _good(12)])
-    full = _write(tmp_path / "full.tar", [_good(20 + i) for i in range(6)]).read_bytes()
+    write_tar(tmp_path / "part-0.tar", [_good(i) for i in range(6)])
+    write_tar(tmp_path / "part-1.tar", [_good(10), {"__key__": "noise", "jpg": os.urandom(600), "txt": b"random bytes"},
+                                        {"__key__": "nocap", "png": _png(3)}, _good(11), _good(12)])
+    full = Path(write_tar(tmp_path / "full.tar", [_good(20 + i) for i in range(6)])).read_bytes()
     (tmp_path / "part-3.tar").write_bytes(full[: len(full) // 2])  # truncated mid-member
     # part-2.tar does not exist: the brace list still names it
     spec = f"{tmp_path}/part-{{0..3}}.tar"
@@ -71,7 +59,7 @@ def test_broken_shard_set_trains_to_the_end_and_reports_each_reason(tmp_path: Pa
 def test_skip_rate_ceiling_stops_the_run_with_one_line(tmp_path: Path) -> None:
     samples = [_good(i) if i % 2 else {"__key__": f"k{i:04d}", "png": b"not an image", "txt": b"x"}
                for i in range(240)]
-    _write(tmp_path / "half-bad.tar", samples)
+    write_tar(tmp_path / "half-bad.tar", samples)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "transfusion.train", "recipes/shapes_tiny.toml", "--no-progress",
                            *_overrides(str(tmp_path / "half-bad.tar"), tmp_path / "run", 50),
@@ -97,7 +85,7 @@ def _tool(name: str):
 def test_latent_shards_train_without_reencoding(tmp_path: Path, vae_dir: Path) -> None:
     from transfusion.training.trainer import Trainer
 
-    _write(tmp_path / "pix-0.tar", [_good(i) for i in range(12)])
+    write_tar(tmp_path / "pix-0.tar", [_good(i) for i in range(12)])
     rc = _tool("precompute_latents").main(["--shards", str(tmp_path / "pix-0.tar"), "--vae", str(vae_dir),
                                            "--out", str(tmp_path / "lat"), "--image-size", "16",
                                            "--decode-workers", "0", "--no-progress", "--batch-size", "5"])
@@ -131,7 +119,7 @@ def test_clean_copies_and_noise_limits_train(tmp_path: Path) -> None:
     does not reach the noisy copy (the caption reads the clean one)."""
     from transfusion.training.trainer import Trainer
 
-    _write(tmp_path / "pairs.tar", [_good(i) for i in range(16)])
+    write_tar(tmp_path / "pairs.tar", [_good(i) for i in range(16)])
     overrides = _overrides(str(tmp_path / "pairs.tar"), tmp_path / "run", 2, "--data.t2i_ratio=0.0",
                            "--data.seq_len=96", "--data.image_then_text_role=target", "--data.clean_copy=true",
                            "--data.noise_limit=0.5", "--data.noise_limit_share=1.0")
@@ -154,7 +142,7 @@ def test_evaluation_reads_latent_shards_without_reencoding(tmp_path: Path, vae_d
     from transfusion.generation.engine import Engine
     from transfusion.training.trainer import Trainer
 
-    _write(tmp_path / "pix-0.tar", [_good(i) for i in range(12)])
+    write_tar(tmp_path / "pix-0.tar", [_good(i) for i in range(12)])
     assert _tool("precompute_latents").main(["--shards", str(tmp_path / "pix-0.tar"), "--vae", str(vae_dir),
                                              "--out", str(tmp_path / "lat"), "--image-size", "16",
                                              "--decode-workers", "0", "--no-progress", "--batch-size", "5"]) == 0

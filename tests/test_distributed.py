@@ -3,16 +3,14 @@ no image on one rank, the consumer split of the data stream, FLOPs accounting.""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TOK, make_batch, tiny_model
+from helpers import TOK, free_port, join_gloo_group, make_batch, run_ranks, tiny_model
 
 from transfusion.config import DiffusionConfig, LossConfig, ModelConfig, ParallelConfig
 from transfusion.diffusion.schedule import NoiseSchedule
@@ -92,20 +90,12 @@ def _rank_batches():
     return [text_only, with_images]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _no_image_worker(rank: int, port: int, out: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from transfusion.distributed.env import all_reduce_sum, init_distributed
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    join_gloo_group(rank, port)
     env = init_distributed(ParallelConfig(timeout_s=60), "cpu")
     for param_dtype in ("fp32", "bf16"):
         model = meta_model(ParallelConfig(param_dtype=param_dtype), env.mesh)
@@ -128,17 +118,8 @@ def test_fsdp_rank_without_images_does_not_hang_and_sums_gradients(tmp_path):
     """Rank 0's micro-batch has no image, rank 1's has two: the image-only modules still run on rank 0 (zero-size
     inputs), so FSDP's reduce-scatter matches up; the summed gradient equals one process doing both batches. Then
     the same with bf16 parameters (the GPU policy), which must not trip over dtypes."""
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_no_image_worker, args=(r, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=150)
-    hung = [p.pid for p in procs if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
+    port = free_port()
+    procs, hung = run_ranks(_no_image_worker, lambda r: (r, port, str(tmp_path)))
     assert not hung, f"ranks {hung} hung (FSDP collective mismatch?)"
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     got = torch.load(tmp_path / "grads_fp32.pt")

@@ -8,7 +8,6 @@ The dataset is sized so that one epoch is exactly the run: 24 samples in 2 shard
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_RUN, torchrun_cmd, train_env
+from helpers import overrides as recipe_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -24,45 +25,29 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shapes24")
-    subprocess.run([sys.executable, "tools/make_shapes_shards.py", "--out", str(out), "--train-samples", "24",
-                    "--heldout-samples", "4", "--shard-size", "12", "--image-size", "16"], cwd=REPO, check=True,
-                   capture_output=True)
-    return out
+def shards(shapes_shards) -> Path:
+    return shapes_shards(train=24, heldout=4, shard_size=12)
 
 
 def overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"--run.dir={run_dir}", "--run.device=cpu", f"--data.shards={shards}/train-{{000000..000001}}.tar",
-        f"--data.eval_shards={shards}/heldout-000000.tar", "--data.image_size=16", "--data.seq_len=64",
-        "--data.batch_rows=2", "--data.num_workers=0", "--data.shuffle_buffer=8", "--data.caption_dropout=0.0",
-        "--model.dim=32", "--model.n_layers=1", "--model.n_heads=2", "--model.patch_size=4",
-        f"--train.steps={STEPS}", "--train.warmup_steps=2", "--train.log_interval=1", "--train.trace_data=true",
-        "--checkpoint.interval=2", "--checkpoint.keep=5", "--sample.steps=1",
-        "--sample.prompts=['a red circle on the left']", "--no-progress", *extra,
-    ]
-
-
-def _env(fault: str | None) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    env.pop("TRANSFUSION_FAULT", None)
-    if fault:
-        env["TRANSFUSION_FAULT"] = fault
-    return env
+    return recipe_overrides({"run.dir": run_dir, "run.device": "cpu",
+                             "data.shards": f"{shards}/train-{{000000..000001}}.tar",
+                             "data.eval_shards": f"{shards}/heldout-000000.tar"}, TINY_RUN, {
+        "data.batch_rows": 2, "data.shuffle_buffer": 8, "data.caption_dropout": "0.0", "train.steps": STEPS,
+        "train.warmup_steps": 2, "train.log_interval": 1, "train.trace_data": True, "checkpoint.interval": 2,
+        "checkpoint.keep": 5, "sample.steps": 1, "sample.prompts": "['a red circle on the left']"},
+        extra=("--no-progress", *extra))
 
 
 def torchrun(nproc: int, args: list[str], *, fault: str | None = None, log_dir: Path | None = None,
              timeout: int = 300) -> subprocess.CompletedProcess:
-    logs = ["--log-dir", str(log_dir), "--redirects", "3"] if log_dir else []
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *logs,
-           "-m", "transfusion.train", "recipes/shapes_tiny.toml", *args]
-    return subprocess.run(cmd, cwd=REPO, env=_env(fault), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(torchrun_cmd(nproc, args, log_dir), cwd=REPO, env=train_env(fault), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def python_train(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "transfusion.train", "recipes/shapes_tiny.toml", *args]
-    return subprocess.run(cmd, cwd=REPO, env=_env(None), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def ok(proc: subprocess.CompletedProcess) -> None:

@@ -8,11 +8,14 @@ import pytest
 import torch
 
 from transfusion.config import ModelConfig
+import transfusion.precision as precision
 from transfusion.precision import (
     BF16_MIN_SPEEDUP,
+    PEAK_MAX_ROWS,
     PROBE_ROWS,
     measure_peak_flops,
     model_matmul_shapes,
+    peak_over,
     probe_shapes,
     resolve_precision,
     time_matmuls,
@@ -99,3 +102,56 @@ def test_window_reports_achieved_flops_as_a_share_of_the_measured_peak():
     assert out["peak_share"] == pytest.approx(0.25)
     assert out["measured_peak_tflops"] == pytest.approx(4 * achieved / 1e12)
     assert "mfu" not in out  # CPU: no datasheet peak
+
+
+def fake_rates(gflops_by_side: dict[int, float], default: float):
+    """rate(shape) in FLOP/s: squares by side, other shapes ``default``; records the shapes asked for."""
+    tried = []
+
+    def rate(shape):
+        tried.append(shape)
+        m, k, n = shape
+        return 1e9 * (gflops_by_side.get(m, default) if m == k == n else default)
+
+    return rate, tried
+
+
+def test_peak_is_the_max_over_model_shapes_and_growing_squares():
+    # the EPYC of the bug report: 123 GFLOP/s at 1024, 148 at 2048; the model's own shapes are slower still
+    rate, tried = fake_rates({1024: 123.0, 2048: 148.0, 4096: 146.0}, default=60.0)
+    model = [(256, 64, 192), (256, 64, 64)]
+    peak = peak_over(model, (1024, 2048, 4096), rate, repeats=2, budget_s=10.0)
+    assert tried[:2] == model and [s[0] for s in tried[2:]] == [1024, 2048, 4096]
+    assert peak == 148e9 == max(map(rate, list(tried)))
+    # share of peak is computed against it: a step at the 2048-square rate is 100 %, never more
+    flops = flops_per_token(ModelConfig(dim=64, n_layers=2, n_heads=4), 262, 3, seq_len=128)
+    w = Window()
+    w.add(step_s=1.0, data_s=0.0, text_tokens=1000, image_tokens=0, metrics={"loss": 1.0})
+    achieved = w.summary(flops, torch.device("cpu"))["tflops_per_s"] * 1e12
+    assert w.summary(flops, torch.device("cpu"), measured_peak=peak)["peak_share"] == pytest.approx(achieved / 148e9)
+
+
+def test_peak_tries_a_larger_square_only_within_the_time_budget():
+    # software bf16 at 1 GFLOP/s: a 2048-square matmul would take 17 s a pass, so only 1024 is tried
+    rate, tried = fake_rates({}, default=1.0)
+    assert peak_over([], (1024, 2048, 4096), rate, repeats=2, budget_s=3.0) == 1e9
+    assert tried == [(1024, 1024, 1024)]
+    # 100 GFLOP/s: 2048 fits 3 s (3 passes x 0.17 s), 4096 does not (3 x 1.4 s)
+    rate, tried = fake_rates({}, default=100.0)
+    peak_over([], (4096, 1024, 2048), rate, repeats=2, budget_s=3.0)
+    assert [s[0] for s in tried] == [1024, 2048]
+
+
+def test_measure_peak_flops_uses_the_model_shapes_the_squares_and_the_thread_count(monkeypatch):
+    calls = []
+
+    def fake(device, dtype, shape, threads):
+        calls.append((shape, threads))
+        return 2e12 if shape == (4096, 4096, 4096) else 1e12  # fast enough for every square to be tried
+
+    monkeypatch.setattr(precision, "_shape_flops", fake)
+    assert measure_peak_flops("cpu", torch.float32, SHAPES) == 2e12
+    shapes = [shape for shape, _ in calls]
+    assert {(min(m, PEAK_MAX_ROWS), k, n) for m, k, n in SHAPES} <= set(shapes)
+    assert {(n, n, n) for n in precision.PEAK_SQUARES} <= set(shapes)
+    assert {t for _, t in calls} == {torch.get_num_threads()}

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed_torchrun import STEPS, _env, all_keys, ok, overrides, shards, torchrun, trace_keys  # noqa: F401
+from helpers import torchrun_cmd, train_env
+from test_distributed_torchrun import STEPS, all_keys, ok, overrides, shards, torchrun, trace_keys  # noqa: F401
 from test_train_integration import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,9 +85,8 @@ def worker_pids(torchrun_pid: int) -> dict[int, int]:
 def preempt_torchrun(args: list[str], step: int, target: str, log_dir: Path) -> subprocess.CompletedProcess:
     """Start 2 ranks that wait before ``step`` (fault hook ``await_signal``) and SIGTERM ``target`` ("rank1" or
     "torchrun") there; return the finished torchrun."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--log-dir",
-           str(log_dir), "--redirects", "3", "-m", "transfusion.train", "recipes/shapes_tiny.toml", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(f"await_signal@{step}"), stdout=subprocess.PIPE,
+    cmd = torchrun_cmd(2, args, log_dir)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=train_env(f"await_signal@{step}"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     run_log = Path(next(a.split("=", 1)[1] for a in args if a.startswith("--run.dir="))) / "train.log"
     waiting = f"fault injection: waiting before step {step} for a preemption signal"
@@ -144,12 +144,8 @@ def test_sigterm_under_torchrun_stops_every_rank_with_a_checkpoint_and_resumes_b
 
 
 @pytest.fixture(scope="module")
-def small_shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shapes_small")
-    subprocess.run([sys.executable, "tools/make_shapes_shards.py", "--out", str(out), "--train-samples", "96",
-                    "--heldout-samples", "8", "--shard-size", "32", "--image-size", "16"], cwd=REPO, check=True,
-                   capture_output=True)
-    return out
+def small_shards(shapes_shards) -> Path:
+    return shapes_shards(train=96, heldout=8, shard_size=32)
 
 
 def test_sigusr1_in_one_process_saves_ignores_a_second_signal_and_resumes_bitwise(small_shards, tmp_path,
@@ -210,7 +206,7 @@ def test_sigusr1_in_one_process_saves_ignores_a_second_signal_and_resumes_bitwis
 def test_unknown_preempt_signal_is_one_error_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "transfusion.train", "recipes/shapes_tiny.toml",
                            f"--run.dir={tmp_path}", "--train.preempt_signals=['SIGTERM', 'SIGKILL']"], cwd=REPO,
-                          env=_env(None), capture_output=True, text=True, timeout=120)
+                          env=train_env(), capture_output=True, text=True, timeout=120)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: unknown value 'SIGKILL' for 'train.preempt_signals[1]'")

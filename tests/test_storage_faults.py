@@ -7,15 +7,14 @@ import builtins
 import contextlib
 import errno
 import logging
-import multiprocessing as mp
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from helpers import free_port, join_gloo_group, make_shards, png_bytes, run_ranks
 from torch.distributed.checkpoint.filesystem import FileSystem
 
 from transfusion.checkpoint import CheckpointError, ModelOptimizerState, latest_checkpoint, load_checkpoint
@@ -295,18 +294,10 @@ def test_on_save_error_continue_warns_and_the_next_save_succeeds(tmp_path, monke
 # two ranks: a fault on one rank fails the save on both, with the same line, and nothing hangs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_rank_worker(rank: int, port: int, root: str, suffix: str, faulty_rank: int, out: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    join_gloo_group(rank, port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     model, opt = make(0)
     save_checkpoint(Path(root), 2, state(model, opt), {"rank": rank}, keep=1)
@@ -325,19 +316,8 @@ def _two_rank_worker(rank: int, port: int, root: str, suffix: str, faulty_rank: 
 @pytest.mark.slow
 @pytest.mark.parametrize("suffix,faulty_rank", [("rank_1.pt", 1), (f".{MARKER}.tmp", 0)])
 def test_a_fault_on_one_rank_fails_the_save_on_every_rank(tmp_path, suffix, faulty_rank):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    root = tmp_path / "checkpoints"
-    procs = [ctx.Process(target=_two_rank_worker, args=(r, port, str(root), suffix, faulty_rank, str(tmp_path)))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=150)
-    hung = [p.pid for p in procs if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
+    port, root = free_port(), tmp_path / "checkpoints"
+    procs, hung = run_ranks(_two_rank_worker, lambda r: (r, port, str(root), suffix, faulty_rank, str(tmp_path)))
     assert not hung, "a rank hung after another rank's write failed"
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     lines = [(tmp_path / f"rank_{r}.txt").read_text() for r in range(2)]
@@ -351,28 +331,16 @@ def test_a_fault_on_one_rank_fails_the_save_on_every_rank(tmp_path, suffix, faul
 # end to end: the training CLI stops with one line; --resume continues from the last complete checkpoint
 
 
-def _write_shards(root: Path, n_shards: int = 2, per_shard: int = 20) -> str:
-    import io
-
-    import webdataset as wds
-    from PIL import Image
-
-    root.mkdir(parents=True, exist_ok=True)
-    for s in range(n_shards):
-        with wds.TarWriter(str(root / f"train-{s}.tar")) as w:
-            for i in range(per_shard):
-                k = s * per_shard + i
-                buf = io.BytesIO()
-                Image.new("RGB", (16, 16), (k * 5 % 256, 255 - k * 3 % 256, k * 11 % 256)).save(buf, "PNG")
-                w.write({"__key__": f"k{k:04d}", "png": buf.getvalue(), "txt": f"colour {k}"})
-    return f"{root}/train-{{0..{n_shards - 1}}}.tar"
+def _colour_sample(k: int) -> dict:
+    return {"__key__": f"k{k:04d}", "png": png_bytes((k * 5 % 256, 255 - k * 3 % 256, k * 11 % 256), (16, 16)),
+            "txt": f"colour {k}"}
 
 
 @pytest.mark.slow
 def test_training_stops_with_one_line_and_resumes_from_the_last_complete_checkpoint(tmp_path, monkeypatch, capsys):
     from transfusion.train import main
 
-    run, shards = tmp_path / "run", _write_shards(tmp_path / "shards")
+    run, shards = tmp_path / "run", make_shards(tmp_path / "shards", 2, 20, sample=_colour_sample)
     args = ["recipes/shapes_tiny.toml", f"--run.dir={run}", "--run.device=cpu", f"--data.shards={shards}",
             "--data.image_size=16", "--data.seq_len=64", "--data.batch_rows=2", "--data.num_workers=0",
             "--data.shuffle_buffer=8", "--model.dim=32", "--model.n_layers=1", "--model.n_heads=2",

@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_data_pipeline import TOK, _assert_same, _cfg, _dataset_states, _make_shards, _take
+from helpers import make_shards
+from test_data_pipeline import TOK, _assert_same, _cfg, _dataset_states, _take
 
 import data_pipelines.shards as shards_mod
 from data_pipelines.loader import build_loader, data_counts
@@ -42,6 +43,13 @@ def flaky_urls(tmp_path: Path, spec: str, mode: str) -> tuple[list[str], list[Pa
     return urls, counters
 
 
+def flaky_shard(tmp_path: Path, mode: str) -> tuple[str, str, Path]:
+    """One local shard of 12 samples: its path, a ``pipe:`` URL serving it through the flaky script, the counter."""
+    spec = make_shards(tmp_path / "data", n_shards=1, per_shard=12)
+    (url,), (counter,) = flaky_urls(tmp_path, spec, mode)
+    return shards_mod.expand_shard_spec(spec)[0], url, counter
+
+
 def attempts(counter: Path) -> int:
     return int(counter.read_text()) if counter.exists() else 0
 
@@ -63,29 +71,26 @@ def _raw(samples) -> list[tuple[int, str, bytes, bytes]]:
 
 
 def test_a_stream_that_breaks_on_its_first_attempt_reads_like_an_unbroken_one(tmp_path, sleeps):
-    spec = _make_shards(tmp_path / "data", n_shards=1, per_shard=12)
-    (url,), (counter,) = flaky_urls(tmp_path, spec, "first")
+    path, url, counter = flaky_shard(tmp_path, "first")
     errors = []
     got = _raw(iter_tar(url, retries=3, backoff_s=0.5, on_error=lambda *a: errors.append(a[0])))
-    unbroken = _raw(iter_tar(shards_mod.expand_shard_spec(spec)[0]))
+    unbroken = _raw(iter_tar(path))
     assert len(unbroken) == 12 and got == unbroken  # every sample once, in order, same bytes
     assert errors == ["shard_retries"] and attempts(counter) == 2 and sleeps == [0.5]
 
 
 def test_start_and_keep_survive_a_retry(tmp_path, sleeps):
-    spec = _make_shards(tmp_path / "data", n_shards=1, per_shard=12)
-    (url,), _ = flaky_urls(tmp_path, spec, "first")
+    path, url, _ = flaky_shard(tmp_path, "first")
     keep = lambda i: i % 3 != 1  # noqa: E731 - a sample split, as with fewer shards than readers
     got = _raw(iter_tar(url, start=2, keep=keep, retries=1, backoff_s=0.0))
-    assert got == _raw(iter_tar(shards_mod.expand_shard_spec(spec)[0], start=2, keep=keep))
+    assert got == _raw(iter_tar(path, start=2, keep=keep))
 
 
 def test_a_stream_that_always_fails_is_skipped_and_counted_after_its_retries(tmp_path, sleeps):
-    spec = _make_shards(tmp_path / "data", n_shards=1, per_shard=12)
-    (url,), (counter,) = flaky_urls(tmp_path, spec, "always")
+    path, url, counter = flaky_shard(tmp_path, "always")
     errors = []
     got = _raw(iter_tar(url, retries=3, backoff_s=0.25, on_error=lambda *a: errors.append(a[0])))
-    unbroken = _raw(iter_tar(shards_mod.expand_shard_spec(spec)[0]))
+    unbroken = _raw(iter_tar(path))
     assert 0 < len(got) < 12 and got == unbroken[: len(got)]  # the samples before the cut, once each
     assert errors == ["shard_retries"] * 3 + ["corrupt_shard"] and attempts(counter) == 4
     assert sleeps == [0.25, 0.5, 1.0]  # exponential backoff
@@ -97,7 +102,7 @@ def test_a_stream_that_always_fails_is_skipped_and_counted_after_its_retries(tmp
 
 def test_local_format_errors_are_not_retried(tmp_path, sleeps):
     """Bytes on a local disk read the same the next time: a corrupt or missing local shard is skipped at once."""
-    full = Path(shards_mod.expand_shard_spec(_make_shards(tmp_path, n_shards=1, per_shard=6))[0])
+    full = Path(shards_mod.expand_shard_spec(make_shards(tmp_path, n_shards=1, per_shard=6))[0])
     cut = tmp_path / "cut.tar"
     cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     errors = []
@@ -111,7 +116,7 @@ def test_a_local_io_error_is_retried_after_the_samples_already_read(tmp_path, sl
     the broken attempt had already yielded."""
     import errno
 
-    path = shards_mod.expand_shard_spec(_make_shards(tmp_path, n_shards=1, per_shard=6))[0]
+    path = shards_mod.expand_shard_spec(make_shards(tmp_path, n_shards=1, per_shard=6))[0]
     real = shards_mod.gopen
     calls = []
 
@@ -151,7 +156,7 @@ def test_a_local_io_error_is_retried_after_the_samples_already_read(tmp_path, sl
 
 
 def test_loader_over_a_flaky_stream_equals_the_unbroken_one_and_counts_retries(tmp_path, sleeps):
-    spec = _make_shards(tmp_path / "data", n_shards=3, per_shard=8)
+    spec = make_shards(tmp_path / "data", n_shards=3, per_shard=8)
     urls, counters = flaky_urls(tmp_path, spec, "first")
     kw = dict(repeat=False, shard_retries=3, shard_retry_backoff_s=0.01, format="pixels")  # (no peek at a shard)
     loader = build_loader(_cfg(",".join(urls), **kw), TOK, (2, 2), seed=5)
@@ -166,9 +171,9 @@ def test_loader_over_a_flaky_stream_equals_the_unbroken_one_and_counts_retries(t
 
 
 def test_a_shard_that_keeps_failing_is_skipped_and_the_run_goes_on(tmp_path, sleeps):
-    spec = _make_shards(tmp_path / "data", n_shards=2, per_shard=8)
+    spec = make_shards(tmp_path / "data", n_shards=2, per_shard=8)
     urls, counters = flaky_urls(tmp_path, spec, "always")
-    good = _make_shards(tmp_path / "good", n_shards=1, per_shard=8, prefix="good")
+    good = make_shards(tmp_path / "good", n_shards=1, per_shard=8, prefix="good")
     cfg = _cfg(f"{good},{urls[0]}", repeat=False, shard_retries=2, shard_retry_backoff_s=0.01)
     loader = build_loader(cfg, TOK, (2, 2), seed=0)
     keys = [k for b in loader for k in b.keys]
@@ -181,7 +186,7 @@ def test_a_shard_that_keeps_failing_is_skipped_and_the_run_goes_on(tmp_path, sle
 def test_resume_is_exact_over_a_flaky_stream(tmp_path, sleeps, num_workers, ks):
     """Every other open of every shard breaks half-way (`alternate`): taking the state after k batches, rebuilding
     and loading it gives the unbroken stream's next batches, and so does the uninterrupted flaky run."""
-    spec = _make_shards(tmp_path / "data", n_shards=4, per_shard=10)
+    spec = make_shards(tmp_path / "data", n_shards=4, per_shard=10)
     urls, _ = flaky_urls(tmp_path, spec, "alternate")
     kw = dict(num_workers=num_workers, shard_retries=3, shard_retry_backoff_s=0.01)
     flaky, unbroken = _cfg(",".join(urls), **kw), _cfg(spec, **kw)
@@ -224,7 +229,7 @@ def test_latents_format_over_unreadable_shards_says_they_could_not_be_read(tmp_p
 def test_resuming_over_a_shard_that_became_unreadable_names_it(tmp_path):
     from data_pipelines.shards import DataError, ShardStream
 
-    (url,) = shards_mod.expand_shard_spec(_make_shards(tmp_path, n_shards=1, per_shard=6))
+    (url,) = shards_mod.expand_shard_spec(make_shards(tmp_path, n_shards=1, per_shard=6))
     stream = ShardStream([url], seed=0, shuffle_buffer=4)
     for _ in range(2):
         next(stream)

@@ -229,3 +229,37 @@ def test_bench_data_prints_one_table() -> None:
     assert len(rows) == 5 and rows[0].startswith("| shards | samples/s | tokens/s")
     assert "pixels: 64 px JPEG" in rows[2] and "float16 .npy" in rows[3] and "bfloat16 .safetensors" in rows[4]
     assert all(float(r.split("|")[2].replace(",", "")) > 0 for r in rows[2:])
+
+
+def test_shard_writer_limits_names_and_interrupted_shards(tmp_path: Path) -> None:
+    """The one writer behind the shard tools: a shard closes before the sample that would pass a limit, a sample
+    larger than the byte limit gets a shard alone, no empty shard is started, an interrupted shard stays .tmp."""
+    from data_pipelines.writer import PLAIN, WEBDATASET, ShardWriter, tar_size
+
+    members = {"txt": b"x" * 600, "png": b"p" * 10}
+    with ShardWriter(tmp_path, "a", max_samples=2) as w:
+        for i in range(5):
+            w.write(f"{i:03d}", members, images=1)
+    assert [(s["name"], s["samples"], s["images"]) for s in w.shards] == [
+        ("a-000000.tar", 2, 2), ("a-000001.tar", 2, 2), ("a-000002.tar", 1, 1)]
+    assert all(s["bytes"] == (tmp_path / s["name"]).stat().st_size for s in w.shards)
+    with tarfile.open(tmp_path / "a-000000.tar") as tar:
+        infos = tar.getmembers()
+    assert [m.name for m in infos] == ["000.png", "000.txt", "001.png", "001.txt"]  # sorted by extension
+    assert {(m.mtime, m.mode, m.uname, m.uid) for m in infos} == {(0, 0o644, "", 0)}
+
+    big = {"bin": b"b" * 5000}
+    limit = 1024 + tar_size(members) * 2  # room for two small samples
+    with ShardWriter(tmp_path, "b", max_samples=100, max_bytes=limit, style=WEBDATASET) as w:
+        for i, m in enumerate([members, members, members, big, members]):
+            w.write(f"{i:03d}", m)
+    assert [s["samples"] for s in w.shards] == [2, 1, 1, 1]
+    with tarfile.open(tmp_path / "b-000000.tar") as tar:
+        assert {(m.mode, m.uname) for m in tar} == {(0o444, "bigdata")}
+
+    assert ShardWriter(tmp_path, "c", max_samples=1, style=PLAIN).shards == [] and not list(tmp_path.glob("c-*"))
+    with pytest.raises(KeyboardInterrupt):
+        with ShardWriter(tmp_path, "d", max_samples=10) as w:
+            w.write("000", members)
+            raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.glob("d-*")] == ["d-000000.tar.tmp"]  # never looks complete

@@ -13,30 +13,24 @@ import pytest
 import torch
 
 from transfusion.config import load_config
+from helpers import TINY_RUN, overrides
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shapes")
-    subprocess.run([sys.executable, "tools/make_shapes_shards.py", "--out", str(out), "--train-samples", "96",
-                    "--heldout-samples", "8", "--shard-size", "32", "--image-size", "16"], cwd=REPO, check=True,
-                   capture_output=True)
-    return out
+def shards(shapes_shards) -> Path:
+    return shapes_shards(train=96, heldout=8, shard_size=32)
 
 
 def tiny_overrides(shards: Path, run_dir: Path, steps: int) -> list[str]:
-    return [
-        f"--run.dir={run_dir}", f"--data.shards={shards}/train-{{000000..000002}}.tar",
-        f"--data.eval_shards={shards}/heldout-000000.tar", "--data.image_size=16", "--data.seq_len=64",
-        "--data.batch_rows=2", "--data.num_workers=0", "--data.shuffle_buffer=8", "--model.dim=32",
-        "--model.n_layers=1", "--model.n_heads=2", "--model.patch_size=4", f"--train.steps={steps}",
-        "--train.warmup_steps=2", "--train.log_interval=2", "--checkpoint.interval=3", "--checkpoint.keep=3",
-        "--sample.steps=2", "--sample.prompts=['a red circle on the left']", "--eval.num_t2i=4",
-        "--eval.num_caption=4", "--eval.batch_size=4", "--eval.max_caption_tokens=4",
-    ]
+    return overrides({"run.dir": run_dir, "data.shards": f"{shards}/train-{{000000..000002}}.tar",
+                      "data.eval_shards": f"{shards}/heldout-000000.tar"}, TINY_RUN, {
+        "data.batch_rows": 2, "data.shuffle_buffer": 8, "train.steps": steps, "train.warmup_steps": 2,
+        "train.log_interval": 2, "checkpoint.interval": 3, "checkpoint.keep": 3, "sample.steps": 2,
+        "sample.prompts": "['a red circle on the left']", "eval.num_t2i": 4, "eval.num_caption": 4,
+        "eval.batch_size": 4, "eval.max_caption_tokens": 4})
 
 
 def train(shards: Path, run_dir: Path, steps: int, resume=None, stop_after=None):

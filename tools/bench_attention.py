@@ -24,9 +24,6 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Candidate Triton flex options for --flex-sweep (tile sizes, warps, stages, TMA on Hopper+); {} = torch's defaults
 SWEEP = [
@@ -85,14 +82,11 @@ def device_name(device) -> str:
 
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    flags = ""
-    try:
-        line = next(x for x in Path("/proc/cpuinfo").read_text().split("\n") if x.startswith("flags"))
-        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in line)
-    except (OSError, StopIteration):
-        pass
-    return (f"{platform.machine()} CPU, capability {torch.backends.cpu.get_cpu_capability()} (flags: {flags}), "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    from transfusion.precision import cpu_features
+
+    feats = cpu_features()
+    return (f"{platform.machine()} CPU, capability {feats['capability']} (flags: {' '.join(feats['flags'])}), "
+            f"torch {torch.__version__}, {feats['threads']} threads")
 
 
 def main(argv=None) -> int:

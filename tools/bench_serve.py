@@ -42,9 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transfusion.cli import fail_cleanly  # noqa: E402
+from transfusion.cli import fail_cleanly
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,17 +91,11 @@ def machine() -> str:
 
     import torch
 
-    flags = ""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text().split("\n")
-        line = next(x for x in cpuinfo if x.startswith("flags"))
-        wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma")
-        flags = " ".join(f for f in wanted if f" {f}" in line)
-    except (OSError, StopIteration):
-        pass
-    threads = torch.get_num_threads()
+    from transfusion.precision import cpu_features
+
+    feats = cpu_features()
     return (f"{platform.processor() or platform.machine()}, torch {torch.__version__}, CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()} (flags: {flags or 'n/a'}), {threads} threads")
+            f"{feats['capability']} (flags: {' '.join(feats['flags']) or 'n/a'}), {feats['threads']} threads")
 
 
 def build_engine(args):

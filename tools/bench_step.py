@@ -20,9 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transfusion.cli import fail_cleanly  # noqa: E402
+from transfusion.cli import fail_cleanly
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -111,7 +109,7 @@ def main(argv=None) -> int:
         "useful tokens": f"{100 * useful / slots:.0f}%",
         "GFLOP/s": f"{1e3 * s['tflops_per_s']:.1f}",
         "peak GFLOP/s": f"{1e3 * s['measured_peak_tflops']:.1f}",
-        "share of peak": f"{100 * s['peak_share']:.1f}%",
+        "share of peak": f"{100 * s['peak_share']:.3g}%",  # 3 digits: a tiny model can be far under 0.1 %
     }
     if "mfu" in s:
         row["MFU"] = f"{100 * s['mfu']:.1f}%"

@@ -28,10 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # for git provenance only
 
-import torch  # noqa: E402
+import torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:

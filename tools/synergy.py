@@ -141,14 +141,12 @@ def machine() -> str:
 
     import torch
 
-    flags = ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in text)
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, CPU capability {torch.backends.cpu.get_cpu_capability()}" \
-        + (f" ({flags})" if flags else "") + f", {torch.get_num_threads()} threads, torch {torch.__version__}"
+    from transfusion.precision import cpu_features
+
+    feats = cpu_features()
+    flags = " ".join(f for f in feats["flags"] if f in ("avx512_bf16", "amx_bf16"))
+    return f"{platform.processor() or platform.machine()}, CPU capability {feats['capability']}" \
+        + (f" ({flags})" if flags else "") + f", {feats['threads']} threads, torch {torch.__version__}"
 
 
 def verdict(joint: list[float], spec: list[float], higher: bool) -> tuple[str, float, float]:

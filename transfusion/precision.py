@@ -70,10 +70,11 @@ def _sync(device: torch.device) -> None:
 
 
 def time_matmuls(shapes: list[Shape], dtype: torch.dtype, device: torch.device, *, min_time_s: float = 0.02,
-                 max_time_s: float = 0.25, seed: int = 0) -> float:
+                 max_time_s: float = 0.25, min_repeats: int = 0, seed: int = 0) -> float:
     """Achieved FLOP/s of ``shapes`` run back to back in ``dtype``: one untimed warm-up pass (kernel selection,
-    oneDNN primitive creation), then as many timed passes as fit ``min_time_s``, at most ``max_time_s`` in all.
-    The best pass counts (a peak, robust to other processes on a shared machine)."""
+    oneDNN primitive creation), then timed passes until ``min_repeats`` ran and ``min_time_s`` is spent, stopping
+    early before a pass would end past ``max_time_s`` in all. The best pass counts (a peak, robust to other
+    processes on a shared machine)."""
     gen = torch.Generator().manual_seed(seed)
     pairs = [(torch.randn(m, k, generator=gen).to(device, dtype), torch.randn(k, n, generator=gen).to(device, dtype))
              for m, k, n in shapes]
@@ -89,10 +90,10 @@ def time_matmuls(shapes: list[Shape], dtype: torch.dtype, device: torch.device, 
 
     start = time.perf_counter()
     best = one_pass()  # warm-up; counts only if nothing faster follows (a very slow dtype gets one pass)
-    spent = 0.0
-    while spent < min_time_s and time.perf_counter() - start + best < max_time_s:
+    spent, repeats = 0.0, 0
+    while (repeats < min_repeats or spent < min_time_s) and time.perf_counter() - start + best < max_time_s:
         dt = one_pass()
-        best, spent = min(best, dt), spent + dt
+        best, spent, repeats = min(best, dt), spent + dt, repeats + 1
     return flops / max(best, 1e-9)
 
 
@@ -162,20 +163,41 @@ def choose_precision(requested: str, device: torch.device, shapes: list[Shape]) 
 
 
 PEAK_MAX_ROWS = 2048  # rows of the peak's model-shaped matmuls (more adds time, not speed)
+PEAK_SQUARES = (1024, 2048, 4096)  # square matmuls tried smallest first: a small one under-fills many cores
+PEAK_REPEATS = 2  # timed passes per shape after its warm-up; the fastest pass counts
+PEAK_SQUARE_BUDGET_S = 3.0  # a larger square is tried only if its passes are predicted to fit in this
 
 
 def measure_peak_flops(device: torch.device | str, dtype: torch.dtype, shapes: list[Shape]) -> float:
-    """The device's matmul peak in ``dtype`` (FLOP/s): the best of the model's own matmul shapes (at most
-    ``PEAK_MAX_ROWS`` rows) and a 1024-square matmul, each timed on its own; a fifth of a second or so on a CPU.
-    Cached per process and argument set."""
-    device = torch.device(device)
-    rows = tuple(sorted({(min(m, PEAK_MAX_ROWS), k, n) for m, k, n in shapes} | {(1024, 1024, 1024)}))
-    return _peak(str(device), dtype, rows)
+    """The device's attainable matmul peak in ``dtype`` (FLOP/s) at the current thread count: the best of the
+    model's own matmul shapes (at most ``PEAK_MAX_ROWS`` rows) and of square matmuls of growing size
+    (``peak_over``), each warmed up and timed ``PEAK_REPEATS`` times. Why the large squares: on a many-core CPU a
+    1024-square matmul leaves cores idle (an AVX-512 EPYC ran it at 123 GFLOP/s and a 2048-square one at 148 in fp32,
+    so tools/bench_step.py showed 109 % of a "peak" probed at 1024). Cached per process, shape, dtype and thread
+    count."""
+    device, threads = torch.device(device), torch.get_num_threads()
+    model = sorted({(min(m, PEAK_MAX_ROWS), k, n) for m, k, n in shapes})
+    return peak_over(model, PEAK_SQUARES, lambda s: _shape_flops(str(device), dtype, s, threads))
 
 
-@functools.lru_cache(maxsize=32)
-def _peak(device: str, dtype: torch.dtype, shapes: tuple[Shape, ...]) -> float:
-    return max(time_matmuls([s], dtype, torch.device(device), min_time_s=0.02, max_time_s=0.1) for s in shapes)
+def peak_over(shapes: list[Shape], squares: tuple[int, ...], rate, *, repeats: int = PEAK_REPEATS,
+              budget_s: float = PEAK_SQUARE_BUDGET_S) -> float:
+    """The largest ``rate(shape)`` (FLOP/s) over ``shapes`` and the squares: the smallest square always, each
+    larger one while its warm-up and ``repeats`` passes are predicted (at the best rate so far) to fit
+    ``budget_s``, so a slow dtype (software bf16 at ~1 GFLOP/s) never runs a 4096-square matmul."""
+    best = max((rate(s) for s in shapes), default=0.0)
+    for i, n in enumerate(sorted(squares)):
+        if i and (1 + repeats) * 2.0 * n ** 3 / max(best, 1e-9) > budget_s:
+            break
+        best = max(best, rate((n, n, n)))
+    return best
+
+
+@functools.lru_cache(maxsize=128)
+def _shape_flops(device: str, dtype: torch.dtype, shape: Shape, threads: int) -> float:
+    """FLOP/s of one matmul shape (``threads``: part of the cache key, the rate depends on it)."""
+    return time_matmuls([shape], dtype, torch.device(device), min_repeats=PEAK_REPEATS,
+                        max_time_s=PEAK_SQUARE_BUDGET_S)
 
 
 def cpu_features() -> dict:
