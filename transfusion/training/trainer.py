@@ -60,7 +60,7 @@ from transfusion.attention.flex import probe as probe_flex
 from transfusion.batch import IGNORE_INDEX, Batch
 from transfusion.checkpoint.dcp import ModelOptimizerState, ObjectState, fault_point, latest_checkpoint
 from transfusion.checkpoint.manager import CheckpointManager
-from transfusion.config import Config
+from transfusion.config import Config, head_dim
 from transfusion.distributed.data import StepData
 from transfusion.distributed.env import all_ranks_true, all_reduce_sum, init_distributed
 from transfusion.distributed.init import materialize, mix_seed
@@ -139,7 +139,7 @@ class Trainer:
             tuning = flex_tuning(self.device, cfg.model.flex_kernel, cfg.model.flex_options)
             dtype = torch.float32 if self.fp32_attention else torch.bfloat16
             self.flex_tuning, flex_note = probe_flex(
-                tuning, self.device, dtype, cfg.model.dim // cfg.model.n_heads,
+                tuning, self.device, dtype, head_dim(cfg.model),
                 fallback=flex_tuning(self.device, "triton", cfg.model.flex_options),
                 bidirectional_images=cfg.model.image_attention == "bidirectional", hidden_spans=cfg.data.clean_copy,
                 agree=lambda ok: all_ranks_true(ok, self.device))  # every rank runs the same kernel
