@@ -160,6 +160,9 @@ class RopeScalingConfig:
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
+    pretrained: str = ""  # a local Hugging Face model directory or .gguf file to start from ("" = from scratch): it
+    # fixes the decoder's shape keys below (a recipe value contradicting it is an error) and its weights are loaded
+    # into the text modules; needs data.tokenizer = "pretrained" (transfusion/pretrained/)
     dim: Positive = 256  # divisible by n_heads, with an even head dim (rotary embeddings)
     n_layers: Positive = 6
     n_heads: Positive = 8
@@ -456,6 +459,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.caption_field in ("", "json:"):
         raise ConfigError(f"data.caption_field must be a text extension like 'txt' or 'json:<field>', got "
                           f"{cfg.data.caption_field!r}")
+    if bool(cfg.model.pretrained) != (cfg.data.tokenizer == "pretrained"):
+        raise ConfigError("model.pretrained and data.tokenizer = 'pretrained' go together: the checkpoint's weights "
+                          "need its own tokenizer, which only a checkpoint provides")
     if cfg.latents.kind == "pixels":  # the codec's downsample is known without loading anything: check the grid now
         check_image_grid(cfg, downsample=1)
 

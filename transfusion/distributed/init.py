@@ -52,7 +52,7 @@ def mix_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _assign(t: Tensor, full: Tensor) -> None:
+def assign_full(t: Tensor, full: Tensor) -> None:
     """Write the full-size value ``full`` into ``t``: all of it, or this rank's shard of it."""
     if isinstance(t, DTensor):
         local = distribute_tensor(full.to(t.device_mesh.device_type), t.device_mesh, t.placements,
@@ -91,7 +91,7 @@ class ShardingIndependentInit(TorchFunctionMode):
                     args = (full, *args[1:])
                 with torch.no_grad():
                     func(*args, **kwargs)
-                    _assign(target, full)
+                    assign_full(target, full)
                 return target
         return func(*args, **kwargs)
 

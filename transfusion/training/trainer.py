@@ -68,6 +68,8 @@ from transfusion.distributed.parallelize import parallelize
 from transfusion.latents.prepare import prepare_batch
 from transfusion.precision import choose_precision, model_matmul_shapes
 from transfusion.components import build_components
+from transfusion.pretrained.checkpoint import load_pretrained
+from transfusion.pretrained.config import open_pretrained
 from transfusion.training.ema import EMA
 from transfusion.training.guards import (
     NONFINITE_EXIT_CODE,
@@ -113,6 +115,7 @@ class Trainer:
         self.env = init_distributed(cfg.parallel, cfg.run.device)
         self.device = self.env.device
         self.run_dir = Path(cfg.run.dir)
+        pretrained = open_pretrained(cfg)  # fills cfg.model from the checkpoint; bad input fails before any write
         setup_logging(self.run_dir, self.env.rank)
         self.progress = progress and self.env.is_main
         if cfg.train.num_threads and self.device.type == "cpu":
@@ -123,29 +126,14 @@ class Trainer:
         ckpt = self.checkpoints.find(resume)
         marker, data_ok = self.checkpoints.check(ckpt, self.data_layout(), reset_data) if ckpt else (None, True)
 
-        parts = build_components(cfg, self.device, model_device="meta")
+        parts = build_components(cfg, self.device, model_device="meta", pretrained=pretrained)
         self.tokenizer, self.schedule, self.codec = parts.tokenizer, parts.schedule, parts.codec
         self.patch_grid = parts.patch_grid
         self.model = parallelize(parts.model, cfg.parallel, self.env.mesh, self.device)
         materialize(self.model, self.device, cfg.run.seed)
-        self.fp32_attention = cfg.train.autocast == "fp32"  # flash-attn's kernels take fp16 / bf16 only
-        self.backend = resolve_backend(cfg.model.attention, self.device, hidden_spans=cfg.data.clean_copy,
-                                       fp32=self.fp32_attention)
-        kernel = (resolve_split_kernel(cfg.model.split_kernel, self.device, fp32=self.fp32_attention)
-                  if self.backend == "split" else None)
-        self.attention_choice = describe_backend(cfg.model.attention, self.backend, kernel, self.device)
-        self.flex_tuning, flex_note = None, ""
-        if self.backend == "flex":
-            tuning = flex_tuning(self.device, cfg.model.flex_kernel, cfg.model.flex_options)
-            dtype = torch.float32 if self.fp32_attention else torch.bfloat16
-            self.flex_tuning, flex_note = probe_flex(
-                tuning, self.device, dtype, head_dim(cfg.model),
-                fallback=flex_tuning(self.device, "triton", cfg.model.flex_options),
-                bidirectional_images=cfg.model.image_attention == "bidirectional", hidden_spans=cfg.data.clean_copy,
-                agree=lambda ok: all_ranks_true(ok, self.device))  # every rank runs the same kernel
-            self.attention_choice += f"; {self.flex_tuning.describe()}"
-            if flex_note:
-                self.attention_choice += f" (the Flash backend failed its probe: {flex_note})"
+        if pretrained is not None and ckpt is None:  # a resumed run restores its own weights instead
+            load_pretrained(self.model, pretrained)
+        self.choose_attention(cfg)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
         self.ema = EMA(self.model, cfg.train.ema_decay)
@@ -176,6 +164,27 @@ class Trainer:
                  "grad_accum %d, start step %d", n_params / 1e6, self.backend, self.device, self.env.world_size,
                  f"{self.env.dp_replicate}x{self.env.dp_shard}" if self.env.distributed else "none",
                  self.patch_grid, cfg.train.grad_accum, self.step)
+
+    def choose_attention(self, cfg: Config) -> None:
+        """The attention backend and kernel (and its flex tuning), the same on every rank."""
+        self.fp32_attention = cfg.train.autocast == "fp32"  # flash-attn's kernels take fp16 / bf16 only
+        self.backend = resolve_backend(cfg.model.attention, self.device, hidden_spans=cfg.data.clean_copy,
+                                       fp32=self.fp32_attention)
+        kernel = (resolve_split_kernel(cfg.model.split_kernel, self.device, fp32=self.fp32_attention)
+                  if self.backend == "split" else None)
+        self.attention_choice = describe_backend(cfg.model.attention, self.backend, kernel, self.device)
+        self.flex_tuning, flex_note = None, ""
+        if self.backend == "flex":
+            tuning = flex_tuning(self.device, cfg.model.flex_kernel, cfg.model.flex_options)
+            dtype = torch.float32 if self.fp32_attention else torch.bfloat16
+            self.flex_tuning, flex_note = probe_flex(
+                tuning, self.device, dtype, head_dim(cfg.model),
+                fallback=flex_tuning(self.device, "triton", cfg.model.flex_options),
+                bidirectional_images=cfg.model.image_attention == "bidirectional", hidden_spans=cfg.data.clean_copy,
+                agree=lambda ok: all_ranks_true(ok, self.device))  # every rank runs the same kernel
+            self.attention_choice += f"; {self.flex_tuning.describe()}"
+            if flex_note:
+                self.attention_choice += f" (the Flash backend failed its probe: {flex_note})"
 
     # -- data ------------------------------------------------------------------------------------------------
     def build_data(self, seed: int) -> StepData:
