@@ -328,3 +328,27 @@ def test_train_cli_fails_in_one_line(tmp_path, case):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert not run_dir.exists()
+
+
+# -- sharded start (torchrun, FSDP2, 2 CPU ranks) -------------------------------------------------------------------
+@pytest.mark.slow
+def test_fsdp_sharded_load_gives_the_one_process_loss(tmp_path):
+    """Every rank reads each tensor and keeps its shard; the first-step loss equals one process's."""
+    path = save_hf(tmp_path / "m", "llama_tied")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    worker = str(REPO / "tests" / "pretrained_fsdp_worker.py")
+    outs = {n: tmp_path / f"out{n}" for n in (1, 2)}
+    for n, out in outs.items():
+        out.mkdir()
+        launch = [sys.executable, worker] if n == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", worker]
+        proc = subprocess.run([*launch, str(path), str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((outs[1] / "rank_0.json").read_text())
+    ranks = [json.loads((outs[2] / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    for rec in ranks:
+        assert rec["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-6)
+    for name in one["local"]:  # each rank holds its shard of every text tensor, the two shards make the whole
+        assert sum(r["local"][name] for r in ranks) == one["full"][name], name
+        assert all(r["local"][name] < one["full"][name] for r in ranks), name
