@@ -50,8 +50,9 @@ def main(path: str, out: str) -> None:
     model = parallelize(model, cfg.parallel, env.mesh, env.device)
     materialize(model, env.device, cfg.run.seed)
     load_pretrained(model, ckpt)
-    local = {clean_name(n): (p.to_local() if hasattr(p, "to_local") else p).numel() for n, p in model.named_parameters()}
-    full = {clean_name(n): p.numel() for n, p in model.named_parameters()}
+    params = {clean_name(n): p for n, p in model.named_parameters()}
+    local = {n: (p.to_local() if hasattr(p, "to_local") else p).numel() for n, p in params.items()}
+    full = {n: p.numel() for n, p in params.items()}
     record = {"rank": env.rank, "loss": first_step_loss(model, ckpt.vocab_rows),
               "local": {n: local[n] for n in ckpt.names() if n in local}, "full": full}
     Path(out, f"rank_{env.rank}.json").write_text(json.dumps(record))

@@ -48,12 +48,11 @@ _GGUF_LAYER = {
     "ffn.w13.weight": ("ffn_gate.weight", "ffn_up.weight"),
     "ffn.w2.weight": ("ffn_down.weight",),
 }
-_NAMES = {  # format -> (layer prefix, per-layer map, global map)
-    "hf": ("model.layers.{i}.", _HF_LAYER, {"tok_emb.weight": ("model.embed_tokens.weight",),
-                                           "norm.weight": ("model.norm.weight",), "lm_head.weight": ("lm_head.weight",)}),
-    "gguf": ("blk.{i}.", _GGUF_LAYER, {"tok_emb.weight": ("token_embd.weight",), "norm.weight": ("output_norm.weight",),
-                                      "lm_head.weight": ("output.weight",)}),
-}
+_HF_TOP = {"tok_emb.weight": ("model.embed_tokens.weight",), "norm.weight": ("model.norm.weight",),
+           "lm_head.weight": ("lm_head.weight",)}
+_GGUF_TOP = {"tok_emb.weight": ("token_embd.weight",), "norm.weight": ("output_norm.weight",),
+             "lm_head.weight": ("output.weight",)}
+_NAMES = {"hf": ("model.layers.{i}.", _HF_LAYER, _HF_TOP), "gguf": ("blk.{i}.", _GGUF_LAYER, _GGUF_TOP)}
 ROPE_KINDS = {"default": "none", "linear": "linear", "llama3": "llama3"}  # Hugging Face rope_type -> ours
 
 
