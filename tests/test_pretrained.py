@@ -236,11 +236,12 @@ def test_smollm2_gguf_logits_equal_hugging_face(smollm2):
     docs = [tok(s)["input_ids"] for s in sentences]
     with torch.no_grad():
         refs = [ref(torch.tensor([d])).logits[0] for d in docs]
-    packed = our_logits(model, docs)[:, :ckpt.vocab_rows]
+    packed = our_logits(model, docs)[:, :ckpt.vocab_rows]  # measured: 0.0 alone, ~5e-5 packed (logits up to ~36)
     ends = np.cumsum([0] + [len(d) for d in docs])
     for i, r in enumerate(refs):
+        assert (our_logits(model, docs[i:i + 1])[:, :ckpt.vocab_rows] - r).abs().max() <= 1e-4, sentences[i]
         got = packed[ends[i]:ends[i + 1]]
-        assert (got - r).abs().max() <= 1e-3 * r.abs().max(), sentences[i]  # 30 fp32 layers, other summation order
+        assert (got - r).abs().max() <= 1e-4, sentences[i]
         assert torch.equal(got.argmax(-1), r.argmax(-1))
 
 
