@@ -51,7 +51,7 @@ def test_resolved_config_round_trips():
 REPO = Path(__file__).resolve().parents[1]
 # Free-form strings: paths, shard specs, names. Every other key is a number with a Range, a choice (Literal) or a bool.
 FREE_STRINGS = {"run.dir", "run.device", "data.shards", "data.eval_shards", "data.caption_field", "data.tokenizer",
-                "data.segments_field", "latents.vae_path", "sample.prompts",
+                "data.segments_field", "latents.vae_path", "sample.prompts", "model.pretrained",
                 "model.flex_options"}  # a table of torch's kernel options: names checked at load (tests/test_flex.py)
 
 

@@ -44,6 +44,17 @@ def test_materialize_is_deterministic_and_complete():
     assert not torch.equal(sa["layers.0.attn.wqkv.weight"], sa["layers.1.attn.wqkv.weight"])
 
 
+def test_materialize_keeps_a_tied_head_tied():
+    """``to_empty`` from meta makes one new Parameter per module; materialize ties the LM head to the embedding again
+    (else a one-process run would train two matrices that a sharded run trains as one)."""
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, patch_size=4, tie_embeddings=True)
+    with torch.device("meta"):
+        m = build_model(cfg, TOK.vocab_size, 3)
+    materialize(m, torch.device("cpu"), seed=0)
+    assert m.lm_head.weight is m.tok_emb.weight
+    assert len(list(m.parameters())) == len({id(p) for p in m.parameters()})
+
+
 def test_materialize_names_a_parameter_nothing_initialises():
     class Odd(torch.nn.Module):
         def __init__(self):

@@ -13,8 +13,10 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from transfusion.checkpoint.export import ExportError
     from transfusion.config import ConfigError
     from transfusion.latents.prepare import LatentShapeError
+    from transfusion.pretrained.adapters import PretrainedError
 
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, ExportError, FileNotFoundError, LatentShapeError]
+    errors: list[type[BaseException]] = [ConfigError, CheckpointError, ExportError, FileNotFoundError, LatentShapeError,
+                                         PretrainedError]
     try:
         from data_pipelines.loader import DataError
         from data_pipelines.shards import ShardSpecError

@@ -19,6 +19,8 @@ from transfusion.attention.plan import AttentionPlan, inference_plan, training_p
 from transfusion.config import Config, check_image_grid, from_dict, validate
 from transfusion.diffusion.schedule import NoiseSchedule
 from transfusion.model import TransfusionModel, build_model
+from transfusion.pretrained.checkpoint import PretrainedCheckpoint, load_pretrained
+from transfusion.pretrained.config import open_pretrained
 from transfusion.tokenizer import build_tokenizer
 
 
@@ -35,22 +37,30 @@ class RunComponents:
     patch_grid: tuple[int, int]
     cfg: Config
     attention: AttentionPlan
+    pretrained: PretrainedCheckpoint | None = None  # the checkpoint the text weights came (or come) from
 
 
 def build_components(cfg: Config, device: torch.device, *, model_device: torch.device | str | None = None,
-                     training: bool = False, agree: Callable[[bool], bool] = lambda ok: ok) -> RunComponents:
+                     training: bool = False, agree: Callable[[bool], bool] = lambda ok: ok,
+                     pretrained: PretrainedCheckpoint | None = None) -> RunComponents:
     """``model_device`` = "meta" builds the model without allocating it (for sharded materialisation);
     ``training``: resolve the training attention plan for ``device`` (a flex probe's verdict agreed by every rank
-    through ``agree``), else the inference plan."""
+    through ``agree``), else the inference plan. With ``model.pretrained`` set, ``cfg.model`` is filled from the
+    checkpoint (``pretrained``, when the caller opened it already) and its weights are loaded here, unless the model
+    is on meta: then the caller loads them once it is materialised (``load_pretrained(model, parts.pretrained)``), so
+    every rank keeps only its shard."""
     from transfusion.latents.vae import build_codec
 
+    pretrained = pretrained or open_pretrained(cfg)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     codec = build_codec(cfg.latents, device=device)
     grid = patch_grid(cfg, codec.downsample)
     with torch.device(model_device or device):
         model = build_model(cfg.model, tokenizer.vocab_size, codec.channels)
     attention = training_plan(cfg, device, agree=agree) if training else inference_plan(cfg.model)
-    return RunComponents(model, tokenizer, NoiseSchedule(cfg.diffusion), codec, grid, cfg, attention)
+    if pretrained is not None and str(model_device) != "meta":
+        load_pretrained(model, pretrained)
+    return RunComponents(model, tokenizer, NoiseSchedule(cfg.diffusion), codec, grid, cfg, attention, pretrained)
 
 
 def build_inference_components(cfg_dict: dict, device: str | torch.device, base_dir: str | Path | None = None):

@@ -145,14 +145,36 @@ class MARConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class RopeScalingConfig:
+    """Rotary frequencies stretched for long contexts, as pretrained checkpoints declare them (``rope_scaling`` in a
+    Hugging Face config). ``none``: plain RoPE; ``linear``: every frequency divided by ``factor`` (position
+    interpolation); ``llama3``: Llama 3.1's band-wise rule (low frequencies / factor, high ones kept, a smooth ramp
+    between, with bands set by ``original_max_positions`` / ``low_freq_factor`` and / ``high_freq_factor``)."""
+
+    kind: Literal["none", "linear", "llama3"] = "none"
+    factor: PosFloat = 1.0
+    low_freq_factor: PosFloat = 1.0
+    high_freq_factor: PosFloat = 4.0
+    original_max_positions: Positive = 8192
+
+
+@dataclass(kw_only=True, slots=True)
 class ModelConfig:
+    pretrained: str = ""  # a local Hugging Face model directory or .gguf file to start from ("" = from scratch): it
+    # fixes the decoder's shape keys below (a recipe value contradicting it is an error) and its weights are loaded
+    # into the text modules; needs data.tokenizer = "pretrained" (transfusion/pretrained/)
     dim: Positive = 256  # divisible by n_heads, with an even head dim (rotary embeddings)
     n_layers: Positive = 6
     n_heads: Positive = 8
+    n_kv_heads: Count = 0  # key/value heads (grouped-query attention; n_heads must be a multiple); 0 = n_heads
+    head_dim: Count = 0  # per-head width; 0 = dim / n_heads (Qwen3 sets it apart from dim)
     mlp_hidden: Count = 0  # 0 = 8/3 * dim rounded up to a multiple of 64 (Llama SwiGLU sizing)
     norm_eps: PosFloat = 1e-5
     rope_theta: PosFloat = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     qk_norm: bool = True
+    qkv_bias: bool = False  # biases on the query / key / value projections (Qwen2)
+    tie_embeddings: bool = False  # the LM head reuses the token embedding matrix
     patch_size: Positive = 4  # patch side in pixels (or latent cells)
     time_freq_dim: Annotated[int, Range(2)] = 256  # sinusoidal features fed to the timestep MLP
     attention: Literal["auto", "flex", "sdpa", "split"] = "auto"  # "auto": on CUDA the varlen split when a fast
@@ -421,10 +443,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"unknown value {cfg.sample.sampler!r} for 'sample.sampler' with diffusion.objective = "
                           f"{cfg.diffusion.objective!r} (known: {', '.join(known)})")
     _validate_image_model(cfg)
-    if cfg.model.dim % cfg.model.n_heads:
-        raise ConfigError(f"model.dim ({cfg.model.dim}) must be divisible by model.n_heads ({cfg.model.n_heads})")
-    if (cfg.model.dim // cfg.model.n_heads) % 2:
-        raise ConfigError("model.dim / model.n_heads must be even for rotary embeddings")
+    _validate_heads(cfg.model)
     if cfg.model.flex_options:  # names checked against this torch build's FlexKernelOptions (lazy torch import)
         names = flex_kernel_option_names()
         unknown = sorted(k for k in cfg.model.flex_options if names and k not in names)
@@ -440,11 +459,35 @@ def validate(cfg: Config) -> None:
     if cfg.data.caption_field in ("", "json:"):
         raise ConfigError(f"data.caption_field must be a text extension like 'txt' or 'json:<field>', got "
                           f"{cfg.data.caption_field!r}")
+    if bool(cfg.model.pretrained) != (cfg.data.tokenizer == "pretrained"):
+        raise ConfigError("model.pretrained and data.tokenizer = 'pretrained' go together: the checkpoint's weights "
+                          "need its own tokenizer, which only a checkpoint provides")
     if cfg.latents.kind == "pixels":  # the codec's downsample is known without loading anything: check the grid now
         check_image_grid(cfg, downsample=1)
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def _validate_heads(m: ModelConfig) -> None:
+    if not m.head_dim and m.dim % m.n_heads:
+        raise ConfigError(f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads}) unless "
+                          f"model.head_dim is set")
+    if head_dim(m) % 2:
+        raise ConfigError("the head dim (model.head_dim, or model.dim / model.n_heads) must be even for rotary "
+                          "embeddings")
+    if m.n_heads % kv_heads(m):
+        raise ConfigError(f"model.n_heads ({m.n_heads}) must be a multiple of model.n_kv_heads ({m.n_kv_heads})")
+
+
+def head_dim(m: ModelConfig) -> int:
+    """The per-head width: ``model.head_dim``, or dim / n_heads when it is 0."""
+    return m.head_dim or m.dim // m.n_heads
+
+
+def kv_heads(m: ModelConfig) -> int:
+    """The key/value head count: ``model.n_kv_heads``, or n_heads (plain multi-head attention) when it is 0."""
+    return m.n_kv_heads or m.n_heads
 
 
 def flex_kernel_option_names() -> set[str]:

@@ -23,6 +23,7 @@ from transfusion.attention.backends import build_attention_mask, describe_backen
 from transfusion.attention.flex import FlexTuning, flex_tuning
 from transfusion.attention.flex import probe as probe_flex
 from transfusion.attention.masks import cached_block_mask
+from transfusion.config import head_dim
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def training_plan(cfg, device: torch.device, *, agree: Callable[[bool], bool] = 
     if backend == "flex":
         dtype = torch.float32 if fp32 else torch.bfloat16
         tuning, note = probe_flex(flex_tuning(device, m.flex_kernel, m.flex_options), device, dtype,
-                                  m.dim // m.n_heads, fallback=flex_tuning(device, "triton", m.flex_options),
+                                  head_dim(m), fallback=flex_tuning(device, "triton", m.flex_options),
                                   bidirectional_images=bidi, hidden_spans=cfg.data.clean_copy, agree=agree)
         description += f"; {tuning.describe()}"
         if note:

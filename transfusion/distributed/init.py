@@ -52,7 +52,7 @@ def mix_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _assign(t: Tensor, full: Tensor) -> None:
+def assign_full(t: Tensor, full: Tensor) -> None:
     """Write the full-size value ``full`` into ``t``: all of it, or this rank's shard of it."""
     if isinstance(t, DTensor):
         local = distribute_tensor(full.to(t.device_mesh.device_type), t.device_mesh, t.placements,
@@ -91,16 +91,32 @@ class ShardingIndependentInit(TorchFunctionMode):
                     args = (full, *args[1:])
                 with torch.no_grad():
                     func(*args, **kwargs)
-                    _assign(target, full)
+                    assign_full(target, full)
                 return target
         return func(*args, **kwargs)
+
+
+def shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Parameters registered under several names (a tied LM head is the token embedding), as groups of (module,
+    attribute). ``to_empty`` from the meta device replaces each module's parameter by its own new one, which would
+    silently untie them (a single-process run only: FSDP2's DTensor parameters are swapped in place)."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((module, name))
+    return [group for group in owners.values() if len(group) > 1]
 
 
 @torch.no_grad()
 def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
     """Allocate a meta-device model on ``device`` and initialise it independently of its sharding (see module
     docstring). Works as well on a model that is already materialised (it is re-initialised)."""
+    shared = shared_parameters(model)
     model.to_empty(device=device)
+    for (owner, attr), *others in shared:  # meta -> a device makes one new Parameter per module: tie them again
+        for module, name in others:
+            setattr(module, name, getattr(owner, attr))
     tensors: dict[int, tuple[str, Tensor]] = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         tensors.setdefault(id(t), (seed_name(clean_name(name)), t))

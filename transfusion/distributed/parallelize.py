@@ -117,7 +117,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, device: 
     n = len(model.layers)
     for i, block in enumerate(model.layers):
         shard(block, reshard_after_forward=i < n - 1)
-    if isinstance(getattr(model, "lm_head", None), nn.Module):
+    lm_head = getattr(model, "lm_head", None)
+    tied = lm_head is not None and lm_head.weight is getattr(getattr(model, "tok_emb", None), "weight", None)
+    if isinstance(lm_head, nn.Module) and not tied:  # a tied head shares the root's embedding: sharded with it
         shard(model.lm_head, reshard_after_forward=False)  # used last in forward, first in backward
     shard(model)
     for m in model.modules():

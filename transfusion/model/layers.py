@@ -1,9 +1,13 @@
 """Llama-style building blocks: RMSNorm, rotary embeddings with per-token positions, attention, SwiGLU.
 
-Legend: B batch rows, L query tokens, S key tokens (L + cached prefix), D model dim, H heads, Dh head dim.
+Legend: B batch rows, L query tokens, S key tokens (L + cached prefix), D model dim, H query heads, G key/value
+heads (grouped-query attention: each serves H / G query heads), Dh head dim.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -11,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from transfusion.attention.backends import attend
+from transfusion.config import ModelConfig, RopeScalingConfig, head_dim, kv_heads
 
 KV = tuple[Tensor, Tensor]  # (k_BHSDh, v_BHSDh)
 
@@ -25,11 +30,28 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
-def rope_tables(positions_BL: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig | None = None,
+                     device: torch.device | None = None) -> Tensor:
+    """The rotation speed of each (first half, second half) pair of the head dim, [Dh/2] fp32: ``theta^(-2i/Dh)``,
+    stretched as ``scaling`` says. ``llama3``: wavelengths longer than ``original / low_freq_factor`` are slowed by
+    ``factor``, ones shorter than ``original / high_freq_factor`` kept, and between the two the speed moves linearly
+    (in ``original / wavelength``) from the slowed to the kept one."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    if scaling is None or scaling.kind == "none":
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    wavelength = 2 * math.pi / inv_freq
+    lo, hi = scaling.low_freq_factor, scaling.high_freq_factor
+    ramp = ((scaling.original_max_positions / wavelength - lo) / (hi - lo)).clamp(0.0, 1.0)  # 0 slow .. 1 kept
+    return (1 - ramp) * inv_freq / scaling.factor + ramp * inv_freq
+
+
+def rope_tables(positions_BL: Tensor, head_dim: int, theta: float, scaling: RopeScalingConfig | None = None
+                ) -> tuple[Tensor, Tensor]:
     """Rotation tables [B, 1, L, Dh] for per-token integer positions (documents restart at 0): ``cos`` repeated over
     both halves, and ``sin`` negated on the first half, so that ``apply_rope`` is two products and a sum."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions_BL.device, dtype=torch.float32)
-                               / head_dim)
+    inv_freq = rope_frequencies(head_dim, theta, scaling, positions_BL.device)
     angles = positions_BL.float()[..., None] * inv_freq  # [B, L, Dh/2]
     cos, sin = angles.cos(), angles.sin()
     return torch.cat((cos, cos), dim=-1)[:, None], torch.cat((-sin, sin), dim=-1)[:, None]
@@ -45,28 +67,49 @@ def apply_rope(x_BHLDh: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
     return (xf * cos + swapped * sin_signed).type_as(x_BHLDh)
 
 
+@dataclass(frozen=True)
+class AttentionShape:
+    """What the attention projections need from the model config (``attention_shape`` builds it)."""
+
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    qk_norm: bool
+    qkv_bias: bool
+    eps: float
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, qk_norm: bool, eps: float) -> None:
+    """Self-attention with rotary positions. One fused projection makes the H query, G key and G value heads (in
+    that order along its output); with G < H each key/value head serves H / G consecutive query heads, and the
+    cache keeps the G heads only."""
+
+    def __init__(self, s: AttentionShape) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = n_heads, dim // n_heads
-        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else nn.Identity()
+        self.n_heads, self.n_kv_heads, self.head_dim = s.n_heads, s.n_kv_heads, s.head_dim
+        self.wqkv = nn.Linear(s.dim, (s.n_heads + 2 * s.n_kv_heads) * s.head_dim, bias=s.qkv_bias)
+        self.wo = nn.Linear(s.n_heads * s.head_dim, s.dim, bias=False)
+        self.q_norm = RMSNorm(s.head_dim, s.eps) if s.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(s.head_dim, s.eps) if s.qk_norm else nn.Identity()
 
     def forward(self, x_BLD: Tensor, rope: tuple[Tensor, Tensor], mask: object, past_kv: KV | None = None,
                 use_cache: bool = False) -> tuple[Tensor, KV | None]:
         """Returns the output and, with a cache (``past_kv`` given or ``use_cache``), the present (past + new)
-        keys/values; None in training, so no layer's K/V outlives the attention that used it."""
-        bsz, length, dim = x_BLD.shape
-        qkv = self.wqkv(x_BLD).view(bsz, length, 3, self.n_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, Dh]
+        keys/values [B, G, S, Dh]; None in training, so no layer's K/V outlives the attention that used it."""
+        bsz, length, _ = x_BLD.shape
+        h, g, dh = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x_BLD).split((h * dh, g * dh, g * dh), dim=-1)
+        q = q.view(bsz, length, h, dh).transpose(1, 2)  # [B, H, L, Dh]
+        k, v = (t.view(bsz, length, g, dh).transpose(1, 2) for t in (k, v))  # [B, G, L, Dh]
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
         if past_kv is not None:
             k, v = torch.cat((past_kv[0], k), dim=2), torch.cat((past_kv[1], v), dim=2)
-        out = attend(q, k, v, mask)  # [B, H, L, Dh]
         present = (k, v) if use_cache or past_kv is not None else None
-        return self.wo(out.transpose(1, 2).reshape(bsz, length, dim)), present
+        if g != h:  # the naive grouped-query form: each key/value head repeated for the query heads it serves
+            k, v = k.repeat_interleave(h // g, dim=1), v.repeat_interleave(h // g, dim=1)
+        out = attend(q, k, v, mask)  # [B, H, L, Dh]
+        return self.wo(out.transpose(1, 2).reshape(bsz, length, h * dh)), present
 
 
 class FeedForward(nn.Module):
@@ -83,15 +126,19 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, n_heads: int, hidden: int, qk_norm: bool, eps: float) -> None:
+    def __init__(self, shape: AttentionShape, hidden: int) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(dim, eps)
-        self.attn = Attention(dim, n_heads, qk_norm, eps)
-        self.ffn_norm = RMSNorm(dim, eps)
-        self.ffn = FeedForward(dim, hidden)
+        self.attn_norm = RMSNorm(shape.dim, shape.eps)
+        self.attn = Attention(shape)
+        self.ffn_norm = RMSNorm(shape.dim, shape.eps)
+        self.ffn = FeedForward(shape.dim, hidden)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: object, past_kv: KV | None = None,
                 use_cache: bool = False) -> tuple[Tensor, KV | None]:
         h, kv = self.attn(self.attn_norm(x), rope, mask, past_kv, use_cache)
         x = x + h
         return x + self.ffn(self.ffn_norm(x)), kv
+
+
+def attention_shape(cfg: ModelConfig) -> AttentionShape:
+    return AttentionShape(cfg.dim, cfg.n_heads, kv_heads(cfg), head_dim(cfg), cfg.qk_norm, cfg.qkv_bias, cfg.norm_eps)

@@ -25,11 +25,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from transfusion.config import ModelConfig
+from transfusion.config import ModelConfig, head_dim
 from transfusion.model.adapters import LinearPatchIn, UNetDown, sincos_2d
 from transfusion.model.heads import build_image_head
 from transfusion.model.image_head import zero_resblock_outputs
-from transfusion.model.layers import KV, Block, RMSNorm, rope_tables
+from transfusion.model.layers import KV, Block, RMSNorm, attention_shape, rope_tables
 
 
 def mlp_hidden_size(cfg: ModelConfig) -> int:
@@ -60,10 +60,12 @@ class TransfusionModel(nn.Module):
             self.image_in = LinearPatchIn(image_channels, p, d)
         self.image_pos = nn.Linear(cfg.image_pos_dim, d, bias=False) if cfg.image_pos_dim else None
         self.layers = nn.ModuleList(
-            Block(d, cfg.n_heads, mlp_hidden_size(cfg), cfg.qk_norm, cfg.norm_eps) for _ in range(cfg.n_layers)
+            Block(attention_shape(cfg), mlp_hidden_size(cfg)) for _ in range(cfg.n_layers)
         )
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
+        if cfg.tie_embeddings:  # one [V, D] matrix reads tokens in and scores them out
+            self.lm_head.weight = self.tok_emb.weight
         self.image_norm = RMSNorm(d, cfg.norm_eps)
         self.image_head = build_image_head(cfg, image_channels)
         self.init_weights()
@@ -130,7 +132,7 @@ class TransfusionModel(nn.Module):
               use_cache: bool = False) -> tuple[Tensor, list[KV] | None]:
         """The transformer layers. With a cache (``past_kv``, or ``use_cache`` to start one) also every layer's
         present keys/values; without one (training) None, so no layer's K/V is kept alive through the forward."""
-        rope = rope_tables(positions_BL, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
+        rope = rope_tables(positions_BL, head_dim(self.cfg), self.cfg.rope_theta, self.cfg.rope_scaling)
         caching = use_cache or past_kv is not None
         present: list[KV] = []
         for i, layer in enumerate(self.layers):

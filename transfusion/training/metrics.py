@@ -7,8 +7,8 @@ plus attention scores and values over the packed row, ``12 x layers x dim x seq_
 the causal half nor the document mask is discounted). Only useful tokens count (padding does not), so MFU is a lower
 bound when rows are not full. Per token, with d = dim, h = MLP hidden, V = vocab, L = layers::
 
-    dense      6 (L (4 d^2 + 3 d h) + d V)          wqkv + wo, SwiGLU w13 + w2; the LM head runs on every position
-    attention  12 L d seq_len
+    dense      6 (L (d (H + 2G) Dh + H Dh d + 3 d h) + d V)   wqkv + wo, SwiGLU w13 + w2; the LM head on every position
+    attention  12 L H Dh seq_len                            (= 4 d^2 and 12 L d seq_len with G = H, H Dh = d)
     image      6 (2 C p^2 d)                        linear patch in + out, image tokens only
 
 The timestep MLP runs once per image, not per token, and is left out (it is < 0.1% at any useful size); non-linear
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from transfusion.config import ModelConfig
+from transfusion.config import ModelConfig, head_dim, kv_heads
 
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, matched in order against torch.cuda.get_device_name().
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
@@ -59,8 +59,9 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int, image_channels: int, seq_
     from transfusion.model.transfusion import mlp_hidden_size
 
     d, n, h = cfg.dim, cfg.n_layers, mlp_hidden_size(cfg)
-    dense = 6 * (n * (4 * d * d + 3 * d * h) + d * vocab_size)
-    attention = 12 * n * d * seq_len
+    q_width, kv_width = cfg.n_heads * head_dim(cfg), kv_heads(cfg) * head_dim(cfg)
+    dense = 6 * (n * (d * (q_width + 2 * kv_width) + q_width * d + 3 * d * h) + d * vocab_size)
+    attention = 12 * n * q_width * seq_len
     image_extra = 6 * 2 * image_channels * cfg.patch_size ** 2 * d
     return FlopsPerToken(float(dense), float(attention), float(image_extra))
 

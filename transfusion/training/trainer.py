@@ -60,6 +60,8 @@ from transfusion.distributed.parallelize import parallelize
 from transfusion.latents.prepare import prepare_batch
 from transfusion.precision import choose_precision, model_matmul_shapes
 from transfusion.components import build_components
+from transfusion.pretrained.checkpoint import load_pretrained
+from transfusion.pretrained.config import open_pretrained
 from transfusion.training.ema import EMA
 from transfusion.training.guards import (
     NONFINITE_EXIT_CODE,
@@ -105,6 +107,7 @@ class Trainer:
         self.env = init_distributed(cfg.parallel, cfg.run.device)
         self.device = self.env.device
         self.run_dir = Path(cfg.run.dir)
+        pretrained = open_pretrained(cfg)  # fills cfg.model from the checkpoint; bad input fails before any write
         setup_logging(self.run_dir, self.env.rank)
         self.progress = progress and self.env.is_main
         if cfg.train.num_threads and self.device.type == "cpu":
@@ -115,13 +118,15 @@ class Trainer:
         ckpt = self.checkpoints.find(resume)
         marker, data_ok = self.checkpoints.check(ckpt, self.data_layout(), reset_data) if ckpt else (None, True)
 
-        parts = build_components(cfg, self.device, model_device="meta", training=True,
+        parts = build_components(cfg, self.device, model_device="meta", training=True, pretrained=pretrained,
                                  agree=lambda ok: all_ranks_true(ok, self.device))  # every rank: the same kernel
         self.attention = parts.attention
         self.tokenizer, self.schedule, self.codec = parts.tokenizer, parts.schedule, parts.codec
         self.patch_grid = parts.patch_grid
         self.model = parallelize(parts.model, cfg.parallel, self.env.mesh, self.device)
         materialize(self.model, self.device, cfg.run.seed)
+        if pretrained is not None and ckpt is None:  # a resumed run restores its own weights instead
+            load_pretrained(self.model, pretrained)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.train)
         self.ema = EMA(self.model, cfg.train.ema_decay)
