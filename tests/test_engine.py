@@ -51,6 +51,22 @@ def test_cached_text_decoding_matches_full_forward():
         assert (pre.last_h[i] - h[-1]).abs().max() < 1e-5
 
 
+def test_text_logits_match_the_cached_path():
+    """``Engine.text_logits`` (one uncached pass) gives at every position what the KV cache gives step by step."""
+    model = tiny_model()
+    eng = engine(model)
+    ids = [[TOK.bos_id] + TOK.encode("hello there"), [TOK.bos_id] + TOK.encode("general kel")]
+    logits = eng.text_logits(torch.tensor(ids))
+    assert logits.shape == (2, len(ids[0]), model.vocab_size)
+    for i in range(2):
+        h, _ = full_forward(model, ids[i])
+        assert (logits[i] - model.text_logits(h)).abs().max() < 1e-5
+    pre = eng.prefill([row[:4] for row in ids])
+    for j in range(4, len(ids[0])):
+        assert (model.text_logits(pre.last_h) - logits[:, j - 1]).abs().max() < 1e-5
+        pre = eng.step_tokens(pre, torch.tensor([row[j] for row in ids]))
+
+
 def test_cached_image_block_matches_full_forward():
     model = tiny_model()
     eng = engine(model)

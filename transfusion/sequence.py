@@ -68,8 +68,9 @@ def t2i_prompt_tokens(tokenizer: Tokenizer, caption: str | list[int]) -> list[in
 
 def never_text_ids(tokenizer: Tokenizer) -> list[int]:
     """Ids that are never sampled as text: PAD, BOS, the image placeholder and EOI (BOI is the caller's choice: it
-    starts an image where images are allowed)."""
-    return [tokenizer.pad_id, tokenizer.bos_id, tokenizer.image_id, tokenizer.eoi_id]
+    starts an image where images are allowed). EOS never is, even where a pretrained tokenizer pads with it."""
+    never = (tokenizer.pad_id, tokenizer.bos_id, tokenizer.image_id, tokenizer.eoi_id)
+    return [i for i in never if i != tokenizer.eos_id]
 
 
 def caption_prompt_tokens(tokenizer: Tokenizer) -> list[int]:

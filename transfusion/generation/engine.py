@@ -104,6 +104,18 @@ class Engine:
         lengths = torch.tensor([len(x) for x in seqs], device=dev)
         return Prefix(kv, batch.doc_ids.to(dev) >= 0, lengths, h[:, -1])
 
+    def text_logits(self, ids_BT: Tensor) -> Tensor:
+        """Next-token logits [B, T, V] at every position of plain-text rows (no images, no padding), one causal pass
+        without a cache: the reference the cached decoding and a pretrained checkpoint's own logits are held to."""
+        ids_BT = torch.as_tensor(ids_BT, device=self.device)
+        B, T = ids_BT.shape
+        doc_ids = torch.zeros(B, T, dtype=torch.long, device=self.device)
+        mask = self.attention.mask(doc_ids, torch.full_like(doc_ids, -1))
+        positions = torch.arange(T, device=self.device).expand(B, T)
+        with torch.no_grad(), self._ctx():
+            h, _ = self.model.trunk(self.model.embed(ids_BT), positions, mask)
+            return self.model.text_logits(h)
+
     def step_tokens(self, prefix: Prefix, tokens_N: Tensor) -> Prefix:
         """Append one token per sequence to the cache."""
         dev = self.device
