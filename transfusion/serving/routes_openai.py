@@ -1,6 +1,7 @@
 """``POST /v1/chat/completions``: OpenAI's chat completion (text and ``image_url`` data-URI parts in and out; with
 ``"stream": true``, unnamed SSE chunks, an error object if the stream cannot finish, then ``[DONE]``). The shapes are
-built in ``openai_format``; this route checks the model name, turns the chat fields into options, and queues."""
+built in ``openai_format``; this route checks the model name, turns the chat fields into options, lays the messages
+out (through the checkpoint's chat template when its tokenizer has one and the chat is text only), and queues."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from transfusion.serving.schema import CHAT_SSE, documented
 from transfusion.serving.sse import sse_response
 from transfusion.serving.state import authorised, state_of
 from transfusion.serving.stream import collect, events
-from transfusion.serving.submit import start
+from transfusion.serving.submit import conversation, start
 
 router = APIRouter()
 
@@ -41,7 +42,8 @@ async def chat(body: ChatRequest, request: Request):
     if body.model not in (state.model_name, "default"):
         return error(404, f"model {body.model!r} is not served here (serving {state.model_name!r}, alias 'default')")
     options = options_of(body)  # before segments(): a request wrong in both gets the options' 400, as it always did
-    handle, seed = await start(state, body.segments(), options)
+    prompt = conversation(state, body.messages) or body.segments()  # the checkpoint's chat template when it has one
+    handle, seed = await start(state, prompt, options)
     reply = Reply(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), state.model_name, seed)
     stream = events(state, handle, request)
     if body.stream:

@@ -51,6 +51,14 @@ from transfusion.sequence import caption_prompt_tokens, never_text_ids
 Segment = Union[str, Tensor]  # text, or a pixel image [C, H, W] in [-1, 1] at the model's resolution
 
 
+@dataclass(frozen=True)
+class TemplatedPrompt:
+    """A prompt a checkpoint's chat template wrote, as token ids used as they are: no BOS is added (the template
+    writes one where the checkpoint wants it, as transformers' ``apply_chat_template`` leaves it)."""
+
+    ids: tuple[int, ...]
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 64  # text tokens, EOS excluded
@@ -124,15 +132,18 @@ class Scheduler:
         self._image_stacks: dict[str, tuple[tuple, Prefix]] = {}  # block pass -> (members key, stacked prefixes)
 
     # -- requests --------------------------------------------------------------------------------------------
-    def submit(self, prompt: str | list[int] | list[Segment], params: SamplingParams | None = None) -> int:
+    def submit(self, prompt: str | list[int] | list[Segment] | TemplatedPrompt,
+               params: SamplingParams | None = None) -> int:
         """Queue a request; ``prompt`` is text, token ids, or a list of segments (text and pixel images
-        [C, H, W] in [-1, 1] at the model's resolution). Returns its id."""
+        [C, H, W] in [-1, 1] at the model's resolution), each after BOS; or a ``TemplatedPrompt``. Returns its id."""
         params = params or SamplingParams()
         tok = self.engine.tok
         ids, images, starts = [tok.bos_id], [], []
         if isinstance(prompt, str):
             prompt = [prompt]
-        if prompt and isinstance(prompt[0], int):
+        if isinstance(prompt, TemplatedPrompt):
+            ids = list(prompt.ids)
+        elif prompt and isinstance(prompt[0], int):
             ids += list(prompt)
         else:
             for seg in prompt:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from transfusion.serving.protocol import to_pixels, to_rgb
-from transfusion.serving.scheduler import Event, SamplingParams, Scheduler, Segment
+from transfusion.serving.scheduler import Event, SamplingParams, Scheduler, Segment, TemplatedPrompt
 
 END = ("done", "cancelled", "failed", "shutdown")
 
@@ -121,9 +121,10 @@ class EngineWorker:
         return self._running and (self._thread is None or self._thread.is_alive())
 
     # -- requests (any thread) ---------------------------------------------------------------------------------------
-    def submit(self, prompt: list[Segment | np.ndarray], params: SamplingParams,
+    def submit(self, prompt: list[Segment | np.ndarray] | TemplatedPrompt, params: SamplingParams,
                loop: asyncio.AbstractEventLoop) -> Handle:
-        """``prompt``: text and images (pixel tensors, or uint8 [H, W, 3] arrays, converted on the engine thread)."""
+        """``prompt``: text and images (pixel tensors, or uint8 [H, W, 3] arrays, converted on the engine thread), or
+        the ids of a chat template."""
         with self._work:
             waiting = self._load["queued"] + sum(c[0] == "submit" for c in self._commands)
             if waiting >= self.max_queue:
@@ -147,7 +148,8 @@ class EngineWorker:
         for command in commands:
             if command[0] == "submit":
                 _, handle, prompt, params = command
-                prompt = [to_pixels(seg) if isinstance(seg, np.ndarray) else seg for seg in prompt]
+                if isinstance(prompt, list):
+                    prompt = [to_pixels(seg) if isinstance(seg, np.ndarray) else seg for seg in prompt]
                 handle.request_id = self.scheduler.submit(prompt, params)
                 self._handles[handle.request_id] = handle
             elif command[1].request_id in self._handles:
