@@ -168,3 +168,27 @@ def test_smollm2_served_chat_answers_in_english(smollm2_export):
     assert r.status_code == 200, r.text
     answer = r.json()["choices"][0]["message"]["content"]
     assert "blue" in answer.lower(), answer
+
+
+def test_exports_carry_their_tokenizer(tmp_path):
+    """carry_tokenizer, which training exports use too: nothing for bytes, the file for a tokenizer.json, and for a
+    checkpoint's tokenizer its saved pair with model.pretrained cleared."""
+    from transfusion.checkpoint.export import carry_tokenizer
+    from transfusion.config import Config, to_dict
+    from transfusion.pretrained.tokenizer import open_tokenizer
+    from transfusion.tokenizer import ByteTokenizer, build_tokenizer
+
+    config = to_dict(Config())
+    assert carry_tokenizer(config, ByteTokenizer(), tmp_path) == {} and config["data"]["tokenizer"] == "bytes"
+    config["data"]["tokenizer"] = "/somewhere/tokenizer.json"
+    assert carry_tokenizer(config, None, tmp_path) == {"tokenizer.json": Path("/somewhere/tokenizer.json")}
+    assert config["data"]["tokenizer"] == "tokenizer.json"
+    hf_dir = tmp_path / "hf"
+    tiny_tokenizer().save_pretrained(hf_dir)
+    tok = open_tokenizer(hf_dir, vocab_rows=400)
+    config["model"]["pretrained"], config["data"]["tokenizer"] = str(hf_dir), "pretrained"
+    files = carry_tokenizer(config, tok, tmp_path / "scratch")
+    assert sorted(files) == sorted([SAVED, "tokenizer.json"]) and all(p.is_file() for p in files.values())
+    assert config["model"]["pretrained"] == "" and config["data"]["tokenizer"] == SAVED
+    back = build_tokenizer(str(files[SAVED]))
+    assert (back.vocab_size, back.boi_id, back.encode(TEXTS[0])) == (tok.vocab_size, tok.boi_id, tok.encode(TEXTS[0]))
