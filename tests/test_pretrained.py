@@ -107,6 +107,26 @@ def test_logits_equal_hugging_face(tmp_path, family):
         assert (packed[ends[i]:ends[i + 1]] - ref).abs().max() <= 1e-4, f"document {i}"
 
 
+def test_first_layers_only_equal_a_truncated_hugging_face_model(tmp_path):
+    """model.pretrained_layers = 1 keeps the checkpoint's first layer (and its final norm and head): the logits are
+    those of the Hugging Face model loaded with num_hidden_layers = 1, which drops the same later layers."""
+    path = save_hf(tmp_path / "llama", "llama_gqa")
+    cfg = recipe(path, "--model.pretrained_layers=1")
+    ckpt = open_pretrained(cfg)
+    assert cfg.model.n_layers == 1 and ckpt.model["n_layers"] == 2
+    assert open_pretrained(cfg).model["n_layers"] == 2 and cfg.model.n_layers == 1  # resolving again: unchanged
+    model = build_model(cfg.model, ckpt.vocab_rows + EXTRA_ROWS, 3)
+    load_pretrained(model, ckpt)
+    ref = hf_logits(path, DOCS[:1], num_hidden_layers=1)[0]
+    assert (our_logits(model.eval(), DOCS[:1])[:, :VOCAB] - ref).abs().max() <= 1e-4
+    full = hf_logits(path, DOCS[:1])[0]
+    assert (full - ref).abs().max() > 1e-2  # the second layer matters: the test would see it kept
+    with pytest.raises(ConfigError, match="pretrained_layers = 3 exceeds"):
+        open_pretrained(recipe(path, "--model.pretrained_layers=3"))
+    with pytest.raises(ConfigError, match="pretrained_layers needs model.pretrained"):
+        open_pretrained(load_config(None, ["--model.pretrained_layers=1"]))
+
+
 def test_checkpoint_fixes_the_model_config(tmp_path):
     cfg = recipe(save_hf(tmp_path / "q3", "qwen3"))
     open_pretrained(cfg)

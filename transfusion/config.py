@@ -163,6 +163,8 @@ class ModelConfig:
     pretrained: str = ""  # a local Hugging Face model directory or .gguf file to start from ("" = from scratch): it
     # fixes the decoder's shape keys below (a recipe value contradicting it is an error) and its weights are loaded
     # into the text modules; needs data.tokenizer = "pretrained" (transfusion/pretrained/)
+    pretrained_layers: Count = 0  # keep only the checkpoint's first N decoder layers (0 = all): a cheaper start on
+    # small machines, at a cost measured in docs/pretrained.md (the final norm and LM head are still the checkpoint's)
     dim: Positive = 256  # divisible by n_heads, with an even head dim (rotary embeddings)
     n_layers: Positive = 6
     n_heads: Positive = 8

@@ -187,7 +187,8 @@ def load_pretrained(model: nn.Module, ckpt: PretrainedCheckpoint) -> None:
     from transfusion.distributed.parallelize import clean_name
 
     params = {clean_name(n): t for n, t in model.named_parameters()}  # a tied lm_head is listed once, as tok_emb
-    names = ckpt.names()
+    depth = len(model.layers)  # model.pretrained_layers: the checkpoint's first `depth` layers only
+    names = [n for n in ckpt.names() if not (n.startswith("layers.") and int(n.split(".")[1]) >= depth)]
     absent = [n for n in names if n not in params]
     if absent:
         raise PretrainedError(f"{ckpt.path}: the model has no parameter '{absent[0]}' (build it from the config "

@@ -20,6 +20,8 @@ def open_pretrained(cfg: Config) -> PretrainedCheckpoint | None:
     """The checkpoint ``cfg.model.pretrained`` names, opened (config / metadata only) and with ``cfg.model`` filled
     from it; None when the run starts from scratch. Idempotent: a config filled once resolves again unchanged."""
     if not cfg.model.pretrained:
+        if cfg.model.pretrained_layers:
+            raise ConfigError("model.pretrained_layers needs model.pretrained")
         return None
     ckpt = open_checkpoint(cfg.model.pretrained)
     resolve_model_config(cfg, ckpt)
@@ -33,6 +35,11 @@ def resolve_model_config(cfg: Config, ckpt: PretrainedCheckpoint) -> Config:
                           f"got {cfg.data.tokenizer!r}")
     defaults = ModelConfig()
     for key, value in ckpt.model.items():
+        if key == "n_layers" and cfg.model.pretrained_layers:
+            if cfg.model.pretrained_layers > value:
+                raise ConfigError(f"model.pretrained_layers = {cfg.model.pretrained_layers} exceeds the checkpoint's "
+                                  f"{value} layers ({ckpt.path})")
+            value = cfg.model.pretrained_layers  # the first N layers only (load_pretrained skips the rest)
         if key == "rope_scaling":
             for sub, v in value.items():
                 _fill(cfg.model.rope_scaling, defaults.rope_scaling, sub, v, f"model.rope_scaling.{sub}", ckpt)
