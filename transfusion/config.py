@@ -63,6 +63,7 @@ Beta = Annotated[float, Range(0.0, 1.0, hi_open=True)]  # [0, 1)
 PrecisionName = Literal["auto", "bf16", "fp32", "none"]  # "none" = fp32 (older exports)
 PRECISIONS = ("auto", "bf16", "fp32")  # what the tools' --precision offers (transfusion/precision.py decides)
 PreemptSignal = Literal["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT"]  # train.preempt_signals
+FreezeGroup = Literal["text"]  # train.freeze
 
 
 @dataclass(kw_only=True, slots=True)
@@ -177,6 +178,9 @@ class ModelConfig:
     qk_norm: bool = True
     qkv_bias: bool = False  # biases on the query / key / value projections (Qwen2)
     tie_embeddings: bool = False  # the LM head reuses the token embedding matrix
+    mot: bool = False  # mixture of transformers (BAGEL, LMFusion): image slots get their own copy of every layer's
+    # norms, QKV (q/k norms, bias), output projection and MLP, initialised from the text weights; one shared
+    # attention over the whole sequence. FLOPs per token unchanged, layer parameters doubled (model/layers.py Block)
     patch_size: Positive = 4  # patch side in pixels (or latent cells)
     time_freq_dim: Annotated[int, Range(2)] = 256  # sinusoidal features fed to the timestep MLP
     attention: Literal["auto", "flex", "sdpa", "split"] = "auto"  # "auto": on CUDA the varlen split when a fast
@@ -248,6 +252,11 @@ class TrainConfig:
     # A step whose loss or gradient norm is not finite (on any rank) is skipped: no update of the weights, optimizer,
     # EMA or LR schedule; its batch is consumed. More than this many in a row stop the run (exit 3); 0 = the first
     max_bad_steps: Count = 8
+    # Parameter groups that receive no update and hold no optimizer state: ["text"] = the token embedding, LM head,
+    # final norm and every layer's text twin (the whole pretrained LM, LMFusion's recipe; the new BOI / EOI / IMAGE
+    # rows live in tok_emb / lm_head and stay frozen with them). Without model.mot that is the whole trunk: only the
+    # image adapters, image norm and head train (allowed, with a warning). transfusion/training/freeze.py
+    freeze: list[FreezeGroup] = field(default_factory=list)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -100,7 +100,8 @@ class Engine:
                 img_tokens = self.model.embed_images(batch.images.to(dev), t0)
                 rows_, starts = batch.image_rows.to(dev), batch.image_starts.to(dev)
             h = self.model.embed(batch.tokens.to(dev), img_tokens, rows_, starts)
-            h, kv = self.model.trunk(h, batch.positions.to(dev), mask, use_cache=True)
+            h, kv = self.model.trunk(h, batch.positions.to(dev), mask, use_cache=True,
+                                     image_mask_BL=batch.image_ids.to(dev) >= 0)
         lengths = torch.tensor([len(x) for x in seqs], device=dev)
         return Prefix(kv, batch.doc_ids.to(dev) >= 0, lengths, h[:, -1])
 
@@ -211,7 +212,8 @@ class Engine:
         t_m = t.to(self.device, torch.float32).expand(m) if t.ndim == 0 else t.to(self.device, torch.float32)
         with torch.no_grad(), self._ctx():
             enc = self.model.encode_images(x_t.to(self.device), t_m)
-            h, _ = self.model.trunk(enc.tokens, pos, self._block_mask(pre.key_valid), past_kv=pre.kv)
+            h, _ = self.model.trunk(enc.tokens, pos, self._block_mask(pre.key_valid), past_kv=pre.kv,
+                                    image_mask_BL=torch.ones_like(pos, dtype=torch.bool))
             return self.model.image_prediction(h, self.patch_grid, enc)
 
     def image_block_condition(self, pre: Prefix, images: Tensor, patch_mask: Tensor) -> Tensor:
@@ -224,7 +226,8 @@ class Engine:
         t0 = torch.zeros(m, dtype=torch.long, device=self.device)
         with torch.no_grad(), self._ctx():
             h = self.model.embed_images(images.repeat(reps, 1, 1, 1), t0, patch_mask.repeat(reps, 1))
-            h, _ = self.model.trunk(h, pos, self._block_mask(pre.key_valid), past_kv=pre.kv)
+            h, _ = self.model.trunk(h, pos, self._block_mask(pre.key_valid), past_kv=pre.kv,
+                                    image_mask_BL=torch.ones_like(pos, dtype=torch.bool))
             return self.model.image_condition(h).float()
 
     def text_to_image(self, prompts: list[str], *, steps: int = 50, guidance: float = 3.0, sampler: str | None = None,
@@ -348,7 +351,8 @@ class Engine:
         mask = self._block_mask(prefix.key_valid)
         with torch.no_grad(), self._ctx():
             h = self.model.embed_images(z.to(self.device), torch.zeros(n, dtype=torch.long, device=self.device))
-            h, kv = self.model.trunk(h, pos, mask, past_kv=prefix.kv)
+            h, kv = self.model.trunk(h, pos, mask, past_kv=prefix.kv,
+                                     image_mask_BL=torch.ones_like(pos, dtype=torch.bool))
         valid = torch.cat((prefix.key_valid, torch.ones(n, P, dtype=torch.bool, device=self.device)), dim=1)
         return Prefix(kv, valid, prefix.next_pos + P, h[:, -1])
 

@@ -19,6 +19,7 @@ patches (masked ones replaced by a learned embedding) and trains a per-token MLP
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,8 @@ from transfusion.config import ModelConfig, head_dim
 from transfusion.model.adapters import LinearPatchIn, UNetDown, sincos_2d
 from transfusion.model.heads import build_image_head
 from transfusion.model.image_head import zero_resblock_outputs
-from transfusion.model.layers import KV, Block, RMSNorm, attention_shape, rope_tables
+from transfusion.model.layers import (IMAGE_TWINS, KV, Block, RMSNorm, attention_shape, copy_text_to_image_twins,
+                                      rope_tables, route_tokens)
 
 
 def mlp_hidden_size(cfg: ModelConfig) -> int:
@@ -60,7 +62,7 @@ class TransfusionModel(nn.Module):
             self.image_in = LinearPatchIn(image_channels, p, d)
         self.image_pos = nn.Linear(cfg.image_pos_dim, d, bias=False) if cfg.image_pos_dim else None
         self.layers = nn.ModuleList(
-            Block(attention_shape(cfg), mlp_hidden_size(cfg)) for _ in range(cfg.n_layers)
+            Block(attention_shape(cfg), mlp_hidden_size(cfg), cfg.mot) for _ in range(cfg.n_layers)
         )
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
@@ -73,11 +75,14 @@ class TransfusionModel(nn.Module):
     # -- every init decision in one place --------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self) -> None:
+        """Text and shared modules drawn in module order, then the MoT image twins copied from the text modules
+        (``copy_text_to_image_twins``; skipped by the draws, so a seed gives the same text weights with and without
+        ``model.mot``)."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual-branch outputs (GPT-2 / Llama practice)
         for name, mod in self.named_modules():
-            if name.startswith("image_head.denoiser"):
-                continue  # the MAR denoiser keeps the reference's own init (MARDenoiser.init_weights)
+            if name.startswith("image_head.denoiser") or is_image_twin(name):
+                continue  # the MAR denoiser keeps the reference's own init (MARDenoiser.init_weights); twins: copies
             if isinstance(mod, nn.Linear):
                 nn.init.normal_(mod.weight, std=out_std if name.endswith(("attn.wo", "ffn.w2")) else std)
                 if mod.bias is not None:
@@ -91,6 +96,7 @@ class TransfusionModel(nn.Module):
         if isinstance(self.image_in, UNetDown):  # residual blocks start as their skip path (zero second conv)
             zero_resblock_outputs(self.image_in)
         self.image_head.init_weights(std)  # the head's own decisions (zero output, mask embedding, MAR's init)
+        copy_text_to_image_twins(self)
 
     # -- pieces ----------------------------------------------------------------------------------------------
     def encode_images(self, images_NCHW: Tensor, timesteps_N: Tensor, patch_mask_NP: Tensor | None = None,
@@ -129,14 +135,19 @@ class TransfusionModel(nn.Module):
         return h
 
     def trunk(self, h_BLD: Tensor, positions_BL: Tensor, mask: object, past_kv: list[KV] | None = None,
-              use_cache: bool = False) -> tuple[Tensor, list[KV] | None]:
+              use_cache: bool = False, image_mask_BL: Tensor | None = None, *, mot_reference: bool = False
+              ) -> tuple[Tensor, list[KV] | None]:
         """The transformer layers. With a cache (``past_kv``, or ``use_cache`` to start one) also every layer's
-        present keys/values; without one (training) None, so no layer's K/V is kept alive through the forward."""
+        present keys/values; without one (training) None, so no layer's K/V is kept alive through the forward.
+        ``image_mask_BL`` [B, L] bool marks the image slots (the tokens of the MoT image twins; BOI / EOI are
+        text); None = all text. Ignored without ``model.mot``. ``mot_reference``: run both twins on every token
+        (the naive reference of the routing)."""
         rope = rope_tables(positions_BL, head_dim(self.cfg), self.cfg.rope_theta, self.cfg.rope_scaling)
+        route = route_tokens(image_mask_BL, mot_reference) if self.cfg.mot and image_mask_BL is not None else None
         caching = use_cache or past_kv is not None
         present: list[KV] = []
         for i, layer in enumerate(self.layers):
-            h_BLD, kv = layer(h_BLD, rope, mask, None if past_kv is None else past_kv[i], caching)
+            h_BLD, kv = layer(h_BLD, rope, mask, None if past_kv is None else past_kv[i], caching, route)
             if caching:
                 present.append(kv)
         return h_BLD, present if caching else None
@@ -166,11 +177,27 @@ class TransfusionModel(nn.Module):
         Image modules run even when N == 0 (zero-size tensors), so every rank touches every parameter."""
         enc = self.encode_images(images_NCHW, timesteps_N, self.image_head.input_mask(head_inputs))
         h = self.embed(tokens_BL, enc.tokens, image_rows_N, image_starts_N)
-        h, _ = self.trunk(h, positions_BL, mask)
         rows, cols = image_slot_index(image_rows_N, image_starts_N, enc.tokens.shape[1])
+        image_mask = image_slot_mask(tokens_BL.shape, rows, cols) if self.cfg.mot else None
+        h, _ = self.trunk(h, positions_BL, mask, image_mask_BL=image_mask)
         img_h = h[rows, cols].reshape(enc.tokens.shape)
         pred = self.image_prediction(img_h, patch_grid, enc, head_inputs)
         return self.text_logits(h), pred
+
+
+TEXT_MODULES = re.compile(r"^(tok_emb|lm_head|norm)\.|^layers\.\d+\.(attn_norm|attn|ffn_norm|ffn)\.")
+
+
+def is_text_parameter(name: str) -> bool:
+    """Whether a (clean) parameter name belongs to the text model: the token embedding, LM head, final norm and every
+    block's text modules (with ``model.mot`` the text twin; without it the whole block). What ``train.freeze =
+    ["text"]`` freezes and what a pretrained LM fills."""
+    return TEXT_MODULES.match(name) is not None
+
+
+def is_image_twin(name: str) -> bool:
+    """Whether a parameter / module name lies in a block's MoT image twin (``layers.3.image_attn.wqkv.weight``)."""
+    return any(part in IMAGE_TWINS for part in name.split("."))  # wrapper segments (checkpointing) anywhere
 
 
 def image_slot_index(rows_N: Tensor, starts_N: Tensor, num_patches: int) -> tuple[Tensor, Tensor]:
@@ -179,6 +206,13 @@ def image_slot_index(rows_N: Tensor, starts_N: Tensor, num_patches: int) -> tupl
     cols = (starts_N.long()[:, None] + offs[None]).reshape(-1)
     rows = rows_N.long()[:, None].expand(-1, num_patches).reshape(-1)
     return rows, cols
+
+
+def image_slot_mask(shape_BL: tuple[int, ...] | torch.Size, rows: Tensor, cols: Tensor) -> Tensor:
+    """[B, L] bool, True at the given (row, column) slots: the MoT modality mask of a packed batch."""
+    mask = torch.zeros(tuple(shape_BL), dtype=torch.bool, device=rows.device)
+    mask[rows, cols] = True
+    return mask
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, image_channels: int) -> TransfusionModel:

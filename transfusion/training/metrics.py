@@ -13,6 +13,12 @@ bound when rows are not full. Per token, with d = dim, h = MLP hidden, V = vocab
 
 The timestep MLP runs once per image, not per token, and is left out (it is < 0.1% at any useful size); non-linear
 adapters (U-Net) and the MAR head are not counted either, so MFU stays a lower bound for them.
+
+Mixture of transformers (``model.mot``) changes none of this: every token runs exactly one twin of each layer (text
+tokens the text modules, image slots the image copies; ``layers.Route`` gathers the rows of each), so FLOPs per token
+are those of the plain model although the layers hold twice the parameters. ``parameter_summary`` says both (the
+trainer's ``model:`` line): all parameters, the MoT twins among them, the parameters active per token, the trainable
+ones.
 """
 
 from __future__ import annotations
@@ -64,6 +70,20 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int, image_channels: int, seq_
     attention = 12 * n * q_width * seq_len
     image_extra = 6 * 2 * image_channels * cfg.patch_size ** 2 * d
     return FlopsPerToken(float(dense), float(attention), float(image_extra))
+
+
+def parameter_summary(model: torch.nn.Module) -> str:
+    """"12.35M parameters (4.10M MoT image twins, 8.25M active per token), 4.50M trainable": global counts (a
+    DTensor's numel is its full size), shared (tied) parameters once."""
+    from transfusion.distributed.parallelize import clean_name
+    from transfusion.model.transfusion import is_image_twin
+
+    named = [(clean_name(n), p) for n, p in model.named_parameters()]
+    total = sum(p.numel() for _, p in named)
+    twins = sum(p.numel() for n, p in named if is_image_twin(n))
+    trainable = sum(p.numel() for _, p in named if p.requires_grad)
+    mot = f" ({twins / 1e6:.2f}M MoT image twins, {(total - twins) / 1e6:.2f}M active per token)" if twins else ""
+    return f"{total / 1e6:.2f}M parameters{mot}, {trainable / 1e6:.2f}M trainable"
 
 
 def peak_flops(device: torch.device) -> float | None:
