@@ -182,3 +182,42 @@ def test_torchrun_failures_are_one_line_on_every_rank(reference, shards, tmp_pat
     per_rank = _rank_stderr(tmp_path / "logs2")
     assert len(per_rank) == 2 and all(len(lines) == 1 and lines[0].startswith("error: cannot resume the data")
                                       for lines in per_rank), per_rank
+
+
+def test_frozen_text_under_fsdp2_stays_at_its_init_and_mot_twins_train(shards, tmp_path):
+    """Two FSDP2 ranks, MoT with frozen text: the text weights after training are bitwise the sharding-independent
+    init of one process (``materialize``), the image twins (copies of them at init) moved, and the optimizer state in
+    the checkpoint has no entry for a frozen parameter."""
+    from transfusion.components import build_components
+    from transfusion.config import load_config
+    from transfusion.distributed.init import materialize
+    from transfusion.model.transfusion import is_image_twin, is_text_parameter
+
+    run = tmp_path / "frozen"
+    args = overrides(shards, run, "--model.mot=true", "--train.freeze=['text']", "--train.steps=2",
+                     "--checkpoint.interval=0", "--train.trace_data=false")
+    ok(torchrun(2, args))
+    assert "MoT image twins" in (run / "train.log").read_text()
+    cfg = load_config(REPO / "recipes/shapes_tiny.toml", [a for a in args if "=" in a])
+    init = build_components(cfg, torch.device("cpu"), model_device="meta").model
+    materialize(init, torch.device("cpu"), cfg.run.seed)
+    init_state = init.state_dict()
+    ckpt = torch.load(_dcp_file(run / "checkpoints/step_00000002", tmp_path), weights_only=False)["model_optim"]
+    text = [n for n in init_state if is_text_parameter(n)]
+    twins = [n for n in init_state if is_image_twin(n)]
+    assert text and twins
+    for name in twins:
+        assert torch.equal(init_state[name], init_state[name.replace("image_", "", 1)]), name
+    for name in text:
+        assert torch.equal(ckpt["model"][name], init_state[name]), name
+    assert all(not torch.equal(ckpt["model"][n], init_state[n]) for n in twins if n.endswith("wqkv.weight"))
+    optim_keys = set(ckpt["optim"]["state"])
+    assert optim_keys and not optim_keys & set(text) and set(twins) <= optim_keys
+
+
+def _dcp_file(step_dir: Path, tmp: Path) -> Path:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp / f"{step_dir.name}_full.pt"
+    dcp_to_torch_save(str(step_dir), str(out))
+    return out

@@ -33,20 +33,21 @@ def tiny_overrides(shards: Path, run_dir: Path, steps: int) -> list[str]:
         "eval.batch_size": 4, "eval.max_caption_tokens": 4})
 
 
-def train(shards: Path, run_dir: Path, steps: int, resume=None, stop_after=None):
+def train(shards: Path, run_dir: Path, steps: int, resume=None, stop_after=None, extra: tuple[str, ...] = ()):
     from transfusion.training.trainer import Trainer
 
-    cfg = load_config(REPO / "recipes/shapes_tiny.toml", tiny_overrides(shards, run_dir, steps))
+    cfg = load_config(REPO / "recipes/shapes_tiny.toml", tiny_overrides(shards, run_dir, steps) + list(extra))
     trainer = Trainer(cfg, resume=resume, progress=False)
     trainer.fit(stop_after=stop_after)
     return trainer
 
 
-def test_resume_reaches_identical_parameters(shards, tmp_path):
-    full = train(shards, tmp_path / "full", 6)
-    part = train(shards, tmp_path / "part", 6, stop_after=4)  # checkpoint at step 3, then "killed" at step 4
+@pytest.mark.parametrize("extra", [(), ("--model.mot=true", "--train.freeze=['text']")], ids=["plain", "mot_frozen"])
+def test_resume_reaches_identical_parameters(shards, tmp_path, extra):
+    full = train(shards, tmp_path / "full", 6, extra=extra)
+    part = train(shards, tmp_path / "part", 6, stop_after=4, extra=extra)  # checkpoint at step 3, "killed" at 4
     assert (tmp_path / "part/checkpoints/step_00000003/COMPLETE").is_file()
-    resumed = train(shards, tmp_path / "part", 6, resume=True)
+    resumed = train(shards, tmp_path / "part", 6, resume=True, extra=extra)
     assert resumed.step == 6
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name

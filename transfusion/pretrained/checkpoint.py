@@ -183,8 +183,10 @@ def _dequantize(t, p: Path) -> Tensor:
 def load_pretrained(model: nn.Module, ckpt: PretrainedCheckpoint) -> None:
     """Copy every text tensor of ``ckpt`` into ``model`` (built from the resolved config, materialised, possibly
     FSDP2-sharded); embedding / output rows past ``ckpt.vocab_rows`` keep their init, as do the image modules. Each
-    tensor is read, copied (each rank keeping its shard) and dropped before the next is read."""
+    tensor is read, copied (each rank keeping its shard) and dropped before the next is read. With ``model.mot`` the
+    image twins are then copied from the loaded text weights (shard to shard)."""
     from transfusion.distributed.parallelize import clean_name
+    from transfusion.model.layers import copy_text_to_image_twins
 
     params = {clean_name(n): t for n, t in model.named_parameters()}  # a tied lm_head is listed once, as tok_emb
     depth = len(model.layers)  # model.pretrained_layers: the checkpoint's first `depth` layers only
@@ -195,6 +197,7 @@ def load_pretrained(model: nn.Module, ckpt: PretrainedCheckpoint) -> None:
                               f"resolve_model_config fills)")
     for name, value in ckpt.tensors(names):
         _copy_into(params[name], value, name, ckpt.path)
+    copy_text_to_image_twins(model)  # model.mot: the image twins start as copies of the loaded text weights
 
 
 def _copy_into(param: Tensor, value: Tensor, name: str, path: Path) -> None:

@@ -73,7 +73,8 @@ from transfusion.training.guards import (
 )
 from transfusion.model.image_head import image_loss_count
 from transfusion.training.losses import compute_loss_terms
-from transfusion.training.metrics import Window, flops_per_token
+from transfusion.training.freeze import freeze_parameters
+from transfusion.training.metrics import Window, flops_per_token, parameter_summary
 from transfusion.training.optim import build_lr_scheduler, build_optimizer
 from transfusion.training.outputs import RunOutputs
 from transfusion.training.run_files import DataTrace, setup_logging, write_run_files
@@ -123,6 +124,7 @@ class Trainer:
         self.attention = parts.attention
         self.tokenizer, self.schedule, self.codec = parts.tokenizer, parts.schedule, parts.codec
         self.patch_grid = parts.patch_grid
+        freeze_parameters(parts.model, cfg.train.freeze)  # before sharding and the optimizer (training/freeze.py)
         self.model = parallelize(parts.model, cfg.parallel, self.env.mesh, self.device)
         materialize(self.model, self.device, cfg.run.seed)
         if pretrained is not None and ckpt is None:  # a resumed run restores its own weights instead
@@ -151,11 +153,10 @@ class Trainer:
             write_run_files(self.run_dir, cfg, self.env, self.precision, self.measured_peak)
         self.trace = DataTrace(self.run_dir, self.env, enabled=cfg.train.trace_data)
         self.trace.truncate(self.step)
-        n_params = sum(p.numel() for p in self.model.parameters())
         log.info(self.attention.description)
-        log.info("model: %.2fM parameters, attention=%s, device=%s x %d rank(s) (mesh %s), patch grid %s, "
-                 "grad_accum %d, start step %d", n_params / 1e6, self.backend, self.device, self.env.world_size,
-                 f"{self.env.dp_replicate}x{self.env.dp_shard}" if self.env.distributed else "none",
+        mesh = f"{self.env.dp_replicate}x{self.env.dp_shard}" if self.env.distributed else "none"
+        log.info("model: %s, attention=%s, device=%s x %d rank(s) (mesh %s), patch grid %s, grad_accum %d, "
+                 "start step %d", parameter_summary(self.model), self.backend, self.device, self.env.world_size, mesh,
                  self.patch_grid, cfg.train.grad_accum, self.step)
 
     @property
