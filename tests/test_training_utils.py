@@ -117,9 +117,10 @@ def test_ema_swap_restores_exactly():
             p.add_(torch.randn_like(p))
     live = {n: p.detach().clone() for n, p in model.named_parameters()}
     ema.update(model, step=100)
+    assert set(ema.shadow) == {n for n, p in model.named_parameters() if p.requires_grad}  # frozen: no shadow
     with ema.swapped_into(model):
-        for n, p in model.named_parameters():
-            assert torch.equal(p, ema.shadow[n])
+        for n, p in model.named_parameters():  # a frozen parameter keeps its own value
+            assert torch.equal(p, ema.shadow[n] if p.requires_grad else live[n])
     for n, p in model.named_parameters():
         assert torch.equal(p, live[n])
     with pytest.raises(RuntimeError, match="boom"), ema.swapped_into(model):

@@ -1,9 +1,13 @@
-"""Exponential moving average of the model's floating-point parameters, kept in fp32.
+"""Exponential moving average of the model's trainable floating-point parameters, kept in fp32.
 
 Shadows are ``p.detach().clone().float()``: under FSDP2 a DTensor parameter yields a DTensor shadow with the same
 sharding, so each rank averages only its own shard and nothing is ever gathered. Names are the parameters' clean
 FQNs (wrapper prefixes such as ``_checkpoint_wrapped_module.`` or ``_orig_mod.`` removed), i.e. the same keys as
 ``get_model_state_dict``, so ``shadow_state_dict()`` can be exported or loaded into an unwrapped model directly.
+
+Frozen parameters (``train.freeze``, ``requires_grad`` False) have no shadow: they never change, so the model's own
+value is their average, and a frozen pretrained LM costs no fp32 copy. Whoever exports the average overlays the
+shadows on the model's state (``outputs.RunOutputs.consolidated_state``), so frozen weights come from the model.
 
 Decay at update ``step`` (0-based):  d = min(decay, (1 + step) / (10 + step))  -- a warmup that lets the average
 follow the fast-moving early weights; then  shadow <- d * shadow + (1 - d) * param.
@@ -22,7 +26,7 @@ from torch import Tensor, nn
 from transfusion.distributed.parallelize import clean_name
 
 def _floating_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {clean_name(n): p for n, p in model.named_parameters() if p.is_floating_point()}
+    return {clean_name(n): p for n, p in model.named_parameters() if p.is_floating_point() and p.requires_grad}
 
 
 class EMA:
@@ -53,7 +57,7 @@ class EMA:
         torch._foreach_lerp_(shadows, [p.detach().float() for p in params], 1.0 - self.decay_at(step))
 
     def shadow_state_dict(self) -> dict[str, Tensor]:
-        """The averaged weights by parameter name (fp32; DTensors under FSDP2)."""
+        """The averaged weights by parameter name (fp32; DTensors under FSDP2); frozen parameters are not in it."""
         return dict(self.shadow)
 
     # Stateful protocol (torch.distributed.checkpoint): the returned tensors are the shadows themselves, so DCP

@@ -11,8 +11,8 @@ only the image adapters, image norm and head train (allowed, with a warning).
 
 Freezing is ``requires_grad = False`` set before ``fully_shard`` (FSDP2 carries the flag to its sharded parameters)
 and before the optimizer is built (``optim.param_groups`` skips frozen parameters, so AdamW holds no state for them
-and the DCP checkpoint's optimizer state has no entry for them; the model state still saves them). The EMA keeps a
-shadow of every parameter: a frozen one's shadow stays equal to it, bit for bit (lerp of equal values).
+and the DCP checkpoint's optimizer state has no entry for them; the model state still saves them). The EMA keeps no
+shadow of them either (``ema.py``; the export takes frozen weights from the model).
 """
 
 from __future__ import annotations
