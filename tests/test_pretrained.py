@@ -164,6 +164,23 @@ def test_new_vocabulary_rows_keep_their_init(tmp_path):
     assert not torch.equal(model.tok_emb.weight[:VOCAB], before[:VOCAB])
 
 
+def test_mot_twins_start_as_copies_of_the_loaded_text_weights(tmp_path):
+    """load_pretrained ends with copy_text_to_image_twins: with model.mot the image twins hold the checkpoint's
+    weights, and text-only logits are those of the plain model."""
+    path = save_hf(tmp_path / "m", "qwen2")
+    cfg = recipe(path, "--model.mot=true")
+    ckpt = open_pretrained(cfg)
+    torch.manual_seed(0)  # as ``ours``: the new vocabulary rows get the same init
+    model = build_model(cfg.model, ckpt.vocab_rows + EXTRA_ROWS, 3)
+    load_pretrained(model, ckpt)
+    for block in model.layers:
+        assert torch.equal(block.image_attn.wqkv.weight, block.attn.wqkv.weight)
+        assert torch.equal(block.image_attn.wqkv.bias, block.attn.wqkv.bias)
+        assert torch.equal(block.image_ffn.w2.weight, block.ffn.w2.weight)
+    plain, _ = ours(path)
+    assert torch.equal(our_logits(model.eval(), DOCS[:1]), our_logits(plain, DOCS[:1]))
+
+
 def test_old_style_rope_config():
     assert hf_rope({"rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 2.0}}, "x") == (
         1e6, {"kind": "linear", "factor": 2.0})
