@@ -187,8 +187,10 @@ def test_exports_carry_their_tokenizer(tmp_path):
     tiny_tokenizer().save_pretrained(hf_dir)
     tok = open_tokenizer(hf_dir, vocab_rows=400)
     config["model"]["pretrained"], config["data"]["tokenizer"] = str(hf_dir), "pretrained"
+    config["model"]["pretrained_layers"] = 1  # a run that kept the first layer: the export's n_layers says so
     files = carry_tokenizer(config, tok, tmp_path / "scratch")
     assert sorted(files) == sorted([SAVED, "tokenizer.json"]) and all(p.is_file() for p in files.values())
     assert config["model"]["pretrained"] == "" and config["data"]["tokenizer"] == SAVED
+    assert config["model"]["pretrained_layers"] == 0
     back = build_tokenizer(str(files[SAVED]))
     assert (back.vocab_size, back.boi_id, back.encode(TEXTS[0])) == (tok.vocab_size, tok.boi_id, tok.encode(TEXTS[0]))

@@ -97,7 +97,7 @@ def carry_tokenizer(config: dict[str, Any], tokenizer, scratch: str | Path) -> d
     """Make an export self-contained: the files ``export_model`` must copy in (name -> source) so the tokenizer
     loads from anywhere, with ``config`` (a ``to_dict`` config, edited in place) pointing at them relative to the
     export. A pretrained checkpoint's tokenizer is saved into ``scratch`` (``tokenizer.json`` + its special ids and
-    chat template) and ``model.pretrained`` cleared: the shape keys are filled and the weights are the export's."""
+    chat template) and ``model.pretrained`` (and ``pretrained_layers``) cleared: the shape keys are filled and the weights are the export's."""
     from transfusion.tokenizer import SAVED, PretrainedTokenizer
 
     data = config["data"]
@@ -105,6 +105,7 @@ def carry_tokenizer(config: dict[str, Any], tokenizer, scratch: str | Path) -> d
         saved = tokenizer.save(scratch)
         data["tokenizer"] = SAVED  # resolved against the export directory on load
         config["model"]["pretrained"] = ""
+        config["model"]["pretrained_layers"] = 0  # n_layers already holds the layers kept
         return {"tokenizer.json": saved.parent / "tokenizer.json", SAVED: saved}
     if data["tokenizer"] == "bytes":
         return {}
