@@ -65,3 +65,35 @@ def test_big_recipe_trains_samples_and_evaluates_on_cpu(tmp_path: Path, vae_dir:
     assert report["text"]["perplexity"] > 1 and report["diffusion"]["val_loss"] > 0
     assert report["t2i"]["n"] == 4  # shapes scenes ride along in the latent shards' json: judged from the decode
     assert "wrote" in out.stdout
+
+
+def test_qwen25_recipe_starts_from_a_tiny_qwen2_on_cpu(tmp_path: Path, vae_dir: Path) -> None:
+    """recipes/qwen25_t2i_8gpu.toml from a tiny random Qwen2 (with tokenizer) written by transformers: the checkpoint
+    fixes the shape (no width / depth override), MoT and frozen text as the recipe says, a few steps, an export that
+    carries the checkpoint's tokenizer. Shrunk in sizes and steps only; blocks run eagerly (parallel.compile=false):
+    MoT's per-batch row counts would make inductor recompile on CPU for minutes."""
+    pytest.importorskip("transformers")
+    from test_import_llm import save_tiny
+
+    qwen = save_tiny(tmp_path / "qwen2", "qwen2")
+    pixels, latents, run = tmp_path / "pixels", tmp_path / "latents", tmp_path / "run"
+    run_tool = functools.partial(_run, inductor_cache=tmp_path / "inductor")
+    run_tool("tools/make_shapes_shards.py", "--out", str(pixels), "--train-samples", "24", "--heldout-samples", "4",
+             "--shard-size", "24", "--image-size", "16")
+    run_tool("tools/precompute_latents.py", "--shards", str(pixels / "train-000000.tar"), "--vae", str(vae_dir),
+             "--out", str(latents), "--image-size", "16", "--decode-workers", "0", "--no-progress", "--batch-size", "8")
+    out = run_tool("-m", "transfusion.train", "recipes/qwen25_t2i_8gpu.toml", "--no-progress",
+                   f"--run.dir={run}", f"--model.pretrained={qwen}", f"--data.shards={latents}/train-000000.tar",
+                   f"--data.eval_shards={latents}/train-000000.tar", "--data.image_size=16", "--data.seq_len=96",
+                   "--data.batch_rows=2", "--data.num_workers=1", "--data.shuffle_buffer=8",
+                   f"--latents.vae_path={vae_dir}", "--parallel.compile=false", "--train.steps=2",
+                   "--train.warmup_steps=1", "--train.log_interval=1", "--checkpoint.interval=0", "--sample.steps=2")
+    log = out.stdout + out.stderr
+    assert "MoT image twins" in log and "trainable" in log
+    cfg = (run / "config.toml").read_text()
+    assert "mot = true" in cfg and 'freeze = ["text"]' in cfg and "qkv_bias = true" in cfg  # Qwen2's biases
+    config = json.loads((run / "export/config.json").read_text())
+    assert config["model"]["pretrained"] == "" and config["model"]["dim"] == 32 and config["model"]["n_layers"] == 2
+    assert (run / "export/tokenizer.json").is_file()
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss"] > 0 for r in rows)
